@@ -1,0 +1,43 @@
+# One way to do each thing; CI and the README call these targets verbatim.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+VENV := .venv/bin
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: help env up down status test lint format bench lock
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+env:  ## install what is missing (uv, PostgreSQL 15, PgBouncer) and sync .venv
+	@bash scripts/bootstrap.sh
+
+up: env  ## bring the whole local stack up and print its addresses
+	@$(VENV)/tenantflow stack up
+
+down:  ## stop everything the local stack started
+	@if [ -x $(VENV)/tenantflow ]; then $(VENV)/tenantflow stack down; fi
+
+status:  ## show each part of the local stack, its port and health
+	@$(VENV)/tenantflow stack status
+
+test: env  ## run the whole test suite (brings up what it needs)
+	@$(VENV)/pytest
+
+lint: env  ## ruff, ruff format --check, mypy
+	@$(VENV)/ruff check .
+	@$(VENV)/ruff format --check .
+	@$(VENV)/mypy
+
+format: env  ## apply ruff's fixes and formatting
+	@$(VENV)/ruff check --fix .
+	@$(VENV)/ruff format .
+
+bench: env  ## benchmarks, printed as ratios against a baseline measured in the same run
+	@$(VENV)/python -m bench
+
+lock:  ## re-pin requirements*.lock (versions and hashes, no download addresses)
+	uv pip compile pyproject.toml --generate-hashes --universal --python-version 3.11 \
+	  --no-header --no-annotate -o requirements.lock
+	uv pip compile pyproject.toml --extra dev --generate-hashes --universal \
+	  --python-version 3.11 --no-header --no-annotate -o requirements-dev.lock

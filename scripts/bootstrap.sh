@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Installs what tenantflow needs on a Debian 12 machine, only where missing:
+# uv (through pip), PostgreSQL 15 server binaries and PgBouncer (through apt),
+# then the locked Python environment in .venv. Safe to run again.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || need_apt+=(postgresql-15)
+command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
+if [ "${TENANTFLOW_WITH_BROWSER:-0}" = 1 ] && [ ! -x /usr/bin/chromium ]; then
+  need_apt+=(chromium)
+fi
+if ! command -v uv >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
+  need_apt+=(python3-pip python3-venv)
+fi
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "bootstrap: installing ${need_apt[*]} with apt-get"
+  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get update -qq
+  $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+# Debian's pgbouncer package starts its own service on 6432; ours run beside it, untouched.
+
+if ! command -v uv >/dev/null 2>&1; then
+  echo "bootstrap: installing uv with pip"
+  python3 -m pip install --quiet uv 2>/dev/null \
+    || python3 -m pip install --quiet --break-system-packages uv
+  export PATH="$HOME/.local/bin:$PATH"
+fi
+
+export UV_PYTHON_DOWNLOADS=never
+lock=requirements-dev.lock
+stamp=.venv/.tenantflow-lock
+want="$(sha256sum "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)"
+if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+  echo "bootstrap: syncing .venv with $lock"
+  [ -x .venv/bin/python ] || uv venv --quiet --python python3 .venv
+  uv pip sync --quiet --python .venv/bin/python "$lock"
+  uv pip install --quiet --python .venv/bin/python --no-deps -e .
+  echo "$want" > "$stamp"
+fi

@@ -1,0 +1,145 @@
+"""Where the local stack lives and which ports it uses.
+
+Every value has an environment override so a second stack (the stack's own tests)
+can run beside the developer's without touching it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+__all__ = ["StackConfig", "StackSecrets"]
+
+SERVICE_USER = "postgres"
+
+
+@dataclass(frozen=True)
+class StackSecrets:
+    """Passwords generated once per stack folder; never printed."""
+
+    admin_password: str
+    postgres_password: str
+    anon_key: str
+
+    @classmethod
+    def load_or_create(cls, path: Path) -> StackSecrets:
+        if path.exists():
+            data = json.loads(path.read_text())
+            return cls(**{k: data[k] for k in ("admin_password", "postgres_password", "anon_key")})
+        created = cls(
+            admin_password=secrets.token_urlsafe(24),
+            postgres_password=secrets.token_urlsafe(24),
+            anon_key=secrets.token_urlsafe(32),
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(created.__dict__, handle)
+        return created
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return int(value) if value else default
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    """Folders and ports of one local stack."""
+
+    project_dir: Path
+    stack_dir: Path
+    pg_port: int = 54322
+    transaction_pooler_port: int = 6543
+    session_pooler_port: int = 54329
+    auth_port: int = 54321
+    prefect_port: int = 4200
+    host: str = "127.0.0.1"
+    database: str = "postgres"
+
+    @classmethod
+    def from_env(cls, project_dir: Path | None = None) -> StackConfig:
+        project = Path(
+            os.environ.get("TENANTFLOW_PROJECT_DIR") or project_dir or Path.cwd()
+        ).resolve()
+        stack = Path(os.environ.get("TENANTFLOW_STACK_DIR") or project / ".stack").resolve()
+        return cls(
+            project_dir=project,
+            stack_dir=stack,
+            pg_port=_env_int("TENANTFLOW_PG_PORT", 54322),
+            transaction_pooler_port=_env_int("TENANTFLOW_TRANSACTION_POOLER_PORT", 6543),
+            session_pooler_port=_env_int("TENANTFLOW_SESSION_POOLER_PORT", 54329),
+            auth_port=_env_int("TENANTFLOW_AUTH_PORT", 54321),
+            prefect_port=_env_int("TENANTFLOW_PREFECT_PORT", 4200),
+        )
+
+    @property
+    def env_file(self) -> Path:
+        return self.project_dir / ".env"
+
+    @property
+    def secrets_file(self) -> Path:
+        return self.stack_dir / "secrets.json"
+
+    @cached_property
+    def secrets(self) -> StackSecrets:
+        return StackSecrets.load_or_create(self.secrets_file)
+
+    def url(self, port: int, *, user: str = "postgres", password: str | None = None) -> str:
+        """A postgresql+asyncpg URL to the local cluster or one of its poolers."""
+        secret = password if password is not None else self.secrets.postgres_password
+        return f"postgresql+asyncpg://{user}:{secret}@{self.host}:{port}/{self.database}"
+
+    def connect_parts(self, port: int, *, admin: bool = False) -> dict[str, object]:
+        """asyncpg.connect() keyword arguments for the cluster or a pooler."""
+        return {
+            "host": self.host,
+            "port": port,
+            "user": "supabase_admin" if admin else "postgres",
+            "password": self.secrets.admin_password if admin else self.secrets.postgres_password,
+            "database": self.database,
+        }
+
+    @property
+    def database_url(self) -> str:
+        return self.url(self.transaction_pooler_port)
+
+    @property
+    def migration_database_url(self) -> str:
+        return self.url(self.session_pooler_port)
+
+    @property
+    def direct_database_url(self) -> str:
+        return self.url(self.pg_port)
+
+    @property
+    def admin_database_url(self) -> str:
+        """The cluster's superuser (Supabase's `supabase_admin`): set-up and tests only."""
+        return self.url(self.pg_port, user="supabase_admin", password=self.secrets.admin_password)
+
+    @property
+    def supabase_url(self) -> str:
+        return f"http://{self.host}:{self.auth_port}"
+
+    @property
+    def prefect_api_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}/api"
+
+    @property
+    def prefect_ui_url(self) -> str:
+        return f"http://{self.host}:{self.prefect_port}"
+
+    def environment(self) -> dict[str, str]:
+        """What the worker and the Prefect CLI need to talk to this stack."""
+        return {
+            "DATABASE_URL": self.database_url,
+            "MIGRATION_DATABASE_URL": self.migration_database_url,
+            "SUPABASE_URL": self.supabase_url,
+            "SUPABASE_ANON_KEY": self.secrets.anon_key,
+            "PREFECT_API_URL": self.prefect_api_url,
+        }

@@ -1,0 +1,493 @@
+"""The processes of the local stack: PostgreSQL 15, two PgBouncers, a Prefect server.
+
+PostgreSQL and PgBouncer refuse to run as root, so when the stack is started by root
+their processes run as the unprivileged `postgres` OS user (created by Debian's
+PostgreSQL packages) and own their folders; everything else stays root's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Literal, Protocol
+
+import asyncpg
+import httpx
+
+from tenantflow.localstack.config import SERVICE_USER, StackConfig
+
+__all__ = [
+    "Health",
+    "PgBouncer",
+    "Postgres",
+    "PrefectServer",
+    "Service",
+    "StackError",
+    "port_is_open",
+]
+
+log = logging.getLogger("tenantflow.stack")
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+class StackError(RuntimeError):
+    """The local stack could not be brought to the asked state."""
+
+
+@dataclass(frozen=True)
+class Health:
+    name: str
+    address: str
+    running: bool
+    healthy: bool
+    pid: int | None
+    detail: str = ""
+
+
+class Service(Protocol):
+    name: str
+
+    def start(self) -> bool:
+        """Start if not running; return False when it was already running."""
+
+    def stop(self) -> bool:
+        """Stop if running; return False when it was not running."""
+
+    def health(self) -> Health: ...
+
+
+def port_is_open(host: str, port: int, timeout: float = 0.3) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(timeout)
+        return sock.connect_ex((host, port)) == 0
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def _pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # NOTE: a zombie still answers kill(0); treat it as gone.
+    with contextlib.suppress(OSError):
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        if state == "Z":
+            return False
+    return True
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _running_as_root() -> bool:
+    return os.geteuid() == 0
+
+
+def _service_ids() -> tuple[int, int] | None:
+    """uid/gid of the unprivileged service user, when running as root."""
+    if not _running_as_root():
+        return None
+    try:
+        entry = pwd.getpwnam(SERVICE_USER)
+    except KeyError:
+        raise StackError(
+            f"running as root needs the '{SERVICE_USER}' OS user (Debian's postgresql "
+            "package creates it); run `make up` to install it"
+        ) from None
+    return entry.pw_uid, entry.pw_gid
+
+
+def _as_service_user(argv: list[str]) -> list[str]:
+    if _running_as_root():
+        return ["runuser", "-u", SERVICE_USER, "--", *argv]
+    return argv
+
+
+def _service_dir(path: Path) -> Path:
+    """Create a folder the service user owns, and make sure it can reach it."""
+    path.mkdir(parents=True, exist_ok=True)
+    ids = _service_ids()
+    if ids is not None:
+        os.chown(path, *ids)
+        # NOTE: a clone under a private folder (mktemp -d is 0700) would hide the stack
+        # from the service user; grant traversal (not listing) on the way down.
+        for parent in path.parents:
+            mode = parent.stat().st_mode
+            if not mode & 0o001:
+                parent.chmod(mode | 0o001)
+    path.chmod(0o700)
+    return path
+
+
+def _run(argv: list[str], what: str) -> None:
+    result = subprocess.run(argv, capture_output=True, text=True, check=False)  # noqa: S603
+    if result.returncode != 0:
+        output = (result.stderr or result.stdout).strip()[-2000:]
+        raise StackError(f"{what} failed (exit {result.returncode}): {output}")
+
+
+def _require_free(host: str, port: int, name: str, variable: str) -> None:
+    if port_is_open(host, port):
+        raise StackError(
+            f"{name}: port {port} on {host} is already taken by another program; "
+            f"stop it or choose another port with {variable}"
+        )
+
+
+class Postgres:
+    """A PostgreSQL 15 cluster in the stack folder, scram auth, 127.0.0.1 only."""
+
+    name = "postgres"
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.root = config.stack_dir / "postgres"
+        self.data = self.root / "data"
+        self.sockets = self.root / "run"
+        self.logfile = self.root / "postgres.log"
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.config.pg_port}"
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.data / "postmaster.pid")
+        return pid if _pid_alive(pid) else None
+
+    def _initdb(self) -> None:
+        secrets = self.config.secrets
+        _service_dir(self.root)
+        _service_dir(self.sockets)
+        ids = _service_ids()
+        with tempfile.NamedTemporaryFile("w", dir=self.root, delete=False) as pwfile:
+            pwfile.write(secrets.admin_password + "\n")
+        try:
+            if ids is not None:
+                os.chown(pwfile.name, *ids)
+            _run(
+                _as_service_user(
+                    [
+                        str(PG_BIN / "initdb"),
+                        "-D",
+                        str(self.data),
+                        "-U",
+                        "supabase_admin",
+                        "--auth=scram-sha-256",
+                        f"--pwfile={pwfile.name}",
+                        "--encoding=UTF8",
+                        "--locale=C",
+                    ]
+                ),
+                "initdb",
+            )
+        finally:
+            os.unlink(pwfile.name)
+        with (self.data / "postgresql.conf").open("a") as conf:
+            conf.write(
+                "\n# tenantflow local stack\n"
+                f"listen_addresses = '{self.config.host}'\n"
+                f"port = {self.config.pg_port}\n"
+                f"unix_socket_directories = '{self.sockets}'\n"
+                "max_connections = 300\n"
+                "shared_preload_libraries = 'pg_stat_statements'\n"
+                "fsync = off\n"
+                "synchronous_commit = off\n"
+                "full_page_writes = off\n"
+                "log_line_prefix = '%m [%p] %q%u@%d '\n"
+            )
+
+    def start(self) -> bool:
+        if self.pid() is not None:
+            return False
+        _require_free(self.config.host, self.config.pg_port, "postgres", "TENANTFLOW_PG_PORT")
+        if not (self.data / "PG_VERSION").exists():
+            self._initdb()
+        _service_dir(self.sockets)
+        _run(
+            _as_service_user(
+                [
+                    str(PG_BIN / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(self.logfile),
+                    "-w",
+                    "-t",
+                    "60",
+                    "start",
+                ]
+            ),
+            "starting PostgreSQL",
+        )
+        asyncio.run(self._bootstrap())
+        return True
+
+    async def _bootstrap(self) -> None:
+        """Supabase's roles, `auth` schema and privilege model (idempotent)."""
+        sql = resources.files("tenantflow.localstack").joinpath("supabase_bootstrap.sql")
+        conn = await asyncpg.connect(**self.config.connect_parts(self.config.pg_port, admin=True))
+        try:
+            await conn.execute(sql.read_text())
+            # NOTE: ALTER ROLE ... PASSWORD takes no bind parameters; quote it server-side.
+            literal = await conn.fetchval(
+                "SELECT quote_literal($1)", self.config.secrets.postgres_password
+            )
+            await conn.execute(f"ALTER ROLE postgres PASSWORD {literal}")
+        finally:
+            await conn.close()
+
+    async def scram_secret(self, role: str = "postgres") -> str:
+        conn = await asyncpg.connect(**self.config.connect_parts(self.config.pg_port, admin=True))
+        try:
+            secret: str = await conn.fetchval(
+                "SELECT rolpassword FROM pg_authid WHERE rolname = $1", role
+            )
+        finally:
+            await conn.close()
+        return secret
+
+    def stop(self) -> bool:
+        if self.pid() is None:
+            return False
+        _run(
+            _as_service_user(
+                [str(PG_BIN / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop"]
+            ),
+            "stopping PostgreSQL",
+        )
+        return True
+
+    def health(self) -> Health:
+        pid = self.pid()
+        healthy, detail = False, "not running"
+        if pid is not None:
+            healthy, detail = _query_ok(self.config.connect_parts(self.config.pg_port))
+        return Health(self.name, self.address, pid is not None, healthy, pid, detail)
+
+
+PoolMode = Literal["transaction", "session"]
+
+
+class PgBouncer:
+    """One PgBouncer process (Debian's package) in transaction or session mode."""
+
+    def __init__(self, config: StackConfig, mode: PoolMode, pool_size: int = 20) -> None:
+        self.config = config
+        self.mode = mode
+        self.pool_size = pool_size
+        self.name = f"pgbouncer-{mode}"
+        self.port = (
+            config.transaction_pooler_port if mode == "transaction" else config.session_pooler_port
+        )
+        self.root = config.stack_dir / "pgbouncer"
+        self.ini = self.root / f"{mode}.ini"
+        self.pidfile = self.root / f"{mode}.pid"
+        self.logfile = self.root / f"{mode}.log"
+        self.userlist = self.root / "userlist.txt"
+
+    @property
+    def address(self) -> str:
+        return f"{self.config.host}:{self.port}"
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pidfile)
+        return pid if _pid_alive(pid) else None
+
+    def _write_config(self, scram_secret: str) -> None:
+        _service_dir(self.root)
+        ids = _service_ids()
+        self.userlist.write_text(f'"postgres" "{scram_secret}"\n')
+        self.userlist.chmod(0o600)
+        self.ini.write_text(
+            "[databases]\n"
+            f"* = host={self.config.host} port={self.config.pg_port}\n"
+            "\n[pgbouncer]\n"
+            f"listen_addr = {self.config.host}\n"
+            f"listen_port = {self.port}\n"
+            "unix_socket_dir =\n"
+            "auth_type = scram-sha-256\n"
+            f"auth_file = {self.userlist}\n"
+            f"pool_mode = {self.mode}\n"
+            f"default_pool_size = {self.pool_size}\n"
+            "max_client_conn = 2000\n"
+            "ignore_startup_parameters = extra_float_digits\n"
+            f"logfile = {self.logfile}\n"
+            f"pidfile = {self.pidfile}\n"
+            "log_connections = 0\n"
+            "log_disconnections = 0\n"
+        )
+        if ids is not None:
+            for path in (self.userlist, self.ini):
+                os.chown(path, *ids)
+
+    def start(self) -> bool:
+        if self.pid() is not None:
+            return False
+        variable = (
+            "TENANTFLOW_TRANSACTION_POOLER_PORT"
+            if self.mode == "transaction"
+            else "TENANTFLOW_SESSION_POOLER_PORT"
+        )
+        _require_free(self.config.host, self.port, self.name, variable)
+        pgbouncer = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
+        self._write_config(asyncio.run(Postgres(self.config).scram_secret()))
+        _run(_as_service_user([pgbouncer, "-d", str(self.ini)]), f"starting {self.name}")
+        _wait(lambda: port_is_open(self.config.host, self.port), 15, f"{self.name} to listen")
+        return True
+
+    def stop(self) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        os.kill(pid, signal.SIGTERM)
+        _wait(lambda: not _pid_alive(pid), 15, f"{self.name} to exit")
+        return True
+
+    def health(self) -> Health:
+        pid = self.pid()
+        healthy, detail = False, "not running"
+        if pid is not None:
+            healthy, detail = _query_ok(self.config.connect_parts(self.port))
+        return Health(self.name, self.address, pid is not None, healthy, pid, detail)
+
+
+class PrefectServer:
+    """`prefect server start` with its home (SQLite database) in the stack folder."""
+
+    name = "prefect-server"
+
+    def __init__(self, config: StackConfig) -> None:
+        self.config = config
+        self.root = config.stack_dir / "prefect"
+        self.pidfile = self.root / "server.pid"
+        self.logfile = self.root / "server.log"
+
+    @property
+    def address(self) -> str:
+        return self.config.prefect_ui_url
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pidfile)
+        return pid if _pid_alive(pid) else None
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(
+            {
+                "PREFECT_HOME": str(self.root),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_SERVER_API_HOST": self.config.host,
+                "PREFECT_SERVER_API_PORT": str(self.config.prefect_port),
+                "PREFECT_API_URL": self.config.prefect_api_url,
+                "PREFECT_UI_API_URL": self.config.prefect_api_url,
+                "PREFECT_LOGGING_LEVEL": "WARNING",
+            }
+        )
+        return env
+
+    def start(self) -> bool:
+        if self.pid() is not None:
+            return False
+        _require_free(
+            self.config.host, self.config.prefect_port, self.name, "TENANTFLOW_PREFECT_PORT"
+        )
+        self.root.mkdir(parents=True, exist_ok=True)
+        with self.logfile.open("ab") as logfile:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "prefect", "server", "start", "--no-prompt"],
+                cwd=self.root,
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.pidfile.write_text(str(process.pid))
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                raise StackError(
+                    f"the Prefect server exited with {process.returncode}; see {self.logfile}"
+                )
+            return _prefect_healthy(self.config.prefect_api_url)
+
+        _wait(ready, 90, "the Prefect server to answer /api/health")
+        return True
+
+    def stop(self) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGTERM)
+        try:
+            _wait(lambda: not _pid_alive(pid), 20, "the Prefect server to exit")
+        except StackError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _wait(lambda: not _pid_alive(pid), 5, "the Prefect server to be killed")
+        # NOTE: its children (uvicorn, services) share its process group.
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+        self.pidfile.unlink(missing_ok=True)
+        return True
+
+    def health(self) -> Health:
+        pid = self.pid()
+        healthy = pid is not None and _prefect_healthy(self.config.prefect_api_url)
+        detail = "ok" if healthy else ("not answering" if pid else "not running")
+        return Health(self.name, self.address, pid is not None, healthy, pid, detail)
+
+
+def _prefect_healthy(api_url: str) -> bool:
+    try:
+        response = httpx.get(f"{api_url}/health", timeout=2)
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def _query_ok(parts: dict[str, object]) -> tuple[bool, str]:
+    async def probe() -> str:
+        conn = await asyncpg.connect(**parts, timeout=3, statement_cache_size=0)
+        try:
+            version: str = await conn.fetchval("SHOW server_version")
+        finally:
+            await conn.close()
+        return version
+
+    try:
+        return True, f"PostgreSQL {asyncio.run(probe())}"
+    except (OSError, asyncpg.PostgresError, TimeoutError) as error:
+        return False, type(error).__name__

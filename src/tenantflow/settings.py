@@ -1,0 +1,238 @@
+"""Settings of the tenantflow worker: the one place configuration is read.
+
+Values come from the environment and from a `.env` file in the working directory
+(the local stack writes one). Every secret is a `SecretStr`; every rule about the
+database URLs is checked here, before any connection is attempted, and no error
+message ever repeats a password (`hide_input_in_errors`, and messages built from
+the parsed parts of a URL, never from the URL itself).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+__all__ = [
+    "Settings",
+    "SettingsError",
+    "get_settings",
+    "redacted_url",
+]
+
+SUPABASE_POOLER_SUFFIX = ".pooler.supabase.com"
+TRANSACTION_POOLER_PORT = 6543
+SESSION_POOLER_PORT = 5432
+_POOLER_USER = re.compile(r"^postgres\.[a-z0-9]{6,40}$")
+_ASYNC_DRIVER = "postgresql+asyncpg"
+_ACCEPTED_SCHEMES = {"postgres", "postgresql", _ASYNC_DRIVER}
+
+
+class SettingsError(ValueError):
+    """Configuration is invalid. The message names the fields and rules, never a secret."""
+
+
+def redacted_url(url: SecretStr | str | URL) -> str:
+    """Render a database URL for logs and messages, with the password masked."""
+    raw = url.get_secret_value() if isinstance(url, SecretStr) else url
+    try:
+        parsed = raw if isinstance(raw, URL) else make_url(raw)
+    except ArgumentError:
+        return "<unparseable URL>"
+    return parsed.render_as_string(hide_password=True)
+
+
+def _parse_postgres_url(value: SecretStr, field: str) -> URL:
+    """Parse and normalise a PostgreSQL URL to the asyncpg driver.
+
+    NOTE: SQLAlchemy's own parse error repeats the whole URL (password included),
+    so it is replaced by a message of our own.
+    """
+    try:
+        url = make_url(value.get_secret_value().strip())
+    except ArgumentError:
+        raise ValueError(
+            f"{field} is not a database URL; expected postgresql://USER:PASSWORD@HOST:PORT/DB"
+        ) from None
+    if url.drivername not in _ACCEPTED_SCHEMES:
+        raise ValueError(
+            f"{field} must be a PostgreSQL URL (postgresql:// or postgresql+asyncpg://), "
+            f"not {url.drivername}://"
+        )
+    if not url.host:
+        raise ValueError(f"{field} must name a host")
+    if not url.username:
+        raise ValueError(f"{field} must name a user")
+    if not url.database:
+        raise ValueError(f"{field} must name a database (Supabase: /postgres)")
+    query = dict(url.query)
+    # NOTE: asyncpg takes `ssl`, not libpq's `sslmode`; Supabase's dashboard strings may carry it.
+    if "sslmode" in query:
+        query.setdefault("ssl", query.pop("sslmode"))
+    if url.host.endswith(".supabase.com") or url.host.endswith(".supabase.co"):
+        query.setdefault("ssl", "require")
+    return url.set(drivername=_ASYNC_DRIVER, query=query)
+
+
+def _port(url: URL) -> int:
+    return url.port or 5432
+
+
+def _is_supabase_pooler(url: URL) -> bool:
+    return bool(url.host and url.host.endswith(SUPABASE_POOLER_SUFFIX))
+
+
+def _check_pooler_user(url: URL, field: str) -> None:
+    if not _POOLER_USER.match(url.username or ""):
+        raise ValueError(
+            f"{field}: Supabase pooler connections must log in as postgres.<project_ref> "
+            "(the user shown in the dashboard's connection string), not a bare user name"
+        )
+
+
+def _database_url(value: SecretStr) -> SecretStr:
+    url = _parse_postgres_url(value, "DATABASE_URL")
+    if _is_supabase_pooler(url):
+        if _port(url) != TRANSACTION_POOLER_PORT:
+            raise ValueError(
+                f"DATABASE_URL: workers must use the Supabase transaction pooler, port "
+                f"{TRANSACTION_POOLER_PORT}, not port {_port(url)}"
+            )
+        _check_pooler_user(url, "DATABASE_URL")
+    return SecretStr(url.render_as_string(hide_password=False))
+
+
+def _migration_database_url(value: SecretStr) -> SecretStr:
+    url = _parse_postgres_url(value, "MIGRATION_DATABASE_URL")
+    if _port(url) == TRANSACTION_POOLER_PORT:
+        raise ValueError(
+            f"MIGRATION_DATABASE_URL: port {TRANSACTION_POOLER_PORT} is the transaction pooler; "
+            f"migrations must use the session pooler (port {SESSION_POOLER_PORT} on Supabase)"
+        )
+    if _is_supabase_pooler(url):
+        if _port(url) != SESSION_POOLER_PORT:
+            raise ValueError(
+                f"MIGRATION_DATABASE_URL: migrations must use the Supabase session pooler, port "
+                f"{SESSION_POOLER_PORT}, not port {_port(url)}"
+            )
+        _check_pooler_user(url, "MIGRATION_DATABASE_URL")
+    return SecretStr(url.render_as_string(hide_password=False))
+
+
+def _supabase_url(value: str) -> str:
+    parts = urlsplit(value.strip())
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError("SUPABASE_URL must be an http(s) URL such as https://<ref>.supabase.co")
+    if parts.username or parts.password or parts.query or parts.fragment:
+        raise ValueError("SUPABASE_URL must not carry credentials, a query or a fragment")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError("SUPABASE_URL must use https unless it points at this machine")
+    return value.strip().rstrip("/")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+DatabaseUrl = Annotated[SecretStr, AfterValidator(_database_url)]
+MigrationDatabaseUrl = Annotated[SecretStr, AfterValidator(_migration_database_url)]
+SupabaseUrl = Annotated[str, AfterValidator(_supabase_url)]
+
+
+class Settings(BaseSettings):
+    """Everything the worker reads from its environment."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+
+    database_url: DatabaseUrl = Field(
+        description="Transaction-pooler URL used by flows and tasks (Supabase: port 6543)."
+    )
+    migration_database_url: MigrationDatabaseUrl = Field(
+        description="Session-pooler URL used only by migrations (Supabase: port 5432)."
+    )
+    supabase_url: SupabaseUrl = Field(
+        description="Project URL, e.g. https://<ref>.supabase.co; Auth lives under /auth/v1."
+    )
+    supabase_anon_key: SecretStr = Field(
+        description="The project's anon (publishable) key, sent as `apikey` to Supabase Auth."
+    )
+    supabase_jwt_secret: SecretStr | None = Field(
+        default=None,
+        description="Legacy HS256 JWT secret; set only to verify HS256 tokens locally.",
+    )
+
+    db_pool_mode: Literal["queue", "null"] = Field(
+        default="queue",
+        description="Client-side pool: `queue` (QueuePool) or `null` (NullPool, no pooling).",
+    )
+    db_pool_size: int = Field(default=5, ge=1, le=100, description="QueuePool size.")
+    db_max_overflow: int = Field(default=10, ge=0, le=100, description="QueuePool overflow.")
+    db_pool_recycle: int = Field(
+        default=300, ge=-1, description="Seconds after which a pooled connection is replaced."
+    )
+    db_pool_pre_ping: bool = Field(
+        default=True, description="Test a pooled connection before handing it out."
+    )
+    db_pool_timeout: float = Field(
+        default=30.0, gt=0, description="Seconds to wait for a pooled connection."
+    )
+    db_connect_timeout: float = Field(
+        default=10.0, gt=0, description="Seconds to wait for a new database connection."
+    )
+    db_statement_timeout_ms: int = Field(
+        default=60_000,
+        ge=0,
+        description="statement_timeout set with SET LOCAL in every transaction (0: none).",
+    )
+
+    @model_validator(mode="after")
+    def _migrations_not_through_transaction_pooler(self) -> Settings:
+        work = make_url(self.database_url.get_secret_value())
+        migrate = make_url(self.migration_database_url.get_secret_value())
+        if (work.host, _port(work)) == (migrate.host, _port(migrate)) and _port(work) != 5432:
+            raise ValueError(
+                "MIGRATION_DATABASE_URL points at the same host and port as DATABASE_URL "
+                "(the transaction pooler); migrations must use the session pooler"
+            )
+        return self
+
+
+def _format_errors(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in item["loc"]).upper() or "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{field}: {message}" if not message.startswith(field) else message)
+    return "invalid tenantflow settings:\n  - " + "\n  - ".join(lines)
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build settings from the environment (and `overrides`), raising `SettingsError`."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_format_errors(error)) from None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once. Tests call `get_settings.cache_clear()`."""
+    return load_settings()

@@ -1,0 +1,44 @@
+"""Shared fixtures: the real local stack (PostgreSQL 15, PgBouncer, Prefect server).
+
+The suite brings the stack up itself when it is not running, and takes it down
+again at the end only if it was the one that started it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+
+import asyncpg
+import pytest
+
+from tenantflow.localstack import Stack, StackConfig
+from tenantflow.settings import get_settings
+
+CONFIG = StackConfig.from_env()
+# NOTE: set before Prefect reads its settings, so every flow in the suite talks to the
+# stack's Prefect server and every `get_settings()` to the stack's poolers.
+os.environ.update(CONFIG.environment())
+os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+
+
+@pytest.fixture(scope="session")
+def stack() -> Iterator[Stack]:
+    stack = Stack(CONFIG)
+    started = not all(part.healthy for part in stack.status())
+    if started:
+        stack.up()
+    get_settings.cache_clear()
+    yield stack
+    if started and not os.environ.get("TENANTFLOW_KEEP_STACK"):
+        stack.down()
+
+
+@pytest.fixture
+async def admin_conn(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
+    """A direct superuser connection (Supabase's `supabase_admin`) for inspection."""
+    conn = await asyncpg.connect(**stack.config.connect_parts(stack.config.pg_port, admin=True))
+    try:
+        yield conn
+    finally:
+        await conn.close()
