@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from prefect.utilities.asyncutils import add_event_loop_shutdown_callback
 from sqlalchemy import event, text
+from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import NullPool
@@ -34,7 +35,9 @@ from tenantflow.settings import Settings, get_settings
 
 __all__ = [
     "SessionStateError",
+    "describe_error",
     "dispose_engines",
+    "is_transient_database_error",
     "migration_engine",
     "session_scope",
     "set_local",
@@ -82,6 +85,39 @@ def _refuse_session_state(
             "transaction pooler; use SET LOCAL / set_config(..., true) or "
             "pg_advisory_xact_lock inside the transaction"
         )
+
+
+# NOTE: serialization/deadlock, admin shutdown, connection failures, too many connections.
+_TRANSIENT_SQLSTATES = frozenset(
+    {"40001", "40P01", "57P01", "57P02", "57P03", "08000", "08001", "08003", "08004", "08006"}
+    | {"53300", "53400"}
+)
+
+
+def is_transient_database_error(error: BaseException) -> bool:
+    """Whether retrying the same unit of work may succeed (the retry policy of tasks)."""
+    if isinstance(error, sa_exc.TimeoutError):  # the client pool had no connection to give
+        return True
+    if isinstance(error, sa_exc.DBAPIError):
+        if error.connection_invalidated:
+            return True
+        sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
+        return sqlstate in _TRANSIENT_SQLSTATES
+    return isinstance(error, ConnectionError | TimeoutError)
+
+
+def describe_error(error: BaseException) -> str:
+    """A one-line account of a failure, fit for logs and artifacts.
+
+    NOTE: SQLAlchemy's own text repeats the SQL and its bound parameters (which may
+    hold claims or client data); this keeps the driver's error class and first line.
+    """
+    if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
+        cause = error.orig.__cause__ or error.orig
+        first = (str(cause).strip().splitlines() or [""])[0]
+        return f"{type(cause).__name__}: {first}"[:300]
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first}"[:300] if first else type(error).__name__
 
 
 def _pool_arguments(settings: Settings) -> dict[str, Any]:

@@ -178,6 +178,46 @@ class Settings(BaseSettings):
         default=None,
         description="Legacy HS256 JWT secret; set only to verify HS256 tokens locally.",
     )
+    auth_strict: bool = Field(
+        default=False,
+        description=(
+            "Also ask Supabase Auth (GET /auth/v1/user) after a successful local check, so "
+            "tokens of signed-out sessions and deleted users are refused (one call per check)."
+        ),
+    )
+    auth_leeway_s: float = Field(
+        default=10.0,
+        ge=0,
+        le=300,
+        description="Clock skew tolerated on exp, nbf and iat, in seconds.",
+    )
+    auth_jwks_cache_s: float = Field(
+        default=600.0,
+        gt=0,
+        le=600,
+        description="Seconds the signing keys (JWKS) are trusted before they are fetched again.",
+    )
+    auth_jwks_min_refetch_interval_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description=(
+            "Minimum seconds between two JWKS fetches caused by an unknown key id (kid) or "
+            "after a failed fetch, so made-up kids cannot hammer Supabase Auth."
+        ),
+    )
+    auth_max_token_bytes: int = Field(
+        default=8192,
+        ge=1024,
+        le=65536,
+        description="Access tokens longer than this are refused before being parsed.",
+    )
+    auth_http_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Timeout of each request to Supabase Auth (JWKS and /auth/v1/user).",
+    )
 
     db_pool_mode: Literal["queue", "null"] = Field(
         default="queue",
@@ -201,6 +241,48 @@ class Settings(BaseSettings):
         default=60_000,
         ge=0,
         description="statement_timeout set with SET LOCAL in every transaction (0: none).",
+    )
+    db_concurrency_limit: str = Field(
+        default="tenantflow-db",
+        description=(
+            "Name of the Prefect global concurrency limit that caps tenant transactions "
+            "across all workers (strict: a missing limit is an error, not a warning)."
+        ),
+    )
+    db_concurrency_slots: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description=(
+            "Size of that limit, written by the deployments bootstrap: how many tenant "
+            "transactions may run at once across all workers. Keep it at or below the "
+            "transaction pooler's pool size (20 locally) and at or above DB_FLOW_SLOTS."
+        ),
+    )
+    db_flow_slots: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description=(
+            "Slots of that limit one flow run takes (once, for its whole database work); "
+            "its tenant transactions run at most this many at a time."
+        ),
+    )
+    db_slot_timeout_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="Seconds a flow run waits for database slots before failing.",
+    )
+    report_max_days: int = Field(
+        default=366, ge=1, le=3660, description="Longest period a client report may cover."
+    )
+    migration_lock_timeout_s: float = Field(
+        default=60.0,
+        ge=0,
+        description=(
+            "Seconds a migration waits for the migration advisory lock held by another "
+            "migration before failing with 'another migration is running' (0: try once)."
+        ),
     )
 
     @model_validator(mode="after")

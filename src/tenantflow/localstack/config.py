@@ -6,6 +6,7 @@ can run beside the developer's without touching it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -13,33 +14,66 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
+import jwt
+
 __all__ = ["StackConfig", "StackSecrets"]
 
 SERVICE_USER = "postgres"
 
 
+# NOTE: the same payloads as the Supabase CLI's demo keys: legacy API keys are HS256 JWTs
+# signed with the project's JWT secret, without `sub`, and valid for years.
+_API_KEY_EXPIRY = 1983812996
+_API_KEY_ISSUER = "supabase-demo"
+
+
 @dataclass(frozen=True)
 class StackSecrets:
-    """Passwords generated once per stack folder; never printed."""
+    """Passwords and the legacy JWT secret, generated once per stack folder; never printed.
+
+    The API keys are derived from `jwt_secret` as Supabase derives its legacy `anon` and
+    `service_role` keys: HS256 JWTs with the role and no user.
+    """
 
     admin_password: str
     postgres_password: str
-    anon_key: str
+    jwt_secret: str
+
+    @property
+    def anon_key(self) -> str:
+        return self._api_key("anon")
+
+    @property
+    def service_role_key(self) -> str:
+        return self._api_key("service_role")
+
+    def _api_key(self, role: str) -> str:
+        claims = {"iss": _API_KEY_ISSUER, "role": role, "exp": _API_KEY_EXPIRY}
+        return jwt.encode(claims, self.jwt_secret, algorithm="HS256")
 
     @classmethod
     def load_or_create(cls, path: Path) -> StackSecrets:
+        fields = ("admin_password", "postgres_password", "jwt_secret")
         if path.exists():
             data = json.loads(path.read_text())
-            return cls(**{k: data[k] for k in ("admin_password", "postgres_password", "anon_key")})
-        created = cls(
-            admin_password=secrets.token_urlsafe(24),
-            postgres_password=secrets.token_urlsafe(24),
-            anon_key=secrets.token_urlsafe(32),
-        )
+            if all(k in data for k in fields):
+                return cls(**{k: data[k] for k in fields})
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(created.__dict__, handle)
+        # NOTE: several processes (tests, the Auth stand-in) may create or upgrade the file
+        # at once; the lock makes them agree on one set of secrets.
+        with open(path.with_suffix(".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            data = json.loads(path.read_text()) if path.exists() else {}
+            created = cls(
+                admin_password=data.get("admin_password") or secrets.token_urlsafe(24),
+                postgres_password=data.get("postgres_password") or secrets.token_urlsafe(24),
+                jwt_secret=data.get("jwt_secret") or secrets.token_urlsafe(48),
+            )
+            temporary = path.with_suffix(".tmp")
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(created.__dict__, handle)
+            os.replace(temporary, path)
         return created
 
 
@@ -59,6 +93,7 @@ class StackConfig:
     session_pooler_port: int = 54329
     auth_port: int = 54321
     prefect_port: int = 4200
+    pooler_pool_size: int = 20
     host: str = "127.0.0.1"
     database: str = "postgres"
 

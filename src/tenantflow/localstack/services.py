@@ -302,10 +302,9 @@ PoolMode = Literal["transaction", "session"]
 class PgBouncer:
     """One PgBouncer process (Debian's package) in transaction or session mode."""
 
-    def __init__(self, config: StackConfig, mode: PoolMode, pool_size: int = 20) -> None:
+    def __init__(self, config: StackConfig, mode: PoolMode) -> None:
         self.config = config
         self.mode = mode
-        self.pool_size = pool_size
         self.name = f"pgbouncer-{mode}"
         self.port = (
             config.transaction_pooler_port if mode == "transaction" else config.session_pooler_port
@@ -339,7 +338,7 @@ class PgBouncer:
             "auth_type = scram-sha-256\n"
             f"auth_file = {self.userlist}\n"
             f"pool_mode = {self.mode}\n"
-            f"default_pool_size = {self.pool_size}\n"
+            f"default_pool_size = {self.config.pooler_pool_size}\n"
             "max_client_conn = 2000\n"
             "ignore_startup_parameters = extra_float_digits\n"
             f"logfile = {self.logfile}\n"

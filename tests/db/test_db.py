@@ -1,0 +1,246 @@
+"""The session pattern, transaction-local settings and engines per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import cast
+
+import asyncpg
+import pytest
+from prefect import flow, task
+from sqlalchemy import text
+
+from tenantflow.db import (
+    SessionStateError,
+    dispose_engines,
+    session_scope,
+    transaction_engine,
+    unit_of_work,
+)
+from tenantflow.localstack import Stack
+from tenantflow.settings import Settings, load_settings
+
+pytestmark = pytest.mark.stack
+
+
+def _database(stack: Stack) -> Iterator[str]:
+    name = f"tf_scratch_{uuid.uuid4().hex[:8]}"
+    parts = stack.config.connect_parts(stack.config.pg_port, admin=True)
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(**parts)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}" OWNER postgres'))
+    yield name
+    asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture(scope="module")
+def scratch_database(stack: Stack) -> Iterator[str]:
+    """A database of its own for tables the tests create."""
+    yield from _database(stack)
+
+
+@pytest.fixture
+def counted_database(stack: Stack) -> Iterator[str]:
+    """A database only one test connects to, so pg_stat_activity counts its connections."""
+    yield from _database(stack)
+
+
+def settings_for(stack: Stack, database: str, port: int | None = None) -> Settings:
+    config = stack.config
+    url = config.url(port or config.transaction_pooler_port).rsplit("/", 1)[0] + f"/{database}"
+    return load_settings(database_url=url)
+
+
+@pytest.fixture
+async def probe_table(stack: Stack, scratch_database: str) -> AsyncIterator[Settings]:
+    settings = settings_for(stack, scratch_database)
+    async with unit_of_work(settings=settings) as session:
+        await session.execute(text("CREATE TABLE IF NOT EXISTS probe (id int PRIMARY KEY)"))
+        await session.execute(text("TRUNCATE probe"))
+    yield settings
+    await dispose_engines()
+
+
+async def _probe_ids(settings: Settings) -> list[int]:
+    async with unit_of_work(settings=settings) as session:
+        return list((await session.execute(text("SELECT id FROM probe ORDER BY id"))).scalars())
+
+
+async def test_success_commits(probe_table: Settings) -> None:
+    async with unit_of_work(settings=probe_table) as session:
+        await session.execute(text("INSERT INTO probe VALUES (1), (2)"))
+    assert await _probe_ids(probe_table) == [1, 2]
+
+
+async def test_an_exception_rolls_back_and_writes_nothing(probe_table: Settings) -> None:
+    class Boom(Exception):
+        pass
+
+    with pytest.raises(Boom):
+        async with unit_of_work(settings=probe_table) as session:
+            await session.execute(text("INSERT INTO probe VALUES (10)"))
+            await session.execute(text("INSERT INTO probe VALUES (11)"))
+            raise Boom
+    assert await _probe_ids(probe_table) == []
+
+
+async def test_cancellation_rolls_back_too(probe_table: Settings) -> None:
+    started = asyncio.Event()
+
+    async def slow_writer() -> None:
+        async with unit_of_work(settings=probe_table) as session:
+            await session.execute(text("INSERT INTO probe VALUES (20)"))
+            started.set()
+            await asyncio.sleep(30)
+
+    writer = asyncio.create_task(slow_writer())
+    await started.wait()
+    writer.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await writer
+    assert await _probe_ids(probe_table) == []
+
+
+async def test_session_scope_closes_the_session(probe_table: Settings) -> None:
+    engine = await transaction_engine(probe_table)
+    async with session_scope(engine) as session:
+        await session.execute(text("SELECT 1"))
+    assert not session.in_transaction()
+    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
+
+
+async def test_a_transaction_local_setting_is_never_seen_by_another_unit(stack: Stack) -> None:
+    async def writer(n: int) -> str | None:
+        own = f"writer-{n}-{uuid.uuid4()}"
+        async with unit_of_work(local_settings={"tenantflow.probe": own}) as session:
+            await asyncio.sleep(0.01)
+            seen = (
+                await session.execute(text("SELECT current_setting('tenantflow.probe', true)"))
+            ).scalar_one()
+        return None if seen == own else f"writer {n} saw {seen!r}"
+
+    async def reader(n: int) -> str | None:
+        async with unit_of_work() as session:
+            seen = (
+                await session.execute(text("SELECT current_setting('tenantflow.probe', true)"))
+            ).scalar_one()
+        # NOTE: once a custom setting was used on a server connection it reads '' not NULL.
+        return None if seen in (None, "") else f"reader {n} saw {seen!r}"
+
+    for _ in range(3):
+        results = await asyncio.gather(
+            *(writer(n) for n in range(40)), *(reader(n) for n in range(40))
+        )
+        assert [r for r in results if r] == []
+    await dispose_engines()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "SET statement_timeout = 0",
+        "set search_path to public",
+        "SET SESSION ROLE authenticated",
+        "RESET ALL",
+        "DISCARD ALL",
+        "SELECT set_config('request.jwt.claims', '{}', false)",
+        "SELECT pg_advisory_lock(42)",
+        "select pg_try_advisory_lock_shared(42)",
+        "LISTEN tenantflow",
+        "PREPARE q AS SELECT 1",
+    ],
+)
+async def test_session_level_state_is_refused(stack: Stack, statement: str) -> None:
+    with pytest.raises(SessionStateError, match="transaction pooler"):
+        async with unit_of_work() as session:
+            await session.execute(text(statement))
+    await dispose_engines()
+
+
+async def test_transaction_local_forms_are_allowed(stack: Stack) -> None:
+    async with unit_of_work(role="authenticated") as session:
+        await session.execute(text("SET LOCAL statement_timeout = 5000"))
+        await session.execute(text("SELECT pg_advisory_xact_lock(42)"))
+        await session.execute(text("SELECT set_config('tenantflow.x', 'y', true)"))
+        role = (await session.execute(text("SELECT current_user"))).scalar_one()
+        timeout = (await session.execute(text("SHOW statement_timeout"))).scalar_one()
+    assert (role, timeout) == ("authenticated", "5s")
+    async with unit_of_work() as session:
+        assert (await session.execute(text("SELECT current_user"))).scalar_one() == "postgres"
+    await dispose_engines()
+
+
+async def test_statement_timeout_is_applied_per_transaction(stack: Stack) -> None:
+    settings = load_settings(db_statement_timeout_ms=1234)
+    async with unit_of_work(settings=settings) as session:
+        assert (await session.execute(text("SHOW statement_timeout"))).scalar_one() == "1234ms"
+    await dispose_engines()
+
+
+@pytest.mark.parametrize("bad", ["x; drop table y", "Robert'); --", "1abc"])
+async def test_setting_and_role_names_are_validated(stack: Stack, bad: str) -> None:
+    with pytest.raises(ValueError, match="not a valid"):
+        async with unit_of_work(local_settings={bad: "1"}):
+            pass
+    with pytest.raises(ValueError, match="not a valid role"):
+        async with unit_of_work(role=bad):
+            pass
+    await dispose_engines()
+
+
+async def test_engines_are_kept_per_event_loop(stack: Stack) -> None:
+    here = await transaction_engine()
+    assert await transaction_engine() is here
+
+    async def other_loop_engine() -> int:
+        return id(await transaction_engine())
+
+    elsewhere = await asyncio.to_thread(asyncio.run, other_loop_engine())
+    assert elsewhere != id(here)
+    assert await dispose_engines() == 1
+
+
+async def _client_connections(stack: Stack, database: str) -> int:
+    conn = await asyncpg.connect(**stack.config.connect_parts(stack.config.pg_port, admin=True))
+    try:
+        count: int = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = $1", database
+        )
+    finally:
+        await conn.close()
+    return count
+
+
+@pytest.mark.slow
+def test_mapped_prefect_tasks_share_the_layer_across_loops(
+    stack: Stack, counted_database: str
+) -> None:
+    """50 mapped async tasks (each on its own event loop in Prefect's thread pool)."""
+    # NOTE: the direct port, so every connection the project opens is visible in
+    # pg_stat_activity of its own database; PgBouncer would hide them behind its pool.
+    settings = settings_for(stack, counted_database, port=stack.config.pg_port)
+
+    @task(persist_result=False)
+    async def square(n: int) -> int:
+        async with unit_of_work(settings=settings) as session:
+            value = (
+                await session.execute(text("SELECT CAST(:n AS int) * CAST(:n AS int)"), {"n": n})
+            ).scalar_one()
+            await asyncio.sleep(0.01)
+        return int(value)
+
+    @flow(persist_result=False)
+    def mapped() -> list[int]:
+        return cast("list[int]", square.map(list(range(50))).result())
+
+    assert mapped() == [n * n for n in range(50)]
+    # Every task's loop has closed, and each engine was disposed with it.
+    assert asyncio.run(_client_connections(stack, counted_database)) == 0

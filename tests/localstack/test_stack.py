@@ -1,0 +1,124 @@
+"""The local stack's lifecycle, on a second stack with its own folder and ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tenantflow.localstack import Stack, StackConfig
+from tenantflow.localstack.services import _pid_alive, port_is_open
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+BASE_PORT = 55420
+
+
+@pytest.fixture
+def second_stack(tmp_path: Path) -> Iterator[Stack]:
+    config = StackConfig(
+        project_dir=tmp_path,
+        stack_dir=tmp_path / ".stack",
+        pg_port=BASE_PORT + 2,
+        transaction_pooler_port=BASE_PORT + 3,
+        session_pooler_port=BASE_PORT + 4,
+        auth_port=BASE_PORT + 1,
+        prefect_port=BASE_PORT + 5,
+    )
+    stack = Stack(config)
+    yield stack
+    stack.down()
+
+
+def _processes_using(folder: Path) -> list[str]:
+    """Processes whose command line or working directory lies in `folder`."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            cwd = os.readlink(proc / "cwd")
+        except OSError:
+            continue
+        if str(folder) in cmdline or cwd.startswith(str(folder)):
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
+def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
+    config = stack.config
+    env = {
+        **os.environ,
+        "TENANTFLOW_PROJECT_DIR": str(config.project_dir),
+        "TENANTFLOW_STACK_DIR": str(config.stack_dir),
+        "TENANTFLOW_PG_PORT": str(config.pg_port),
+        "TENANTFLOW_TRANSACTION_POOLER_PORT": str(config.transaction_pooler_port),
+        "TENANTFLOW_SESSION_POOLER_PORT": str(config.session_pooler_port),
+        "TENANTFLOW_AUTH_PORT": str(config.auth_port),
+        "TENANTFLOW_PREFECT_PORT": str(config.prefect_port),
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "tenantflow.cli", "stack", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+
+
+def test_up_twice_status_down(second_stack: Stack) -> None:
+    config = second_stack.config
+    ports = second_stack.ports()
+    assert not any(port_is_open(config.host, port) for port in ports)
+
+    first = second_stack.up()
+    assert [part.name for part in first if not part.healthy] == []
+    pids = {part.name: part.pid for part in first}
+    assert all(pids.values())
+    assert all(port_is_open(config.host, port) for port in ports)
+    env_file = (config.project_dir / ".env").read_text()
+    assert f"DATABASE_URL={config.database_url}" in env_file
+    assert f":{config.session_pooler_port}/" in env_file
+    assert oct((config.project_dir / ".env").stat().st_mode & 0o777) == "0o600"
+
+    again = _cli(second_stack, "up")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already up") == len(first)
+    assert f"http://127.0.0.1:{config.prefect_port}" in again.stdout
+    assert {part.name: part.pid for part in second_stack.status()} == pids
+
+    status = _cli(second_stack, "status")
+    assert status.returncode == 0, status.stdout
+    for part in first:
+        assert part.name in status.stdout and part.address in status.stdout
+    assert "DOWN" not in status.stdout
+    assert config.secrets.postgres_password not in again.stdout + status.stdout
+
+    down = _cli(second_stack, "down")
+    assert down.returncode == 0, down.stdout + down.stderr
+    assert not any(port_is_open(config.host, port) for port in ports)
+    assert _processes_using(config.stack_dir) == []
+    assert [name for name, pid in pids.items() if _pid_alive(pid)] == []
+
+    after = _cli(second_stack, "status")
+    assert after.returncode == 3
+    assert after.stdout.count("DOWN") == len(first)
+
+
+def test_a_taken_port_is_reported_clearly(second_stack: Stack) -> None:
+    import socket
+
+    with socket.socket() as blocker:
+        blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        blocker.bind((second_stack.config.host, second_stack.config.pg_port))
+        blocker.listen()
+        result = _cli(second_stack, "up")
+    assert result.returncode == 2
+    assert f"port {second_stack.config.pg_port}" in result.stdout
+    assert "TENANTFLOW_PG_PORT" in result.stdout
