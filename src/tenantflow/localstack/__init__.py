@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
+from tenantflow.localstack.auth_server import AuthServer
 from tenantflow.localstack.config import StackConfig
 from tenantflow.localstack.services import (
     Health,
@@ -38,14 +41,20 @@ class Stack:
             Postgres(self.config),
             PgBouncer(self.config, "transaction"),
             PgBouncer(self.config, "session"),
-            # Supabase Auth stand-in: issue 4.
+            AuthServer(self.config),
             PrefectServer(self.config),
             # Process worker: issue 5.
         ]
 
     def ports(self) -> list[int]:
         c = self.config
-        return [c.pg_port, c.transaction_pooler_port, c.session_pooler_port, c.prefect_port]
+        return [
+            c.pg_port,
+            c.transaction_pooler_port,
+            c.session_pooler_port,
+            c.auth_port,
+            c.prefect_port,
+        ]
 
     def up(self) -> list[Health]:
         self.config.stack_dir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +68,24 @@ class Stack:
         self.write_env_file()
         # One-shot steps after the services: migrations (issue 3), demo data and
         # deployments (issues 4 and 5) go here.
+        self.migrate()
         return self.status()
+
+    def migrate(self) -> None:
+        """Bring the database to head through the `migrate` flow (`tenantflow migrate`).
+
+        NOTE: a child process with the stack's environment, so the flow run is recorded
+        by the stack's Prefect server (never a temporary one) and reads this stack's
+        MIGRATION_DATABASE_URL, whatever this process's environment says.
+        """
+        result = subprocess.run(
+            [sys.executable, "-m", "tenantflow.cli", "migrate"],
+            cwd=self.config.project_dir,
+            env={**os.environ, **self.config.environment()},
+            check=False,
+        )
+        if result.returncode != 0:
+            raise StackError(f"the migrate flow failed (exit {result.returncode}); see above")
 
     def down(self) -> None:
         for service in reversed(self.services()):

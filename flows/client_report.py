@@ -1,0 +1,64 @@
+"""`client-report`: one client's events over a period, read as the requesting user.
+
+User mode (DESIGN.md §2): the run acts for the user whose access token it carries, who
+needs an accepted membership in the (active) client; row-level security holds the same
+rule inside Postgres. Steps: take a database slot, authorize, validate the period,
+read and store the report in one transaction, publish markdown and table artifacts.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
+from pydantic import Field, SecretStr
+
+from tenantflow.budget import database_slots
+from tenantflow.reports import ReportPeriod, build_client_report, render_markdown
+from tenantflow.tenancy import authorize_run
+
+
+@flow(name="client-report", retries=0, persist_result=False, timeout_seconds=900)
+async def client_report(
+    client_id: Annotated[UUID, Field(title="Client id", description="The client to report on.")],
+    period_start: Annotated[date, Field(title="From (UTC)", description="First day, inclusive.")],
+    period_end: Annotated[date, Field(title="To (UTC)", description="Last day, inclusive.")],
+    access_token: Annotated[
+        SecretStr,
+        Field(
+            title="User access token",
+            description=(
+                "The Supabase access token of the user the report is for (a member of the "
+                "client). Removed from the run's stored parameters once verified."
+            ),
+        ),
+    ],
+) -> dict[str, str | int]:
+    logger = get_run_logger()
+    async with database_slots(1):
+        [ctx] = await authorize_run(
+            action="client-report",
+            mode="user",
+            access_token=access_token,
+            client_ids=[client_id],
+        )
+        period = ReportPeriod(start=period_start, end=period_end)
+        report = await build_client_report(ctx, period)
+    logger.info("report %s: %d events for %s", report.report_id, report.events, ctx.label)
+    await acreate_markdown_artifact(
+        render_markdown(report),
+        key=f"client-report-{client_id}",
+        description=f"Report for {ctx.client_id}, {period.start} to {period.end}",
+    )
+    await acreate_table_artifact(
+        [
+            {"day": str(d.day), "events": d.events, "revenue": f"{d.revenue:.2f}"}
+            for d in report.daily
+        ],
+        key=f"client-report-daily-{client_id}",
+        description=f"Daily totals for {ctx.client_id}",
+    )
+    return {"report_id": str(report.report_id), "events": report.events}

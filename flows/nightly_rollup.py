@@ -1,0 +1,58 @@
+"""`nightly-rollup`: every active client's events of one day into `client_daily_metrics`.
+
+Service mode (DESIGN.md §2): a run created by the deployment's schedule needs no token;
+a run started by hand needs an operator's access token. Steps: take database slots,
+authorize, roll up each client on this event loop within the slots, publish the table,
+and fail naming the clients that failed (the others are kept).
+"""
+
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated
+from uuid import UUID
+
+from prefect import flow, get_run_logger
+from pydantic import Field, SecretStr
+
+from tenantflow.budget import database_slots
+from tenantflow.rollup import publish_rollup, raise_if_any_failed, roll_up_clients, yesterday_utc
+from tenantflow.settings import get_settings
+from tenantflow.tenancy import authorize_run
+
+
+@flow(name="nightly-rollup", retries=0, persist_result=False, timeout_seconds=3600)
+async def nightly_rollup(
+    day: Annotated[
+        date | None,
+        Field(title="Day (UTC)", description="The day to roll up. Empty: yesterday (UTC)."),
+    ] = None,
+    client_ids: Annotated[
+        list[UUID] | None,
+        Field(title="Clients", description="Only these clients. Empty: every active client."),
+    ] = None,
+    access_token: Annotated[
+        SecretStr | None,
+        Field(
+            title="Operator access token",
+            description=(
+                "Needed when started by hand: a Supabase access token of a tenantflow "
+                "operator. Removed from the run's stored parameters once verified."
+            ),
+        ),
+    ] = None,
+) -> dict[str, int]:
+    logger = get_run_logger()
+    day = day or yesterday_utc()
+    async with database_slots(get_settings().db_flow_slots) as slots:
+        contexts = await authorize_run(
+            action="nightly-rollup",
+            mode="service",
+            access_token=access_token,
+            client_ids=client_ids,
+        )
+        logger.info("rolling up %d client(s) for %s, %d at a time", len(contexts), day, slots)
+        outcomes = await roll_up_clients(contexts, day, limit=slots)
+    await publish_rollup(day, outcomes)
+    raise_if_any_failed(outcomes)
+    return {"clients": len(outcomes), "events": sum(o.events or 0 for o in outcomes)}

@@ -1,0 +1,113 @@
+"""Demo data for the local stack: clients, users, memberships, an operator, events.
+
+Idempotent: fixed ids, `ON CONFLICT DO NOTHING`, and events only for a client that has
+none yet. Runs as the cluster's superuser, as an administrator would seed a project;
+the worker's own code never writes `auth.users`.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from decimal import Decimal
+
+import asyncpg
+
+from tenantflow.localstack.auth_server import create_user
+from tenantflow.localstack.config import StackConfig
+
+__all__ = ["DEMO_CLIENTS", "DEMO_MEMBERSHIPS", "DEMO_OPERATOR", "DemoClient", "seed_demo_data"]
+
+_NAMESPACE = uuid.UUID("3f1c9a52-5d1e-4c1b-9a55-0d3c6f2b7e10")
+
+
+@dataclass(frozen=True)
+class DemoClient:
+    name: str
+    status: str
+
+    @property
+    def id(self) -> uuid.UUID:
+        return uuid.uuid5(_NAMESPACE, f"client:{self.name}")
+
+
+ACME = DemoClient("Acme Corp", "active")
+GLOBEX = DemoClient("Globex", "active")
+INITECH = DemoClient("Initech", "active")
+UMBRELLA = DemoClient("Umbrella", "suspended")
+DEMO_CLIENTS = (ACME, GLOBEX, INITECH, UMBRELLA)
+
+DEMO_OPERATOR = "ops@demo.tenantflow.test"
+#: (email, client, role, accepted)
+DEMO_MEMBERSHIPS = (
+    ("alice@demo.tenantflow.test", ACME, "owner", True),
+    ("bob@demo.tenantflow.test", ACME, "member", True),
+    ("bob@demo.tenantflow.test", GLOBEX, "viewer", False),
+    ("carol@demo.tenantflow.test", GLOBEX, "admin", True),
+    ("dave@demo.tenantflow.test", INITECH, "member", False),
+    ("erin@demo.tenantflow.test", UMBRELLA, "owner", True),
+)
+EVENTS_PER_CLIENT_DAY = 60
+DAYS = 14
+KINDS = ("purchase", "refund", "signup", "page_view")
+
+
+async def seed_demo_data(config: StackConfig) -> dict[str, int]:
+    """Insert the demo data once; return how many rows of each kind exist."""
+    conn = await asyncpg.connect(**config.connect_parts(config.pg_port, admin=True))
+    try:
+        async with conn.transaction():
+            await conn.executemany(
+                "INSERT INTO public.clients (id, name, status) VALUES ($1, $2, $3) "
+                "ON CONFLICT (id) DO NOTHING",
+                [(c.id, c.name, c.status) for c in DEMO_CLIENTS],
+            )
+            await create_user(config, DEMO_OPERATOR, operator=True, conn=conn)
+            for email, client, role, accepted in DEMO_MEMBERSHIPS:
+                user_id = await create_user(config, email, conn=conn)
+                await conn.execute(
+                    "INSERT INTO public.memberships (user_id, client_id, role, accepted_at) "
+                    "VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END) "
+                    "ON CONFLICT (user_id, client_id) DO NOTHING",
+                    user_id,
+                    client.id,
+                    role,
+                    accepted,
+                )
+            for client in DEMO_CLIENTS:
+                if await conn.fetchval(
+                    "SELECT NOT EXISTS (SELECT 1 FROM public.client_events WHERE client_id = $1)",
+                    client.id,
+                ):
+                    await conn.copy_records_to_table(
+                        "client_events",
+                        schema_name="public",
+                        columns=["client_id", "occurred_at", "kind", "amount", "payload"],
+                        records=_events(client),
+                    )
+        counts: dict[str, int] = {}
+        for table in ("clients", "memberships", "client_events"):
+            counts[table] = await conn.fetchval(f"SELECT count(*) FROM public.{table}")  # noqa: S608
+        counts["users"] = await conn.fetchval("SELECT count(*) FROM auth.users")
+        return counts
+    finally:
+        await conn.close()
+
+
+def _events(client: DemoClient) -> list[tuple[uuid.UUID, datetime, str, Decimal | None, str]]:
+    rng = random.Random(client.name)  # noqa: S311 - demo data, reproducible on purpose
+    today = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0)
+    rows = []
+    for day in range(DAYS, -1, -1):
+        start = today - timedelta(days=day)
+        for _ in range(EVENTS_PER_CLIENT_DAY):
+            kind = rng.choices(KINDS, weights=(5, 1, 2, 8))[0]
+            amount = None
+            if kind in ("purchase", "refund"):
+                cents = rng.randint(500, 50_000)
+                amount = Decimal(cents if kind == "purchase" else -cents) / 100
+            at = start + timedelta(seconds=rng.randint(0, 86_399))
+            rows.append((client.id, at, kind, amount, '{"source": "demo"}'))
+    return rows

@@ -1,0 +1,213 @@
+"""The flows run in-process against the stack's Prefect server: guard first, no leaks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+    LogFilter,
+    LogFilterFlowRunId,
+)
+
+from flows.client_report import client_report
+from flows.nightly_rollup import nightly_rollup
+from tenantflow.db import dispose_engines
+from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
+
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("db_limit")]
+
+TENANT_DATA_TABLES = ("client_events", "client_daily_metrics", "client_reports")
+
+
+@pytest.fixture(autouse=True)
+async def _dispose() -> AsyncIterator[None]:
+    yield
+    await dispose_engines()
+
+
+async def _everything_stored_about(run_id: uuid.UUID) -> str:
+    """Parameters, state message, logs and artifacts of a run, as one text."""
+    await asyncio.sleep(1.0)  # logs reach the API in batches
+    async with get_client() as client:
+        run = await client.read_flow_run(run_id)
+        logs = await client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+        )
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+        task_runs = await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id]))
+        )
+    parts = [
+        json.dumps(run.parameters, default=str),
+        (run.state.message or "") if run.state else "",
+        *(log.message for log in logs),
+        *(json.dumps(a.data, default=str) + (a.description or "") for a in artifacts),
+        *(json.dumps(t.task_inputs, default=str) + (t.state.message or "") for t in task_runs),
+    ]
+    assert logs, "no logs were stored for the run"
+    return "\n".join(parts)
+
+
+async def test_client_report_as_a_member(world: World) -> None:
+    token = await world.token("member_a")
+    today = datetime.now(UTC).date()
+    state = await client_report(
+        client_id=world.clients["a"],
+        period_start=today - timedelta(days=2),
+        period_end=today,
+        access_token=token,
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    result = await state.aresult()
+    assert result["events"] == EVENTS_PER_CLIENT
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    stored = await _everything_stored_about(run_id)
+    assert token not in stored and token.split(".")[2] not in stored
+    assert token not in json.dumps(result)
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    markdown = next(a for a in artifacts if a.type == "markdown")
+    assert f"Events: **{EVENTS_PER_CLIENT}**" in markdown.data
+    conn = await world.admin()
+    try:
+        stored_report = await conn.fetchrow(
+            "SELECT requested_by, flow_run_id, totals FROM public.client_reports WHERE id = $1",
+            uuid.UUID(str(result["report_id"])),
+        )
+    finally:
+        await conn.close()
+    assert stored_report["requested_by"] == world.users["member_a"]
+    assert stored_report["flow_run_id"] == run_id
+    assert json.loads(stored_report["totals"])["events"] == EVENTS_PER_CLIENT
+
+
+async def _tenant_statements(world: World) -> list[str]:
+    conn = await world.admin()
+    try:
+        rows = await conn.fetch(
+            "SELECT query FROM pg_stat_statements WHERE "
+            + " OR ".join(f"query ILIKE '%{table}%'" for table in TENANT_DATA_TABLES)
+        )
+    finally:
+        await conn.close()
+    return [row["query"] for row in rows if "pg_stat_statements" not in row["query"]]
+
+
+async def _reset_statements(world: World) -> None:
+    conn = await world.admin()
+    try:
+        await conn.execute("SELECT pg_stat_statements_reset()")
+    finally:
+        await conn.close()
+
+
+@pytest.mark.parametrize(
+    ("who", "reason"),
+    [("member_b", "has no membership"), ("forged", "access token refused")],
+)
+async def test_a_denied_run_fails_before_any_tenant_query(
+    world: World, who: str, reason: str
+) -> None:
+    if who == "forged":
+        good = await world.token("member_a")
+        token = good[:-6] + ("AAAAAA" if not good.endswith("AAAAAA") else "BBBBBB")
+    else:
+        token = await world.token(who)
+    today = datetime.now(UTC).date()
+    await _reset_statements(world)
+    # Sanity: the probe sees tenant queries when there are some.
+    state = await client_report(
+        client_id=world.clients["a"],
+        period_start=today,
+        period_end=today,
+        access_token=token,
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert reason in state.message
+    assert await _tenant_statements(world) == []
+    assert state.state_details.flow_run_id is not None
+    stored = await _everything_stored_about(state.state_details.flow_run_id)
+    assert token not in stored and reason in stored
+
+
+async def test_the_statement_probe_does_see_tenant_queries(world: World) -> None:
+    await _reset_statements(world)
+    today = datetime.now(UTC).date()
+    state = await client_report(
+        client_id=world.clients["a"],
+        period_start=today,
+        period_end=today,
+        access_token=await world.token("member_a"),
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    assert any("client_events" in q for q in await _tenant_statements(world))
+
+
+async def test_a_bad_period_fails_clearly(world: World) -> None:
+    today = datetime.now(UTC).date()
+    state = await client_report(
+        client_id=world.clients["a"],
+        period_start=today,
+        period_end=today - timedelta(days=3),
+        access_token=await world.token("member_a"),
+        return_state=True,
+    )
+    assert state.is_failed()
+    assert "is before period_start" in state.message
+    too_long = await client_report(
+        client_id=world.clients["a"],
+        period_start=today - timedelta(days=800),
+        period_end=today,
+        access_token=await world.token("member_a"),
+        return_state=True,
+    )
+    assert too_long.is_failed() and "at most 366 are allowed" in too_long.message
+
+
+async def test_nightly_rollup_by_an_operator_is_idempotent(world: World) -> None:
+    token = await world.token("operator")
+    day = datetime.now(UTC).date()
+    clients = [world.clients["a"], world.clients["b"]]
+
+    async def metrics() -> list[tuple]:
+        conn = await world.admin()
+        try:
+            rows = await conn.fetch(
+                "SELECT client_id, day, events, revenue FROM public.client_daily_metrics "
+                "WHERE client_id = ANY($1::uuid[]) ORDER BY client_id",
+                clients,
+            )
+        finally:
+            await conn.close()
+        return [tuple(r) for r in rows]
+
+    first = await nightly_rollup(day=day, client_ids=clients, access_token=token)
+    once = await metrics()
+    second = await nightly_rollup(day=day, client_ids=clients, access_token=token)
+    assert first == second == {"clients": 2, "events": second["events"]}
+    assert await metrics() == once
+    assert len(once) == 2 and all(row[1] == day for row in once)
+
+
+async def test_nightly_rollup_by_hand_without_a_token_is_refused(world: World) -> None:
+    state = await nightly_rollup(client_ids=[world.clients["a"]], return_state=True)
+    assert state.is_failed()
+    assert "no access_token" in state.message

@@ -1,0 +1,115 @@
+"""A small world of clients, users, memberships and events for the guard's tests."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import asyncpg
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.exceptions import ObjectNotFound
+
+from tenantflow.auth import clear_jwks_cache
+from tenantflow.localstack import Stack
+from tenantflow.localstack.auth_server import create_user, delete_user, mint_access_token
+from tenantflow.settings import get_settings
+
+
+@dataclass
+class World:
+    stack: Stack
+    clients: dict[str, uuid.UUID] = field(default_factory=dict)
+    users: dict[str, uuid.UUID] = field(default_factory=dict)
+    emails: dict[str, str] = field(default_factory=dict)
+
+    async def token(self, who: str, *, operator: bool = False) -> str:
+        return await mint_access_token(self.stack.config, self.emails[who], operator=operator)
+
+    async def admin(self) -> asyncpg.Connection:
+        config = self.stack.config
+        return await asyncpg.connect(**config.connect_parts(config.pg_port, admin=True))
+
+
+CLIENTS = {"a": "active", "b": "active", "s": "suspended"}
+#: name → (client, role, accepted)
+MEMBERS = {
+    "member_a": ("a", "member", True),
+    "viewer_a": ("a", "viewer", True),
+    "pending_a": ("a", "member", False),
+    "member_b": ("b", "owner", True),
+    "member_s": ("s", "owner", True),
+    "outsider": None,
+    "operator": None,
+    "revoked_operator": None,
+}
+EVENTS_PER_CLIENT = 5
+
+
+@pytest.fixture(scope="session")
+def db_limit(stack: Stack) -> str:
+    """The strict global concurrency limit the flows take their slots from."""
+    name = get_settings().db_concurrency_limit
+
+    async def ensure() -> None:
+        async with get_client() as client:
+            try:
+                await client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                await client.create_global_concurrency_limit(
+                    GlobalConcurrencyLimitCreate(name=name, limit=10)
+                )
+
+    asyncio.run(ensure())
+    return name
+
+
+@pytest.fixture
+async def world(stack: Stack) -> AsyncIterator[World]:
+    clear_jwks_cache()
+    world = World(stack)
+    tag = uuid.uuid4().hex[:8]
+    conn = await world.admin()
+    try:
+        for key, status in CLIENTS.items():
+            world.clients[key] = await conn.fetchval(
+                "INSERT INTO public.clients (name, status) VALUES ($1, $2) RETURNING id",
+                f"guard-{key}-{tag}",
+                status,
+            )
+            await conn.executemany(
+                "INSERT INTO public.client_events (client_id, occurred_at, kind, amount) "
+                "VALUES ($1, now() - make_interval(hours => $2), 'purchase', 10)",
+                [(world.clients[key], n) for n in range(EVENTS_PER_CLIENT)],
+            )
+        for who, membership in MEMBERS.items():
+            email = f"{who}-{tag}@guard.test"
+            world.emails[who] = email
+            world.users[who] = await create_user(
+                stack.config, email, operator=who == "operator", conn=conn
+            )
+            if membership is not None:
+                client, role, accepted = membership
+                await conn.execute(
+                    "INSERT INTO public.memberships (user_id, client_id, role, accepted_at) "
+                    "VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END)",
+                    world.users[who],
+                    world.clients[client],
+                    role,
+                    accepted,
+                )
+    finally:
+        await conn.close()
+    yield world
+    conn = await world.admin()
+    try:
+        await conn.execute(
+            "DELETE FROM public.clients WHERE id = ANY($1::uuid[])", list(world.clients.values())
+        )
+    finally:
+        await conn.close()
+    for email in world.emails.values():
+        await delete_user(stack.config, email)
