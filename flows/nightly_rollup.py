@@ -52,7 +52,7 @@ async def nightly_rollup(
             client_ids=client_ids,
         )
         logger.info("rolling up %d client(s) for %s, %d at a time", len(contexts), day, slots)
-        outcomes = await roll_up_clients(contexts, day, limit=slots)
+        outcomes = await roll_up_clients(contexts, day)
     await publish_rollup(day, outcomes)
     raise_if_any_failed(outcomes)
     return {"clients": len(outcomes), "events": sum(o.events or 0 for o in outcomes)}

@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
+from contextvars import ContextVar
 from typing import TypeVar
 
 from prefect.concurrency.asyncio import concurrency
 
 from tenantflow.settings import Settings, get_settings
 
-__all__ = ["database_slots", "gather_bounded"]
+__all__ = ["database_slots", "gather_bounded", "transaction_slot"]
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# NOTE: a flow run's local gate: as many tenant transactions at once as it holds slots.
+# Tenant tasks are awaited on the flow's own loop, where this semaphore lives.
+_GATE: ContextVar[asyncio.Semaphore | None] = ContextVar("tenantflow_db_gate", default=None)
 
 
 @asynccontextmanager
@@ -35,7 +40,22 @@ async def database_slots(wanted: int, *, settings: Settings | None = None) -> As
         strict=True,
         timeout_seconds=settings.db_slot_timeout_s,
     ):
-        yield slots
+        token = _GATE.set(asyncio.Semaphore(slots))
+        try:
+            yield slots
+        finally:
+            _GATE.reset(token)
+
+
+@asynccontextmanager
+async def transaction_slot() -> AsyncIterator[None]:
+    """Wait for one of the flow run's slots (no-op outside `database_slots`)."""
+    gate = _GATE.get()
+    if gate is None:
+        yield
+        return
+    async with gate:
+        yield
 
 
 async def gather_bounded(

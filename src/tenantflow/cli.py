@@ -29,31 +29,61 @@ def _table(rows: list[Health]) -> str:
     return "\n".join(lines)
 
 
+def _addresses(stack: Stack) -> str:
+    config = stack.config
+    return (
+        f"Prefect UI:            {config.prefect_ui_url}\n"
+        f"Transaction pooler:    {config.host}:{config.transaction_pooler_port}"
+        "  (DATABASE_URL, workers)\n"
+        f"Session pooler:        {config.host}:{config.session_pooler_port}"
+        "  (MIGRATION_DATABASE_URL, migrations)\n"
+        f"PostgreSQL (direct):   {config.host}:{config.pg_port}\n"
+        f"Supabase Auth stand-in: {config.supabase_url}\n"
+        f"Settings written to    {config.env_file}"
+    )
+
+
+def _demo(stack: Stack) -> bool:
+    log.info("\nmain job: nightly-rollup through the deployment and the worker ...")
+    demo = stack.demo_run()
+    ui = stack.config.prefect_ui_url
+    log.info(
+        "nightly-rollup run %s: %s in %.1fs%s\n  %s\n"
+        "\nDeployments (%s/deployments):\n"
+        "  nightly-rollup/nightly-rollup   02:15 UTC daily; by hand: paste the operator token\n"
+        "  client-report/client-report     client_id, period, and a member's token\n"
+        "  migrate/migrate                 schema upgrades / dry runs\n"
+        "\nFor a client-report run form (tokens are valid 8 hours; "
+        "`tenantflow token --email E` makes more):\n"
+        "  client_id:      %s   (%s, where %s is owner)\n"
+        "  member token:   %s\n"
+        "  operator token: %s",
+        demo.flow_run_id,
+        demo.state,
+        demo.seconds,
+        f" ({demo.message})" if demo.message and demo.state != "Completed" else "",
+        demo.ui_url,
+        ui,
+        demo.member_client.id,
+        demo.member_client.name,
+        demo.member_email,
+        demo.member_token,
+        demo.operator_token,
+    )
+    return demo.state == "Completed"
+
+
 def _stack(args: argparse.Namespace) -> int:
     stack = Stack()
     started = time.monotonic()
     if args.action == "up":
-        rows = stack.up()
-        log.info("\n%s", _table(rows))
-        config = stack.config
-        log.info(
-            "\nPrefect UI:            %s\n"
-            "Transaction pooler:    %s:%d  (DATABASE_URL, workers)\n"
-            "Session pooler:        %s:%d  (MIGRATION_DATABASE_URL, migrations)\n"
-            "PostgreSQL (direct):   %s:%d\n"
-            "Settings written to    %s\n"
-            "stack up in %.1fs",
-            config.prefect_ui_url,
-            config.host,
-            config.transaction_pooler_port,
-            config.host,
-            config.session_pooler_port,
-            config.host,
-            config.pg_port,
-            config.env_file,
-            time.monotonic() - started,
-        )
-        return 0 if all(row.healthy for row in rows) else 1
+        rows = stack.up(services_only=args.services_only)
+        log.info("\n%s\n\n%s", _table(rows), _addresses(stack))
+        healthy = all(row.healthy for row in rows)
+        if healthy and not args.services_only and not args.no_demo_run:
+            healthy = _demo(stack)
+        log.info("\nstack up in %.1fs", time.monotonic() - started)
+        return 0 if healthy else 1
     if args.action == "down":
         stack.down()
         log.info("stack down in %.1fs", time.monotonic() - started)
@@ -115,6 +145,65 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
+def _project_dir() -> Path:
+    """The folder with `prefect.yaml`: TENANTFLOW_PROJECT_DIR, the cwd, or the checkout."""
+    checkout = Path(__file__).resolve().parents[2]
+    for folder in (Path(os.environ.get("TENANTFLOW_PROJECT_DIR") or Path.cwd()), checkout):
+        if (folder / "prefect.yaml").is_file():
+            return folder.resolve()
+    raise StackError("prefect.yaml not found: run `tenantflow deploy` from the project folder")
+
+
+def _deploy(args: argparse.Namespace) -> int:
+    """Bootstrap the Prefect installation, then `prefect --no-prompt deploy` everything."""
+    from dotenv import dotenv_values
+
+    from tenantflow.deployments import WORK_POOLS, BootstrapError, DeployError, bootstrap, deploy
+    from tenantflow.settings import SettingsError, load_settings
+
+    if args.image and args.pool_type == "process":
+        log.error("--image is for docker and kubernetes pools; process workers run in place")
+        return 2
+    project = _project_dir()
+    # NOTE: like pydantic-settings and Prefect, the environment wins over the project's .env.
+    dotenv = {k: v for k, v in dotenv_values(project / ".env").items() if v is not None}
+    env = {key: value for key, value in dotenv.items() if key not in os.environ}
+    api_url = os.environ.get("PREFECT_API_URL") or dotenv.get("PREFECT_API_URL")
+    if not api_url:
+        log.error("PREFECT_API_URL is not set (nor in %s): run `make up` or export it", project)
+        return 2
+    try:
+        settings = load_settings(_env_file=project / ".env")
+        result = bootstrap(
+            concurrency_limit=settings.db_concurrency_limit,
+            concurrency_slots=settings.db_concurrency_slots,
+            flow_slots=settings.db_flow_slots,
+            project_dir=project,
+            pool_types=[args.pool_type],
+            api_url=api_url,
+        )
+        log.info("bootstrap: %s", result.summary())
+        if args.bootstrap_only:
+            return 0
+        pool = None if args.pool_type == "process" else WORK_POOLS[args.pool_type]
+        deployed = deploy(
+            project_dir=project,
+            env={**env, "PREFECT_API_URL": api_url},
+            pool=pool,
+            job_variables={"image": args.image} if args.image else None,
+        )
+    except (SettingsError, BootstrapError, DeployError) as error:
+        log.error("deploy failed: %s", error)
+        return 1
+    log.info(
+        "deployed %s onto work pool %s in %.1fs",
+        ", ".join(deployed.deployments),
+        deployed.work_pool,
+        deployed.seconds,
+    )
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -122,6 +211,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True)
     stack = commands.add_parser("stack", help="the local stack")
     stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument(
+        "--services-only",
+        action="store_true",
+        help="up: start the services only (no migrations, demo data, deployments, demo run)",
+    )
+    stack.add_argument(
+        "--no-demo-run", action="store_true", help="up: skip the demo nightly-rollup run"
+    )
     stack.set_defaults(handler=_stack)
     migrate = commands.add_parser(
         "migrate",
@@ -144,6 +241,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--expires-in", type=int, default=3600, metavar="S", help="lifetime in seconds (3600)"
     )
     token.set_defaults(handler=_token)
+    deploy = commands.add_parser(
+        "deploy",
+        help="bootstrap work pools and the tenantflow-db limit, then deploy prefect.yaml",
+    )
+    deploy.add_argument(
+        "--pool-type",
+        choices=["process", "docker", "kubernetes"],
+        default="process",
+        help="deploy onto tenantflow-<type> (default process, the local worker's pool)",
+    )
+    deploy.add_argument(
+        "--image", help="image of the flow runs on a docker or kubernetes pool (job variable)"
+    )
+    deploy.add_argument(
+        "--bootstrap-only", action="store_true", help="create/update pools and limit only"
+    )
+    deploy.set_defaults(handler=_deploy)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)

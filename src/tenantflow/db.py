@@ -247,10 +247,11 @@ async def unit_of_work(
     engine = await transaction_engine(settings)
     values = {"statement_timeout": str(settings.db_statement_timeout_ms)}
     values.update(local_settings or {})
+    if role is not None:
+        if not _ROLE_NAME.match(role):
+            raise ValueError(f"not a valid role name: {role!r}")
+        # NOTE: set_config('role', r, true) is SET LOCAL ROLE r, in the same round trip.
+        values["role"] = role
     async with session_scope(engine) as session:
         await set_local(session, values)
-        if role is not None:
-            if not _ROLE_NAME.match(role):
-                raise ValueError(f"not a valid role name: {role!r}")
-            await session.execute(text(f'SET LOCAL ROLE "{role}"'))
         yield session

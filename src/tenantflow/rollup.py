@@ -120,10 +120,13 @@ class RollupFailed(RuntimeError):
     """Some clients could not be rolled up; the others were."""
 
 
-async def roll_up_clients(
-    contexts: Sequence[TenantContext], day: date, limit: int
-) -> list[RollupOutcome]:
-    """Run `rollup_client` for every context on this loop, `limit` at a time.
+#: Task runs in flight at once. Their transactions are bounded by the run's database
+#: slots (`tenant_session`); this only bounds memory and the Prefect API's load.
+TASK_RUNS_IN_FLIGHT = 50
+
+
+async def roll_up_clients(contexts: Sequence[TenantContext], day: date) -> list[RollupOutcome]:
+    """Run `rollup_client` for every context, awaited on this loop.
 
     One client failing does not stop the others; a progress artifact follows along.
     """
@@ -160,7 +163,7 @@ async def roll_up_clients(
             str(ctx.client_id), ctx.client_name, False, error=describe_error(error)
         )
 
-    return list(await gather_bounded(one, contexts, limit))
+    return list(await gather_bounded(one, contexts, TASK_RUNS_IN_FLIGHT))
 
 
 async def publish_rollup(day: date, outcomes: Sequence[RollupOutcome]) -> None:

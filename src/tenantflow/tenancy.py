@@ -45,6 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tenantflow.auth import AuthError, VerifiedClaims, app_metadata_grants_operator
 from tenantflow.auth import verify_access_token as _verify_access_token
+from tenantflow.budget import transaction_slot
 from tenantflow.db import is_transient_database_error, unit_of_work
 from tenantflow.schema import MEMBER_ROLES
 from tenantflow.settings import Settings, get_settings
@@ -417,7 +418,10 @@ async def tenant_session(
         local, role = {"request.jwt.claims": SERVICE_CLAIMS}, "service_role"
     else:
         local, role = {"request.jwt.claims": claims.claims_json()}, "authenticated"
-    async with unit_of_work(local_settings=local, role=role, settings=settings) as session:
+    async with (
+        transaction_slot(),
+        unit_of_work(local_settings=local, role=role, settings=settings) as session,
+    ):
         yield session
 
 

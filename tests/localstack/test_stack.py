@@ -77,7 +77,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     ports = second_stack.ports()
     assert not any(port_is_open(config.host, port) for port in ports)
 
-    first = second_stack.up()
+    first = second_stack.up(services_only=True)
     assert [part.name for part in first if not part.healthy] == []
     pids = {part.name: part.pid for part in first}
     assert all(pids.values())
@@ -87,7 +87,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     assert f":{config.session_pooler_port}/" in env_file
     assert oct((config.project_dir / ".env").stat().st_mode & 0o777) == "0o600"
 
-    again = _cli(second_stack, "up")
+    again = _cli(second_stack, "up", "--services-only")
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already up") == len(first)
     assert f"http://127.0.0.1:{config.prefect_port}" in again.stdout
@@ -118,7 +118,7 @@ def test_a_taken_port_is_reported_clearly(second_stack: Stack) -> None:
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         blocker.bind((second_stack.config.host, second_stack.config.pg_port))
         blocker.listen()
-        result = _cli(second_stack, "up")
+        result = _cli(second_stack, "up", "--services-only")
     assert result.returncode == 2
     assert f"port {second_stack.config.pg_port}" in result.stdout
     assert "TENANTFLOW_PG_PORT" in result.stdout

@@ -2,12 +2,14 @@
 
 `up` starts each part in order and is idempotent; `down` stops them in reverse
 order and leaves no process behind; `status` reports each part's address and
-health. Parts added by later steps (the Supabase Auth stand-in, migrations, demo
-data, deployments, a worker) slot into `_steps()`.
+health. After the services come the one-shot steps: migrations (through the
+`migrate` flow), demo data, and the deployments; `demo_run()` then runs the main job
+once, through the worker, as an operator would from the UI.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -16,6 +18,7 @@ from dataclasses import dataclass, field
 
 from tenantflow.localstack.auth_server import AuthServer
 from tenantflow.localstack.config import StackConfig
+from tenantflow.localstack.demo import DemoRun, run_demo, seed_demo_data
 from tenantflow.localstack.services import (
     Health,
     PgBouncer,
@@ -25,6 +28,7 @@ from tenantflow.localstack.services import (
     StackError,
     port_is_open,
 )
+from tenantflow.localstack.worker import LocalWorker, deploy
 
 __all__ = ["Stack", "StackConfig", "StackError"]
 
@@ -43,7 +47,7 @@ class Stack:
             PgBouncer(self.config, "session"),
             AuthServer(self.config),
             PrefectServer(self.config),
-            # Process worker: issue 5.
+            LocalWorker(self.config),
         ]
 
     def ports(self) -> list[int]:
@@ -56,7 +60,8 @@ class Stack:
             c.prefect_port,
         ]
 
-    def up(self) -> list[Health]:
+    def up(self, *, services_only: bool = False) -> list[Health]:
+        """Start every service, then (unless `services_only`) migrate, seed and deploy."""
         self.config.stack_dir.mkdir(parents=True, exist_ok=True)
         # NOTE: the service user must traverse it; secrets inside stay 0600.
         os.chmod(self.config.stack_dir, 0o755)  # noqa: S103
@@ -66,10 +71,17 @@ class Stack:
             else:
                 log.info("running   %s (already up)", service.name)
         self.write_env_file()
-        # One-shot steps after the services: migrations (issue 3), demo data and
-        # deployments (issues 4 and 5) go here.
-        self.migrate()
+        if not services_only:
+            self.migrate()
+            counts = asyncio.run(seed_demo_data(self.config))
+            log.info("demo data %s", ", ".join(f"{n} {k}" for k, n in counts.items()))
+            result = deploy(self.config)
+            log.info("deployed  %s", ", ".join(result.deployments))
         return self.status()
+
+    def demo_run(self) -> DemoRun:
+        """Start `nightly-rollup` as an operator would, through the worker, and wait for it."""
+        return asyncio.run(run_demo(self.config))
 
     def migrate(self) -> None:
         """Bring the database to head through the `migrate` flow (`tenantflow migrate`).

@@ -8,17 +8,29 @@ the worker's own code never writes `auth.users`.
 from __future__ import annotations
 
 import random
+import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
+from prefect.deployments.flow_runs import arun_deployment
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
-from tenantflow.localstack.auth_server import create_user
+from tenantflow.localstack.auth_server import create_user, mint_access_token
 from tenantflow.localstack.config import StackConfig
 
-__all__ = ["DEMO_CLIENTS", "DEMO_MEMBERSHIPS", "DEMO_OPERATOR", "DemoClient", "seed_demo_data"]
+__all__ = [
+    "DEMO_CLIENTS",
+    "DEMO_MEMBER",
+    "DEMO_MEMBERSHIPS",
+    "DEMO_OPERATOR",
+    "DemoClient",
+    "DemoRun",
+    "run_demo",
+    "seed_demo_data",
+]
 
 _NAMESPACE = uuid.UUID("3f1c9a52-5d1e-4c1b-9a55-0d3c6f2b7e10")
 
@@ -111,3 +123,51 @@ def _events(client: DemoClient) -> list[tuple[uuid.UUID, datetime, str, Decimal 
             at = start + timedelta(seconds=rng.randint(0, 86_399))
             rows.append((client.id, at, kind, amount, '{"source": "demo"}'))
     return rows
+
+
+DEMO_MEMBER = "alice@demo.tenantflow.test"
+DEMO_TOKEN_LIFETIME = 8 * 3600
+ROLLUP_DEPLOYMENT = "nightly-rollup/nightly-rollup"
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """What `make up` shows an operator: the demo run and what to paste into a run form."""
+
+    flow_run_id: uuid.UUID
+    state: str
+    message: str | None
+    seconds: float
+    ui_url: str
+    member_email: str
+    member_client: DemoClient
+    member_token: str = field(repr=False)
+    operator_token: str = field(repr=False)
+
+
+async def run_demo(config: StackConfig) -> DemoRun:
+    """Run `nightly-rollup` through the deployment and worker, with an operator's token."""
+    operator_token = await mint_access_token(config, DEMO_OPERATOR, expires_in=DEMO_TOKEN_LIFETIME)
+    member_token = await mint_access_token(config, DEMO_MEMBER, expires_in=DEMO_TOKEN_LIFETIME)
+    started = time.monotonic()
+    with temporary_settings({PREFECT_API_URL: config.prefect_api_url}):
+        # NOTE: the token as a plain string: a SecretStr would be stored as '**********'.
+        run = await arun_deployment(
+            ROLLUP_DEPLOYMENT,
+            parameters={"access_token": operator_token},
+            timeout=600,
+            poll_interval=1,
+            tags=["demo"],
+        )
+    state = run.state
+    return DemoRun(
+        flow_run_id=run.id,
+        state=(state.name or "Unknown") if state else "Unknown",
+        message=state.message if state else None,
+        seconds=time.monotonic() - started,
+        ui_url=f"{config.prefect_ui_url}/runs/flow-run/{run.id}",
+        member_email=DEMO_MEMBER,
+        member_client=ACME,
+        member_token=member_token,
+        operator_token=operator_token,
+    )

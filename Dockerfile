@@ -1,0 +1,69 @@
+# syntax=docker/dockerfile:1
+# The tenantflow worker image (DESIGN.md §5): the locked runtime dependencies, the package
+# with its migrations, and flows/ + prefect.yaml in /app.
+#
+# As a *worker*: its command starts a process worker on $TENANTFLOW_WORK_POOL; run N replicas
+# of it against one Prefect server to scale out. As the *job image* of a docker or kubernetes
+# work pool: Prefect's own docker/kubernetes worker starts flow runs in it and overrides the
+# command. Either way secrets (DATABASE_URL, MIGRATION_DATABASE_URL, SUPABASE_URL,
+# SUPABASE_ANON_KEY) come from the runtime environment or a mounted /app/.env, never the image.
+#
+# tests/deployments/test_dockerfile.py replays this file's install steps in a fresh virtual
+# environment; keep RUN steps to plain commands on $VIRTUAL_ENV and the WORKDIR.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---------------------------------------------------------------------------- builder
+FROM ${PYTHON_IMAGE} AS builder
+
+ARG UV_VERSION=0.13.9
+ENV UV_COMPILE_BYTECODE=1 \
+    UV_LINK_MODE=copy \
+    UV_PYTHON_DOWNLOADS=never \
+    VIRTUAL_ENV=/opt/venv
+WORKDIR /src
+
+# uv from its PyPI wheel, pinned.
+RUN pip install --no-cache-dir "uv==${UV_VERSION}"
+
+# The locked runtime dependencies (no dev tools), verified against their hashes, in a layer of
+# their own: rebuilt only when requirements.lock changes.
+COPY requirements.lock ./
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv venv --python python3.11 "$VIRTUAL_ENV" \
+    && uv pip sync --python "$VIRTUAL_ENV/bin/python" --require-hashes requirements.lock
+
+# The project itself (package, Alembic migrations inside it), without dependencies: every
+# one of them is in the lock already.
+COPY pyproject.toml README.md ./
+COPY src/ ./src/
+RUN --mount=type=cache,target=/root/.cache/uv \
+    uv pip install --python "$VIRTUAL_ENV/bin/python" --no-deps . \
+    && "$VIRTUAL_ENV/bin/python" -c "import tenantflow.migrations, tenantflow.deployments"
+
+# ---------------------------------------------------------------------------- runtime
+FROM ${PYTHON_IMAGE} AS runtime
+
+ARG UID=10001
+RUN groupadd --system --gid "${UID}" tenantflow \
+    && useradd --system --uid "${UID}" --gid tenantflow --create-home \
+        --home-dir /home/tenantflow --shell /usr/sbin/nologin tenantflow
+
+ENV VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PREFECT_HOME=/home/tenantflow/.prefect \
+    TENANTFLOW_PROJECT_DIR=/app \
+    TENANTFLOW_WORK_POOL=tenantflow-process
+
+COPY --from=builder /opt/venv /opt/venv
+WORKDIR /app
+COPY flows/ ./flows/
+COPY prefect.yaml ./
+
+# NOTE: numeric, so Kubernetes can check runAsNonRoot.
+USER ${UID}:${UID}
+# NOTE: a shell only to expand $TENANTFLOW_WORK_POOL; `exec` hands PID 1 to the worker, which
+# turns SIGTERM into a graceful shutdown. The pool is made by the bootstrap, not the worker.
+CMD ["/bin/sh", "-c", "exec prefect worker start --pool \"$TENANTFLOW_WORK_POOL\" --type process --no-create-pool-if-not-found --install-policy never"]

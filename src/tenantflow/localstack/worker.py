@@ -1,0 +1,416 @@
+"""The local stack's process worker, and the Prefect set-up it needs.
+
+* `LocalWorker` — `prefect worker start --pool tenantflow-process --type process` as a
+  stack service: a child process in its own session, log and pid files in the stack folder.
+* `bootstrap(config)` — the work pool and the `tenantflow-db` limit on the stack's server.
+* `deploy(config)` — every deployment of `prefect.yaml` onto the stack's server.
+
+NOTE (FIELD-NOTES.md): a worker without PREFECT_API_URL silently starts a temporary server
+of its own, so the worker always gets the stack's URL. Its default poll interval (10 s)
+dominates a local run's latency, so it polls every 2 s. A worker that is stopped kills
+the flow runs it is executing and leaves them Running (or Submitting) for ever, so
+`stop()` first lets the worker's runs finish for a while, then stops it with one SIGTERM
+(Prefect turns it into a graceful SIGINT; a second signal would SIGKILL it), and finally
+marks Crashed every in-flight run of the pool whose process is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tenantflow.deployments import (
+    PROJECT_DIR_ENV,
+    WORK_POOLS,
+    BootstrapError,
+    BootstrapResult,
+    DeployError,
+    DeployResult,
+)
+from tenantflow.deployments import bootstrap as bootstrap_prefect
+from tenantflow.deployments import deploy as deploy_prefect
+from tenantflow.localstack.config import StackConfig
+from tenantflow.localstack.services import Health, StackError, _pid_alive, _read_pid, _wait
+from tenantflow.settings import Settings, SettingsError, load_settings
+
+__all__ = ["WORKER_NAME", "LocalWorker", "bootstrap", "deploy"]
+
+log = logging.getLogger("tenantflow.stack")
+
+WORKER_NAME = "tenantflow-local"
+_IN_FLIGHT = ["PENDING", "RUNNING", "CANCELLING"]
+
+
+def stack_settings(config: StackConfig) -> Settings:
+    """The worker's settings as the stack's worker sees them (the stack's URLs and keys)."""
+    env = config.environment()
+    try:
+        return load_settings(
+            database_url=env["DATABASE_URL"],
+            migration_database_url=env["MIGRATION_DATABASE_URL"],
+            supabase_url=env["SUPABASE_URL"],
+            supabase_anon_key=env["SUPABASE_ANON_KEY"],
+        )
+    except SettingsError as error:
+        raise StackError(str(error)) from None
+
+
+def bootstrap(config: StackConfig) -> BootstrapResult:
+    """Create or update the process work pool and the database limit on the stack's server.
+
+    The limit's size is DB_CONCURRENCY_SLOTS, which must fit in the transaction pooler's
+    pool: more slots than server connections would only queue inside PgBouncer.
+    """
+    settings = stack_settings(config)
+    if settings.db_concurrency_slots > config.pooler_pool_size:
+        raise StackError(
+            f"DB_CONCURRENCY_SLOTS={settings.db_concurrency_slots} exceeds the transaction "
+            f"pooler's pool size {config.pooler_pool_size}"
+        )
+    try:
+        return bootstrap_prefect(
+            concurrency_limit=settings.db_concurrency_limit,
+            concurrency_slots=settings.db_concurrency_slots,
+            flow_slots=settings.db_flow_slots,
+            project_dir=config.project_dir,
+            api_url=config.prefect_api_url,
+        )
+    except BootstrapError as error:
+        raise StackError(f"Prefect bootstrap failed: {error}") from None
+
+
+def deploy(config: StackConfig) -> DeployResult:
+    """`prefect --no-prompt deploy --all` of the project onto the stack's server."""
+    try:
+        return deploy_prefect(project_dir=config.project_dir, env=config.environment())
+    except DeployError as error:
+        raise StackError(str(error)) from None
+
+
+# --------------------------------------------------------------------------- processes
+
+
+def _start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks (tells a pid from a reused one)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return int(fields[19])
+
+
+def _descendants(root: int) -> dict[int, int | None]:
+    """Every live descendant of `root`, pid -> start time."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: dict[int, int | None] = {}
+    stack = list(children.get(root, []))
+    while stack:
+        pid = stack.pop()
+        if pid not in found:
+            found[pid] = _start_time(pid)
+            stack.extend(children.get(pid, []))
+    return found
+
+
+def _kill_leftovers(processes: dict[int, int | None]) -> list[int]:
+    """SIGKILL the processes of `processes` that are still the same processes."""
+    killed = []
+    for pid, started in processes.items():
+        if _pid_alive(pid) and _start_time(pid) == started:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+    return killed
+
+
+def _default_sigint() -> None:
+    # NOTE: a process started from a non-interactive shell's background job inherits
+    # SIGINT ignored, and then Python installs no KeyboardInterrupt handler: the worker
+    # would ignore the SIGINT that Prefect turns SIGTERM into. Restore the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+# --------------------------------------------------------------------------- service
+
+
+class LocalWorker:
+    """`prefect worker start` on a process work pool, as a service of the local stack.
+
+    Healthy means: the process is alive *and* the Prefect server lists a worker of this
+    name on the pool, online, whose last heartbeat is recent.
+    """
+
+    name = "prefect-worker"
+
+    def __init__(
+        self,
+        config: StackConfig,
+        *,
+        pool: str = WORK_POOLS["process"],
+        worker_name: str = WORKER_NAME,
+        root: Path | None = None,
+        drain_seconds: float | None = None,
+    ) -> None:
+        self.config = config
+        self.pool = pool
+        self.worker_name = worker_name
+        self.root = root or config.stack_dir / "worker"
+        self.pidfile = self.root / "worker.pid"
+        self.logfile = self.root / "worker.log"
+        self.drain_seconds = (
+            drain_seconds
+            if drain_seconds is not None
+            else float(os.environ.get("TENANTFLOW_WORKER_DRAIN_SECONDS", "30"))
+        )
+
+    @property
+    def address(self) -> str:
+        return f"pool {self.pool}"
+
+    @property
+    def api_url(self) -> str:
+        return self.config.prefect_api_url
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pidfile)
+        return pid if _pid_alive(pid) else None
+
+    def environment(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update(self.config.environment())
+        env.update(
+            {
+                "PREFECT_API_URL": self.api_url,
+                "PREFECT_HOME": str(self.root / "home"),
+                "PREFECT_WORKER_QUERY_SECONDS": "2",
+                "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+                "PREFECT_LOGGING_LEVEL": "INFO",
+                # NOTE: read by the pull step in each flow run (tenantflow.deployments).
+                PROJECT_DIR_ENV: str(self.config.project_dir),
+                "PYTHONUNBUFFERED": "1",
+            }
+        )
+        return env
+
+    def start(self) -> bool:
+        if self.pid() is not None:
+            return False
+        if self.pool == WORK_POOLS["process"]:
+            # NOTE: the worker is started with --no-create-pool-if-not-found, so a typo
+            # never creates a stray pool with Prefect's default template.
+            bootstrap(self.config)
+        self.root.mkdir(parents=True, exist_ok=True)
+        # NOTE: runs left Running by a worker that died (a reboot, a kill -9) would block
+        # their deployment's concurrency slot for ever; settle them before serving again.
+        if crashed := self._crash_orphaned_runs():
+            log.warning("marked %d flow run(s) of a previous worker Crashed", crashed)
+        started_at = datetime.now(UTC)
+        argv = [
+            sys.executable,
+            "-m",
+            "prefect",
+            "worker",
+            "start",
+            "--pool",
+            self.pool,
+            "--type",
+            "process",
+            "--name",
+            self.worker_name,
+            "--no-create-pool-if-not-found",
+            "--install-policy",
+            "never",
+        ]
+        with self.logfile.open("ab") as logfile:
+            process = subprocess.Popen(  # noqa: S603
+                argv,
+                cwd=self.root,
+                env=self.environment(),
+                stdin=subprocess.DEVNULL,
+                stdout=logfile,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=_default_sigint,
+            )
+        self.pidfile.write_text(str(process.pid))
+
+        def registered() -> bool:
+            if process.poll() is not None:
+                self.pidfile.unlink(missing_ok=True)
+                raise StackError(
+                    f"the Prefect worker exited with {process.returncode}; see {self.logfile}"
+                )
+            try:
+                worker = self._registration()
+            except httpx.HTTPError:
+                return False
+            return worker is not None and _heartbeat(worker) >= started_at
+
+        try:
+            _wait(registered, 120, f"the worker to register with work pool {self.pool}")
+        except StackError:
+            self.stop()
+            raise
+        return True
+
+    def stop(self) -> bool:
+        pid = self.pid()
+        if pid is None:
+            self.pidfile.unlink(missing_ok=True)
+            return False
+        seen = _descendants(pid)
+        self._drain(pid, seen)
+        seen.update(_descendants(pid))
+        # NOTE: one signal only: Prefect answers a second SIGTERM with SIGKILL.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        try:
+            _wait(lambda: not _pid_alive(pid), 30, "the worker to exit")
+        except StackError:
+            log.warning("the worker did not exit within 30s; killing it")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            _wait(lambda: not _pid_alive(pid), 5, "the worker to be killed")
+        killed = _kill_leftovers(seen)
+        if killed:
+            log.warning("killed %d flow-run process(es) left by the worker", len(killed))
+        self.pidfile.unlink(missing_ok=True)
+        crashed = self._crash_orphaned_runs()
+        if crashed:
+            log.warning("marked %d flow run(s) Crashed: the worker stopped while they ran", crashed)
+        return True
+
+    def health(self) -> Health:
+        pid = self.pid()
+        if pid is None:
+            return Health(self.name, self.address, False, False, None, "not running")
+        try:
+            worker = self._registration()
+        except httpx.HTTPError:
+            return Health(self.name, self.address, True, False, pid, "Prefect API not answering")
+        if worker is None:
+            return Health(self.name, self.address, True, False, pid, "not registered")
+        age = (datetime.now(UTC) - _heartbeat(worker)).total_seconds()
+        interval = float(worker.get("heartbeat_interval_seconds") or 30)
+        healthy = worker.get("status") == "ONLINE" and age < 3 * interval
+        detail = f"{str(worker.get('status', '?')).lower()}, heartbeat {age:.0f}s ago"
+        return Health(self.name, self.address, True, healthy, pid, detail)
+
+    # ----------------------------------------------------------------------- API
+
+    def _post(self, path: str, body: dict[str, Any]) -> Any:
+        response = httpx.post(f"{self.api_url}{path}", json=body, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def _registration(self) -> dict[str, Any] | None:
+        """This worker's record on the pool, or None."""
+        try:
+            workers = self._post(f"/work_pools/{self.pool}/workers/filter", {"limit": 200})
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code == 404:
+                return None
+            raise
+        for worker in workers:
+            if worker.get("name") == self.worker_name:
+                found: dict[str, Any] = worker
+                return found
+        return None
+
+    def _in_flight_runs(self) -> list[dict[str, Any]]:
+        runs: list[dict[str, Any]] = self._post(
+            "/flow_runs/filter",
+            {
+                "work_pools": {"name": {"any_": [self.pool]}},
+                "flow_runs": {"state": {"type": {"any_": _IN_FLIGHT}}},
+                "limit": 200,
+            },
+        )
+        return runs
+
+    def _drain(self, pid: int, seen: dict[int, int | None]) -> None:
+        """Wait (at most `drain_seconds`) for the runs this worker is executing."""
+        deadline = time.monotonic() + self.drain_seconds
+        announced = False
+        while time.monotonic() < deadline:
+            live = _descendants(pid)
+            seen.update(live)
+            try:
+                ours = [r for r in self._in_flight_runs() if _run_pid(r) in live]
+            except httpx.HTTPError:
+                return
+            if not ours:
+                return
+            if not announced:
+                log.info(
+                    "waiting up to %.0fs for %d flow run(s) of the worker to finish",
+                    self.drain_seconds,
+                    len(ours),
+                )
+                announced = True
+            time.sleep(0.5)
+
+    def _crash_orphaned_runs(self) -> int:
+        """Mark Crashed the in-flight runs of the pool whose process no longer exists.
+
+        NOTE: only runs with a process id (the process worker records it when it starts
+        the run); such a run whose process is gone can never finish on its own and, with a
+        deployment concurrency limit, would block every later run of its deployment.
+        """
+        try:
+            runs = self._in_flight_runs()
+        except httpx.HTTPError:
+            return 0
+        crashed = 0
+        for run in runs:
+            run_pid = _run_pid(run)
+            if run_pid is None or _pid_alive(run_pid):
+                continue
+            state = {
+                "type": "CRASHED",
+                "name": "Crashed",
+                "message": (
+                    "The local stack's worker stopped while this flow run was in progress "
+                    "(tenantflow stack down, or the worker died); start the run again."
+                ),
+            }
+            try:
+                result = self._post(
+                    f"/flow_runs/{run['id']}/set_state", {"state": state, "force": False}
+                )
+            except httpx.HTTPError:
+                continue
+            if result.get("status") == "ACCEPT":
+                crashed += 1
+        return crashed
+
+
+def _heartbeat(worker: dict[str, Any]) -> datetime:
+    value = worker.get("last_heartbeat_time")
+    if not value:
+        return datetime.min.replace(tzinfo=UTC)
+    moment = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _run_pid(run: dict[str, Any]) -> int | None:
+    value = str(run.get("infrastructure_pid") or "").rsplit(":", 1)[-1]
+    return int(value) if value.isdigit() else None

@@ -1,0 +1,113 @@
+"""The connection budget: 1,000 clients, two flow runs in two processes at once."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+
+from tests.tenancy.conftest import World
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+CLIENTS = 1000
+BUDGET = 8
+FLOW_SLOTS = 4
+
+
+@pytest.fixture
+async def thousand_clients(world: World) -> AsyncIterator[list[uuid.UUID]]:
+    conn = await world.admin()
+    tag = uuid.uuid4().hex[:8]
+    try:
+        ids = [uuid.uuid4() for _ in range(CLIENTS)]
+        await conn.copy_records_to_table(
+            "clients",
+            schema_name="public",
+            columns=["id", "name"],
+            records=[(i, f"budget-{tag}-{n:04d}") for n, i in enumerate(ids)],
+        )
+    finally:
+        await conn.close()
+    yield ids
+    conn = await world.admin()
+    try:
+        await conn.execute("DELETE FROM public.clients WHERE id = ANY($1::uuid[])", ids)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+async def budget_limit() -> AsyncIterator[str]:
+    name = f"tf-budget-{uuid.uuid4().hex[:8]}"
+    async with get_client() as client:
+        await client.create_global_concurrency_limit(
+            GlobalConcurrencyLimitCreate(name=name, limit=BUDGET)
+        )
+    yield name
+    async with get_client() as client:
+        await client.delete_global_concurrency_limit_by_name(name)
+
+
+async def test_two_rollups_of_a_thousand_clients_stay_within_the_budget(
+    world: World, thousand_clients: list[uuid.UUID], budget_limit: str, tmp_path: Path
+) -> None:
+    ids_file = tmp_path / "clients.txt"
+    ids_file.write_text("\n".join(map(str, thousand_clients)))
+    env = {
+        **os.environ,
+        "TENANTFLOW_TEST_TOKEN": await world.token("operator"),
+        "DB_CONCURRENCY_LIMIT": budget_limit,
+        "DB_FLOW_SLOTS": str(FLOW_SLOTS),
+    }
+    admin = await world.admin()
+    try:
+        # Start from no server connections, so every one the poolers open is counted.
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE usename = 'postgres' AND pid <> pg_backend_pid()"
+        )
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "tests.flows.rollup_process",
+                str(ids_file),
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            for _ in range(2)
+        ]
+        peak = 0
+        waiters = [asyncio.create_task(p.communicate()) for p in procs]
+        while not all(w.done() for w in waiters):
+            connections = await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE usename = 'postgres' AND backend_type = 'client backend'"
+            )
+            peak = max(peak, connections)
+            await asyncio.sleep(0.02)
+        outputs = [await w for w in waiters]
+        metrics = await admin.fetchval(
+            "SELECT count(*) FROM public.client_daily_metrics WHERE client_id = ANY($1::uuid[])",
+            thousand_clients,
+        )
+    finally:
+        await admin.close()
+
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err.decode()[-3000:]
+        assert out.decode().startswith("COMPLETED"), out.decode() + err.decode()[-3000:]
+    assert metrics == CLIENTS
+    assert 0 < peak <= BUDGET, f"peak {peak} server connections, budget {BUDGET}"
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(budget_limit)
+    assert limit.active_slots == 0
