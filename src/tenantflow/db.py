@@ -24,7 +24,6 @@ from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, Literal
 
-from prefect.utilities.asyncutils import add_event_loop_shutdown_callback
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
@@ -176,6 +175,10 @@ async def _engine_for_this_loop(purpose: Purpose, settings: Settings) -> AsyncEn
         stale = _ENGINES.pop(key, None)
         if stale is not None:
             await stale.dispose()
+
+    # NOTE: imported here so processes that only need the database layer do not pay
+    # for importing Prefect (seconds on a busy machine).
+    from prefect.utilities.asyncutils import add_event_loop_shutdown_callback
 
     await add_event_loop_shutdown_callback(dispose)
     return engine

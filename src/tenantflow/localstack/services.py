@@ -411,6 +411,13 @@ class PrefectServer:
                 "PREFECT_API_URL": self.config.prefect_api_url,
                 "PREFECT_UI_API_URL": self.config.prefect_api_url,
                 "PREFECT_LOGGING_LEVEL": "WARNING",
+                # NOTE: one flow run with 1,000 tenant tasks means thousands of task-run
+                # events; the default batches of 1 kept the server's core busy for minutes.
+                "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
+                "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_BATCH_SIZE": "100",
+                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
+                "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
+                "PREFECT_SERVER_SERVICES_TRIGGERS_READ_BATCH_SIZE": "100",
             }
         )
         return env
