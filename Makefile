@@ -21,13 +21,15 @@ down:  ## stop everything the local stack started
 status:  ## show each part of the local stack, its port and health
 	@$(VENV)/tenantflow stack status
 
-test: env  ## run the whole test suite (brings up what it needs)
+test:  ## run the whole test suite (brings up what it needs, Chromium included)
+	@TENANTFLOW_WITH_BROWSER=1 bash scripts/bootstrap.sh
 	@$(VENV)/pytest
 
-lint: env  ## ruff, ruff format --check, mypy
+lint: env  ## ruff, ruff format --check, mypy, hadolint
 	@$(VENV)/ruff check .
 	@$(VENV)/ruff format --check .
 	@$(VENV)/mypy
+	@$(VENV)/hadolint --failure-threshold info Dockerfile
 
 format: env  ## apply ruff's fixes and formatting
 	@$(VENV)/ruff check --fix .

@@ -18,10 +18,21 @@ from pydantic import Field, SecretStr
 
 from tenantflow.budget import database_slots
 from tenantflow.reports import ReportPeriod, build_client_report, render_markdown
-from tenantflow.tenancy import authorize_run
+from tenantflow.tenancy import (
+    authorize_run,
+    redact_stored_access_token,
+    redact_token_on_failure,
+)
 
 
-@flow(name="client-report", retries=0, persist_result=False, timeout_seconds=900)
+@flow(
+    name="client-report",
+    retries=0,
+    persist_result=False,
+    on_failure=[redact_token_on_failure],
+    on_crashed=[redact_token_on_failure],
+    timeout_seconds=900,
+)
 async def client_report(
     client_id: Annotated[UUID, Field(title="Client id", description="The client to report on.")],
     period_start: Annotated[date, Field(title="From (UTC)", description="First day, inclusive.")],
@@ -38,6 +49,7 @@ async def client_report(
     ],
 ) -> dict[str, str | int]:
     logger = get_run_logger()
+    await redact_stored_access_token()  # first: Prefect stores parameters in clear
     async with database_slots(1):
         [ctx] = await authorize_run(
             action="client-report",

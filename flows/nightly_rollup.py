@@ -18,10 +18,21 @@ from pydantic import Field, SecretStr
 from tenantflow.budget import database_slots
 from tenantflow.rollup import publish_rollup, raise_if_any_failed, roll_up_clients, yesterday_utc
 from tenantflow.settings import get_settings
-from tenantflow.tenancy import authorize_run
+from tenantflow.tenancy import (
+    authorize_run,
+    redact_stored_access_token,
+    redact_token_on_failure,
+)
 
 
-@flow(name="nightly-rollup", retries=0, persist_result=False, timeout_seconds=3600)
+@flow(
+    name="nightly-rollup",
+    retries=0,
+    persist_result=False,
+    on_failure=[redact_token_on_failure],
+    on_crashed=[redact_token_on_failure],
+    timeout_seconds=3600,
+)
 async def nightly_rollup(
     day: Annotated[
         date | None,
@@ -43,6 +54,7 @@ async def nightly_rollup(
     ] = None,
 ) -> dict[str, int]:
     logger = get_run_logger()
+    await redact_stored_access_token()  # first: Prefect stores parameters in clear
     day = day or yesterday_utc()
     async with database_slots(get_settings().db_flow_slots) as slots:
         contexts = await authorize_run(

@@ -57,6 +57,8 @@ __all__ = [
     "ActorKind",
     "TenantContext",
     "authorize_run",
+    "redact_stored_access_token",
+    "redact_token_on_failure",
     "require_membership",
     "tenant_session",
     "tenant_task",
@@ -163,11 +165,29 @@ async def _read_flow_run(flow_run_id: UUID) -> FlowRun:
 
 async def _redact_token_parameter(flow_run: FlowRun) -> None:
     """Replace the stored `access_token` parameter: Prefect keeps parameters in clear."""
-    if "access_token" not in flow_run.parameters:
+    stored = flow_run.parameters.get("access_token")
+    if stored in (None, "", REDACTED):
         return
     parameters = {**flow_run.parameters, "access_token": REDACTED}
     async with get_client() as client:
         await client.update_flow_run(flow_run.id, parameters=parameters)
+
+
+async def redact_stored_access_token(flow_run_id: UUID | None = None) -> None:
+    """Replace this run's stored `access_token` parameter with `REDACTED`.
+
+    Flows call it first thing, before anything that could fail or wait (database slots,
+    the guard), so no path leaves a token in the run's stored parameters.
+    """
+    flow_run_id = flow_run_id or _current_flow_run_id()
+    if flow_run_id is not None:
+        await _redact_token_parameter(await _read_flow_run(flow_run_id))
+
+
+async def redact_token_on_failure(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
+    """Flow hook (`on_failure`, `on_crashed`): runs that fail before their first step, on
+    invalid parameters say, still get their stored token removed."""
+    await _redact_token_parameter(flow_run)
 
 
 async def _operator_confirmed(settings: Settings, user_id: UUID) -> bool:
@@ -204,6 +224,14 @@ async def _settle_actor(
             raise AccessDenied(f"access token refused: {error}") from None
         kind = ActorKind.USER
         if claims.token_grants_operator and await _operator_confirmed(settings, claims.sub):
+            # NOTE: an operator may act on every client: ask Supabase Auth too, so a
+            # signed-out session or a deleted user cannot use a still-unexpired token.
+            try:
+                claims = await _verify_access_token(
+                    token, settings=settings, allow_anonymous=allow_anonymous, strict=True
+                )
+            except AuthError as error:
+                raise AccessDenied(f"operator token refused: {error}") from None
             kind = ActorKind.OPERATOR
         return Actor(kind, claims.sub, claims.email, claims)
     if flow_run is not None and flow_run.auto_scheduled:

@@ -37,12 +37,16 @@ async def _dispose() -> AsyncIterator[None]:
 
 async def _everything_stored_about(run_id: uuid.UUID) -> str:
     """Parameters, state message, logs and artifacts of a run, as one text."""
-    await asyncio.sleep(1.0)  # logs reach the API in batches
     async with get_client() as client:
+        # Logs reach the API in batches: wait for the run's last line.
+        for _ in range(100):
+            logs = await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+            )
+            if any("Finished in state" in log.message for log in logs):
+                break
+            await asyncio.sleep(0.2)
         run = await client.read_flow_run(run_id)
-        logs = await client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
-        )
         artifacts = await client.read_artifacts(
             artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
         )

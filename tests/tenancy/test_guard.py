@@ -391,3 +391,40 @@ async def test_a_refused_token_is_redacted_too(
         )
     async with get_client() as client:
         assert (await client.read_flow_run(run.id)).parameters["access_token"] == REDACTED
+
+
+async def test_the_failure_hook_redacts_a_run_that_failed_before_its_first_step(
+    world: World, scheduled_deployment: uuid.UUID
+) -> None:
+    from flows.client_report import client_report
+    from flows.nightly_rollup import nightly_rollup
+    from tenantflow.tenancy import redact_token_on_failure
+
+    token = await world.token("member_a")
+    async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(
+            scheduled_deployment, parameters={"access_token": token, "period_end": "bad"}
+        )
+        await redact_token_on_failure(None, await client.read_flow_run(run.id), run.state)
+        stored = (await client.read_flow_run(run.id)).parameters
+    assert stored == {"access_token": REDACTED, "period_end": "bad"}
+    for flow_ in (client_report, nightly_rollup):
+        assert redact_token_on_failure in flow_.on_failure_hooks
+        assert redact_token_on_failure in flow_.on_crashed_hooks
+
+
+async def test_a_signed_out_operator_session_is_refused(world: World) -> None:
+    import httpx
+
+    token = await world.token("operator")
+    async with httpx.AsyncClient() as http:
+        response = await http.post(
+            f"{world.stack.config.supabase_url}/auth/v1/logout",
+            headers={
+                "apikey": world.stack.config.secrets.anon_key,
+                "Authorization": f"Bearer {token}",
+            },
+        )
+    assert response.status_code == 204, response.text
+    with pytest.raises(AccessDenied, match="operator token refused"):
+        await authorize_run(action="t", mode="service", access_token=token, client_ids=None)
