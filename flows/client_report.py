@@ -9,12 +9,11 @@ read and store the report in one transaction, publish markdown and table artifac
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated
 from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
-from pydantic import Field, SecretStr
+from pydantic import SecretStr
 
 from tenantflow.budget import database_slots
 from tenantflow.reports import ReportPeriod, build_client_report, render_markdown
@@ -34,20 +33,20 @@ from tenantflow.tenancy import (
     timeout_seconds=900,
 )
 async def client_report(
-    client_id: Annotated[UUID, Field(title="Client id", description="The client to report on.")],
-    period_start: Annotated[date, Field(title="From (UTC)", description="First day, inclusive.")],
-    period_end: Annotated[date, Field(title="To (UTC)", description="Last day, inclusive.")],
-    access_token: Annotated[
-        SecretStr,
-        Field(
-            title="User access token",
-            description=(
-                "The Supabase access token of the user the report is for (a member of the "
-                "client). Removed from the run's stored parameters once verified."
-            ),
-        ),
-    ],
+    client_id: UUID,
+    period_start: date,
+    period_end: date,
+    access_token: SecretStr,
 ) -> dict[str, str | int]:
+    """A report of one client over a period, read as the user whose token is given.
+
+    Args:
+        client_id: The client to report on (its id in `clients`).
+        period_start: First day of the period, UTC, inclusive.
+        period_end: Last day of the period, UTC, inclusive (at most 366 days in all).
+        access_token: The Supabase access token of the user the report is for, a member
+            of the client. Removed from the run's stored parameters once read.
+    """
     logger = get_run_logger()
     await redact_stored_access_token()  # first: Prefect stores parameters in clear
     async with database_slots(1):

@@ -9,11 +9,10 @@ and fail naming the clients that failed (the others are kept).
 from __future__ import annotations
 
 from datetime import date
-from typing import Annotated
 from uuid import UUID
 
 from prefect import flow, get_run_logger
-from pydantic import Field, SecretStr
+from pydantic import SecretStr
 
 from tenantflow.budget import database_slots
 from tenantflow.rollup import publish_rollup, raise_if_any_failed, roll_up_clients, yesterday_utc
@@ -34,25 +33,19 @@ from tenantflow.tenancy import (
     timeout_seconds=3600,
 )
 async def nightly_rollup(
-    day: Annotated[
-        date | None,
-        Field(title="Day (UTC)", description="The day to roll up. Empty: yesterday (UTC)."),
-    ] = None,
-    client_ids: Annotated[
-        list[UUID] | None,
-        Field(title="Clients", description="Only these clients. Empty: every active client."),
-    ] = None,
-    access_token: Annotated[
-        SecretStr | None,
-        Field(
-            title="Operator access token",
-            description=(
-                "Needed when started by hand: a Supabase access token of a tenantflow "
-                "operator. Removed from the run's stored parameters once verified."
-            ),
-        ),
-    ] = None,
+    day: date | None = None,
+    client_ids: list[UUID] | None = None,
+    access_token: SecretStr | None = None,
 ) -> dict[str, int]:
+    """Roll each active client's events of one UTC day up into `client_daily_metrics`.
+
+    Args:
+        day: The day to roll up (UTC). Empty: yesterday.
+        client_ids: Only these clients. Empty: every active client.
+        access_token: Needed only when started by hand: the Supabase access token of a
+            tenantflow operator. Scheduled runs need none. Removed from the run's stored
+            parameters once read.
+    """
     logger = get_run_logger()
     await redact_stored_access_token()  # first: Prefect stores parameters in clear
     day = day or yesterday_utc()

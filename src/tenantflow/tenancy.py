@@ -184,7 +184,7 @@ async def redact_stored_access_token(flow_run_id: UUID | None = None) -> None:
         await _redact_token_parameter(await _read_flow_run(flow_run_id))
 
 
-async def redact_token_on_failure(flow: Any, flow_run: FlowRun, state: State[Any]) -> None:
+async def redact_token_on_failure(flow: Any, flow_run: FlowRun, state: State[Any] | None) -> None:
     """Flow hook (`on_failure`, `on_crashed`): runs that fail before their first step, on
     invalid parameters say, still get their stored token removed."""
     await _redact_token_parameter(flow_run)

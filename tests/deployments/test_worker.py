@@ -26,7 +26,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Running
 
 from tenantflow.localstack import Stack
-from tenantflow.localstack.services import _pid_alive
+from tenantflow.localstack.services import pid_alive
 from tenantflow.localstack.worker import LocalWorker
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -65,7 +65,7 @@ def dead_pid() -> int:
     """The pid of a process that has exited (and been reaped)."""
     process = subprocess.Popen(["true"])
     process.wait()
-    assert not _pid_alive(process.pid)
+    assert not pid_alive(process.pid)
     return process.pid
 
 
@@ -172,4 +172,4 @@ async def test_worker_runs_flows_and_stops_without_stuck_runs(
     finally:
         pid = worker.pid()
         await asyncio.to_thread(worker.stop)
-        assert pid is None or not _pid_alive(pid)
+        assert pid is None or not pid_alive(pid)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tenantflow.localstack import Stack, StackConfig
-from tenantflow.localstack.services import _pid_alive, port_is_open
+from tenantflow.localstack.services import pid_alive, port_is_open
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -104,7 +104,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(port_is_open(config.host, port) for port in ports)
     assert _processes_using(config.stack_dir) == []
-    assert [name for name, pid in pids.items() if _pid_alive(pid)] == []
+    assert [name for name, pid in pids.items() if pid_alive(pid)] == []
 
     after = _cli(second_stack, "status")
     assert after.returncode == 3

@@ -32,8 +32,6 @@ import fcntl
 import json
 import logging
 import os
-import signal
-import subprocess
 import sys
 import time
 import uuid
@@ -60,10 +58,12 @@ from tenantflow.localstack.config import StackConfig
 from tenantflow.localstack.services import (
     Health,
     StackError,
-    _pid_alive,
     _read_pid,
     _require_free,
-    _wait,
+    pid_alive,
+    spawn_detached,
+    stop_process_group,
+    wait_until_ready,
 )
 
 __all__ = [
@@ -694,7 +694,7 @@ class AuthServer:
 
     def pid(self) -> int | None:
         pid = _read_pid(self.pidfile)
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -724,45 +724,28 @@ class AuthServer:
                 await conn.close()
 
         asyncio.run(prepare())
-        with self.logfile.open("ab") as logfile:
-            process = subprocess.Popen(
-                # NOTE: not `-m`: the package imports this module, and runpy warns about that.
-                [
-                    sys.executable,
-                    "-c",
-                    "from tenantflow.localstack.auth_server import main; main()",
-                ],
-                cwd=self.root,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pidfile.write_text(str(process.pid))
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise StackError(
-                    f"the Auth stand-in exited with {process.returncode}; see {self.logfile}"
-                )
-            return _answers(self.config.supabase_url)
-
-        _wait(ready, 30, "the Auth stand-in to answer /auth/v1/health")
+        process = spawn_detached(
+            # NOTE: not `-m`: the package imports this module, and runpy warns about that.
+            [sys.executable, "-c", "from tenantflow.localstack.auth_server import main; main()"],
+            cwd=self.root,
+            env=self.environment(),
+            logfile=self.logfile,
+            pidfile=self.pidfile,
+        )
+        wait_until_ready(
+            process,
+            lambda: _answers(self.config.supabase_url),
+            timeout=30,
+            what="the Auth stand-in",
+            logfile=self.logfile,
+        )
         return True
 
     def stop(self) -> bool:
         pid = self.pid()
         if pid is None:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        try:
-            _wait(lambda: not _pid_alive(pid), 10, "the Auth stand-in to exit")
-        except StackError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            _wait(lambda: not _pid_alive(pid), 5, "the Auth stand-in to be killed")
+        stop_process_group(pid, grace=10, what="the Auth stand-in")
         self.pidfile.unlink(missing_ok=True)
         return True
 

@@ -37,7 +37,11 @@ __all__ = [
     "PrefectServer",
     "Service",
     "StackError",
+    "pid_alive",
     "port_is_open",
+    "spawn_detached",
+    "stop_process_group",
+    "wait_until_ready",
 ]
 
 log = logging.getLogger("tenantflow.stack")
@@ -86,7 +90,7 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
     raise StackError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def _pid_alive(pid: int | None) -> bool:
+def pid_alive(pid: int | None) -> bool:
     if not pid:
         return False
     try:
@@ -165,6 +169,63 @@ def _require_free(host: str, port: int, name: str, variable: str) -> None:
         )
 
 
+def spawn_detached(
+    argv: list[str],
+    *,
+    cwd: Path,
+    env: dict[str, str],
+    logfile: Path,
+    pidfile: Path,
+    preexec_fn: Callable[[], None] | None = None,
+) -> subprocess.Popen[bytes]:
+    """Start a long-running process in its own session, output to `logfile`, pid recorded."""
+    with logfile.open("ab") as log_handle:
+        process = subprocess.Popen(  # noqa: S603
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log_handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=preexec_fn,
+        )
+    pidfile.write_text(str(process.pid))
+    return process
+
+
+def wait_until_ready(
+    process: subprocess.Popen[bytes],
+    ready: Callable[[], bool],
+    *,
+    timeout: float,
+    what: str,
+    logfile: Path,
+) -> None:
+    """Wait for `ready()`, failing at once (pointing at the log) if the process exits."""
+
+    def check() -> bool:
+        if process.poll() is not None:
+            raise StackError(f"{what} exited with {process.returncode}; see {logfile}")
+        return ready()
+
+    _wait(check, timeout, f"{what} to answer")
+
+
+def stop_process_group(pid: int, *, grace: float, what: str) -> None:
+    """SIGTERM the process group; SIGKILL it if `pid` has not exited after `grace` seconds."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGTERM)
+    try:
+        _wait(lambda: not pid_alive(pid), grace, f"{what} to exit")
+    except StackError:
+        log.warning("%s did not exit within %.0fs; killing it", what, grace)
+    # NOTE: children (uvicorn, services) share the group; none may outlive the leader.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+    _wait(lambda: not pid_alive(pid), 5, f"{what} to be killed")
+
+
 class Postgres:
     """A PostgreSQL 15 cluster in the stack folder, scram auth, 127.0.0.1 only."""
 
@@ -183,7 +244,7 @@ class Postgres:
 
     def pid(self) -> int | None:
         pid = _read_pid(self.data / "postmaster.pid")
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def _initdb(self) -> None:
         secrets = self.config.secrets
@@ -321,7 +382,7 @@ class PgBouncer:
 
     def pid(self) -> int | None:
         pid = _read_pid(self.pidfile)
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def _write_config(self, scram_secret: str) -> None:
         _service_dir(self.root)
@@ -370,7 +431,7 @@ class PgBouncer:
         if pid is None:
             return False
         os.kill(pid, signal.SIGTERM)
-        _wait(lambda: not _pid_alive(pid), 15, f"{self.name} to exit")
+        _wait(lambda: not pid_alive(pid), 15, f"{self.name} to exit")
         return True
 
     def health(self) -> Health:
@@ -398,7 +459,7 @@ class PrefectServer:
 
     def pid(self) -> int | None:
         pid = _read_pid(self.pidfile)
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -429,43 +490,27 @@ class PrefectServer:
             self.config.host, self.config.prefect_port, self.name, "TENANTFLOW_PREFECT_PORT"
         )
         self.root.mkdir(parents=True, exist_ok=True)
-        with self.logfile.open("ab") as logfile:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "prefect", "server", "start", "--no-prompt"],
-                cwd=self.root,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.pidfile.write_text(str(process.pid))
-
-        def ready() -> bool:
-            if process.poll() is not None:
-                raise StackError(
-                    f"the Prefect server exited with {process.returncode}; see {self.logfile}"
-                )
-            return _prefect_healthy(self.config.prefect_api_url)
-
-        _wait(ready, 90, "the Prefect server to answer /api/health")
+        process = spawn_detached(
+            [sys.executable, "-m", "prefect", "server", "start", "--no-prompt"],
+            cwd=self.root,
+            env=self.environment(),
+            logfile=self.logfile,
+            pidfile=self.pidfile,
+        )
+        wait_until_ready(
+            process,
+            lambda: _prefect_healthy(self.config.prefect_api_url),
+            timeout=90,
+            what="the Prefect server",
+            logfile=self.logfile,
+        )
         return True
 
     def stop(self) -> bool:
         pid = self.pid()
         if pid is None:
             return False
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGTERM)
-        try:
-            _wait(lambda: not _pid_alive(pid), 20, "the Prefect server to exit")
-        except StackError:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(pid, signal.SIGKILL)
-            _wait(lambda: not _pid_alive(pid), 5, "the Prefect server to be killed")
-        # NOTE: its children (uvicorn, services) share its process group.
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
+        stop_process_group(pid, grace=20, what="the Prefect server")
         self.pidfile.unlink(missing_ok=True)
         return True
 

@@ -20,7 +20,6 @@ import contextlib
 import logging
 import os
 import signal
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
@@ -40,7 +39,14 @@ from tenantflow.deployments import (
 from tenantflow.deployments import bootstrap as bootstrap_prefect
 from tenantflow.deployments import deploy as deploy_prefect
 from tenantflow.localstack.config import StackConfig
-from tenantflow.localstack.services import Health, StackError, _pid_alive, _read_pid, _wait
+from tenantflow.localstack.services import (
+    Health,
+    StackError,
+    _read_pid,
+    _wait,
+    pid_alive,
+    spawn_detached,
+)
 from tenantflow.settings import Settings, SettingsError, load_settings
 
 __all__ = ["WORKER_NAME", "LocalWorker", "bootstrap", "deploy"]
@@ -134,7 +140,7 @@ def _kill_leftovers(processes: dict[int, int | None]) -> list[int]:
     """SIGKILL the processes of `processes` that are still the same processes."""
     killed = []
     for pid, started in processes.items():
-        if _pid_alive(pid) and _start_time(pid) == started:
+        if pid_alive(pid) and _start_time(pid) == started:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -191,7 +197,7 @@ class LocalWorker:
 
     def pid(self) -> int | None:
         pid = _read_pid(self.pidfile)
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -239,18 +245,14 @@ class LocalWorker:
             "--install-policy",
             "never",
         ]
-        with self.logfile.open("ab") as logfile:
-            process = subprocess.Popen(  # noqa: S603
-                argv,
-                cwd=self.root,
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_default_sigint,
-            )
-        self.pidfile.write_text(str(process.pid))
+        process = spawn_detached(
+            argv,
+            cwd=self.root,
+            env=self.environment(),
+            logfile=self.logfile,
+            pidfile=self.pidfile,
+            preexec_fn=_default_sigint,
+        )
 
         def registered() -> bool:
             if process.poll() is not None:
@@ -283,12 +285,12 @@ class LocalWorker:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         try:
-            _wait(lambda: not _pid_alive(pid), 30, "the worker to exit")
+            _wait(lambda: not pid_alive(pid), 30, "the worker to exit")
         except StackError:
             log.warning("the worker did not exit within 30s; killing it")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            _wait(lambda: not _pid_alive(pid), 5, "the worker to be killed")
+            _wait(lambda: not pid_alive(pid), 5, "the worker to be killed")
         killed = _kill_leftovers(seen)
         if killed:
             log.warning("killed %d flow-run process(es) left by the worker", len(killed))
@@ -382,7 +384,7 @@ class LocalWorker:
         crashed = 0
         for run in runs:
             run_pid = _run_pid(run)
-            if run_pid is None or _pid_alive(run_pid):
+            if run_pid is None or pid_alive(run_pid):
                 continue
             state = {
                 "type": "CRASHED",
