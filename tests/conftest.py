@@ -9,17 +9,20 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 
-import asyncpg
-import pytest
-
-from tenantflow.localstack import Stack, StackConfig
-from tenantflow.settings import get_settings
+from tenantflow.localstack.config import StackConfig
 
 CONFIG = StackConfig.from_env()
-# NOTE: set before Prefect reads its settings, so every flow in the suite talks to the
-# stack's Prefect server and every `get_settings()` to the stack's poolers.
+# NOTE: before anything imports Prefect, which reads its settings once, on import: every
+# flow in the suite must talk to the stack's Prefect server (without PREFECT_API_URL it
+# would quietly start a temporary one) and every `get_settings()` to the stack's poolers.
 os.environ.update(CONFIG.environment())
 os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+
+import asyncpg  # noqa: E402
+import pytest  # noqa: E402
+
+from tenantflow.localstack import Stack  # noqa: E402
+from tenantflow.settings import get_settings  # noqa: E402
 
 
 @pytest.fixture(scope="session")

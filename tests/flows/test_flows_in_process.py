@@ -215,3 +215,53 @@ async def test_nightly_rollup_by_hand_without_a_token_is_refused(world: World) -
     state = await nightly_rollup(client_ids=[world.clients["a"]], return_state=True)
     assert state.is_failed()
     assert "no access_token" in state.message
+
+
+async def test_one_failing_client_does_not_stop_the_others(world: World) -> None:
+    """The run ends Failed naming the failed client; the others are rolled up."""
+    failing, fine = world.clients["a"], world.clients["b"]
+    function = f"tf_test_fail_{uuid.uuid4().hex[:8]}"
+    conn = await world.admin()
+    try:
+        await conn.execute(
+            f"CREATE FUNCTION public.{function}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN IF NEW.client_id = '{failing}' THEN "
+            "RAISE EXCEPTION 'refused by a test trigger'; END IF; RETURN NEW; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {function} BEFORE INSERT ON public.client_daily_metrics "
+            f"FOR EACH ROW EXECUTE FUNCTION public.{function}()"
+        )
+        state = await nightly_rollup(
+            day=datetime.now(UTC).date(),
+            client_ids=[failing, fine],
+            access_token=await world.token("operator"),
+            return_state=True,
+        )
+        rows = await conn.fetch(
+            "SELECT client_id FROM public.client_daily_metrics WHERE client_id = ANY($1::uuid[])",
+            [failing, fine],
+        )
+    finally:
+        await conn.execute(f"DROP TRIGGER IF EXISTS {function} ON public.client_daily_metrics")
+        await conn.execute(f"DROP FUNCTION IF EXISTS public.{function}()")
+        await conn.close()
+    assert state.is_failed()
+    assert "1 of 2 client(s) failed" in state.message and str(failing) in state.message
+    assert str(fine) not in state.message
+    assert [row["client_id"] for row in rows] == [fine]
+    artifacts = await _artifacts_of(state.state_details.flow_run_id)
+    table = json.loads(next(a for a in artifacts if a.type == "table").data)
+    outcomes = {row["client"].rsplit("(", 1)[1].rstrip(")"): row["outcome"] for row in table}
+    assert outcomes[str(fine)] == "ok"
+    assert outcomes[str(failing)].startswith("failed: ")
+    assert "refused by a test trigger" in outcomes[str(failing)]
+    # NOTE: no SQL text or bound parameters leak into the artifact.
+    assert "INSERT INTO" not in outcomes[str(failing)]
+
+
+async def _artifacts_of(run_id):
+    async with get_client() as client:
+        return await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
