@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from prefect.states import Running
 from tenantflow.localstack import Stack
 from tenantflow.localstack.services import pid_alive
 from tenantflow.localstack.worker import LocalWorker
+from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -43,22 +43,6 @@ def sleepy(seconds: float = 0.0) -> float:
     return seconds
 '''
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-
-
-def _processes_in(folder: Path) -> list[str]:
-    """Processes whose command line or working directory lies in `folder`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if str(folder) in cmdline or cwd.startswith(str(folder)):
-            found.append(f"{proc.name}: {cmdline[:120]}")
-    return found
 
 
 def dead_pid() -> int:
@@ -159,7 +143,7 @@ async def test_worker_runs_flows_and_stops_without_stuck_runs(
             assert crashed.state is not None
             assert "worker stopped" in (crashed.state.message or "")
 
-        assert _processes_in(tmp_path) == []
+        assert processes_using(tmp_path) == []
         assert worker.pid() is None
         assert not worker.pidfile.exists()
         assert not await asyncio.to_thread(worker.stop), "a second stop is a no-op"

@@ -12,6 +12,7 @@ import pytest
 
 from tenantflow.localstack import Stack, StackConfig
 from tenantflow.localstack.services import pid_alive, port_is_open
+from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
@@ -32,22 +33,6 @@ def second_stack(tmp_path: Path) -> Iterator[Stack]:
     stack = Stack(config)
     yield stack
     stack.down()
-
-
-def _processes_using(folder: Path) -> list[str]:
-    """Processes whose command line or working directory lies in `folder`."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit() or int(proc.name) == os.getpid():
-            continue
-        try:
-            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-            cwd = os.readlink(proc / "cwd")
-        except OSError:
-            continue
-        if str(folder) in cmdline or cwd.startswith(str(folder)):
-            found.append(f"{proc.name}: {cmdline[:120]}")
-    return found
 
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
@@ -103,7 +88,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     down = _cli(second_stack, "down")
     assert down.returncode == 0, down.stdout + down.stderr
     assert not any(port_is_open(config.host, port) for port in ports)
-    assert _processes_using(config.stack_dir) == []
+    assert processes_using(config.stack_dir) == []
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
 
     after = _cli(second_stack, "status")
