@@ -54,6 +54,16 @@ async def _reset_server_connections(stack: Stack) -> None:
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE usename = 'postgres' AND pid <> pg_backend_pid()"
         )
+        # NOTE: pg_terminate_backend only signals; wait until they are gone, so the
+        # pooler does not hand out a connection that is still dying.
+        for _ in range(100):
+            left = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE usename = 'postgres' AND backend_type = 'client backend'"
+            )
+            if left == 0:
+                break
+            await asyncio.sleep(0.05)
     finally:
         await conn.close()
 

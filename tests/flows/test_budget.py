@@ -20,6 +20,10 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 CLIENTS = 1000
 BUDGET = 8
 FLOW_SLOTS = 4
+_SERVER_CONNECTIONS = (
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE usename = 'postgres' AND backend_type = 'client backend'"
+)
 
 
 @pytest.fixture
@@ -72,10 +76,16 @@ async def test_two_rollups_of_a_thousand_clients_stay_within_the_budget(
     admin = await world.admin()
     try:
         # Start from no server connections, so every one the poolers open is counted.
+        # NOTE: pg_terminate_backend only signals: wait until the backends are gone.
         await admin.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
             "WHERE usename = 'postgres' AND pid <> pg_backend_pid()"
         )
+        for _ in range(100):
+            if await admin.fetchval(_SERVER_CONNECTIONS) == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert await admin.fetchval(_SERVER_CONNECTIONS) == 0
         procs = [
             await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -91,10 +101,7 @@ async def test_two_rollups_of_a_thousand_clients_stay_within_the_budget(
         peak = 0
         waiters = [asyncio.create_task(p.communicate()) for p in procs]
         while not all(w.done() for w in waiters):
-            connections = await admin.fetchval(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE usename = 'postgres' AND backend_type = 'client backend'"
-            )
+            connections = await admin.fetchval(_SERVER_CONNECTIONS)
             peak = max(peak, connections)
             await asyncio.sleep(0.02)
         outputs = [await w for w in waiters]
