@@ -213,13 +213,7 @@ def test_logout_signs_the_session_out(stack: Stack, token: str) -> None:
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     config = stack.config
-    env = {
-        **os.environ,
-        "TENANTFLOW_PROJECT_DIR": str(config.project_dir),
-        "TENANTFLOW_STACK_DIR": str(config.stack_dir),
-        "TENANTFLOW_PG_PORT": str(config.pg_port),
-        "TENANTFLOW_AUTH_PORT": str(config.auth_port),
-    }
+    env = {**os.environ, **config.location_environment()}
     command = Path(sys.executable).parent / "tenantflow"
     return subprocess.run(
         [str(command), *args], capture_output=True, text=True, env=env, timeout=60, check=False

@@ -16,6 +16,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
 
+from tenantflow.migrate import script_directory
 from tenantflow.tenancy import REDACTED
 from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
 
@@ -106,7 +107,7 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
     conn = await world.admin()
     try:
         metrics = await conn.fetch(
-            "SELECT client_id, events FROM public.client_daily_metrics "
+            "SELECT client_id, events, revenue FROM public.client_daily_metrics "
             "WHERE client_id = ANY($1::uuid[]) AND day = $2",
             [world.clients["a"], world.clients["b"]],
             today,
@@ -119,14 +120,13 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
         version = await conn.fetchval("SELECT version_num FROM public.alembic_version")
     finally:
         await conn.close()
-    # Events were written "now - n hours": today's share depends on the time of day.
-    assert {row["client_id"] for row in metrics} == {world.clients["a"], world.clients["b"]}
-    assert all(0 <= row["events"] <= EVENTS_PER_CLIENT for row in metrics)
+    expected = await world.day_totals([world.clients["a"], world.clients["b"]], today)
+    assert {row["client_id"]: (row["events"], row["revenue"]) for row in metrics} == expected
     assert [(r["client_id"], r["requested_by"]) for r in reports] == [
         (world.clients["a"], world.users["member_a"])
     ]
     assert json.loads(reports[0]["totals"])["events"] == EVENTS_PER_CLIENT
-    assert version
+    assert version == script_directory().get_current_head()
 
     report_artifacts = await _artifacts(runs["report"])
     assert {a.type for a in report_artifacts} >= {"markdown", "table"}

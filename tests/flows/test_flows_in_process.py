@@ -88,37 +88,27 @@ async def test_client_report_as_a_member(world: World) -> None:
         )
     markdown = next(a for a in artifacts if a.type == "markdown")
     assert f"Events: **{EVENTS_PER_CLIENT}**" in markdown.data
-    conn = await world.admin()
-    try:
-        stored_report = await conn.fetchrow(
-            "SELECT requested_by, flow_run_id, totals FROM public.client_reports WHERE id = $1",
-            uuid.UUID(str(result["report_id"])),
-        )
-    finally:
-        await conn.close()
+    stored_report = await world.sql(
+        "fetchrow",
+        "SELECT requested_by, flow_run_id, totals FROM public.client_reports WHERE id = $1",
+        uuid.UUID(str(result["report_id"])),
+    )
     assert stored_report["requested_by"] == world.users["member_a"]
     assert stored_report["flow_run_id"] == run_id
     assert json.loads(stored_report["totals"])["events"] == EVENTS_PER_CLIENT
 
 
 async def _tenant_statements(world: World) -> list[str]:
-    conn = await world.admin()
-    try:
-        rows = await conn.fetch(
-            "SELECT query FROM pg_stat_statements WHERE "
-            + " OR ".join(f"query ILIKE '%{table}%'" for table in TENANT_DATA_TABLES)
-        )
-    finally:
-        await conn.close()
+    rows = await world.sql(
+        "fetch",
+        "SELECT query FROM pg_stat_statements WHERE "
+        + " OR ".join(f"query ILIKE '%{table}%'" for table in TENANT_DATA_TABLES),
+    )
     return [row["query"] for row in rows if "pg_stat_statements" not in row["query"]]
 
 
 async def _reset_statements(world: World) -> None:
-    conn = await world.admin()
-    try:
-        await conn.execute("SELECT pg_stat_statements_reset()")
-    finally:
-        await conn.close()
+    await world.sql("execute", "SELECT pg_stat_statements_reset()")
 
 
 @pytest.mark.parametrize(
@@ -192,23 +182,22 @@ async def test_nightly_rollup_by_an_operator_is_idempotent(world: World) -> None
     clients = [world.clients["a"], world.clients["b"]]
 
     async def metrics() -> list[tuple]:
-        conn = await world.admin()
-        try:
-            rows = await conn.fetch(
-                "SELECT client_id, day, events, revenue FROM public.client_daily_metrics "
-                "WHERE client_id = ANY($1::uuid[]) ORDER BY client_id",
-                clients,
-            )
-        finally:
-            await conn.close()
+        rows = await world.sql(
+            "fetch",
+            "SELECT client_id, day, events, revenue FROM public.client_daily_metrics "
+            "WHERE client_id = ANY($1::uuid[]) ORDER BY client_id",
+            clients,
+        )
         return [tuple(r) for r in rows]
 
     first = await nightly_rollup(day=day, client_ids=clients, access_token=token)
     once = await metrics()
     second = await nightly_rollup(day=day, client_ids=clients, access_token=token)
-    assert first == second == {"clients": 2, "events": second["events"]}
+    expected = await world.day_totals(clients, day)
+    assert first == second == {"clients": 2, "events": sum(e for e, _ in expected.values())}
     assert await metrics() == once
-    assert len(once) == 2 and all(row[1] == day for row in once)
+    assert {row[0]: (row[2], row[3]) for row in once} == expected
+    assert all(row[1] == day for row in once)
 
 
 async def test_nightly_rollup_by_hand_without_a_token_is_refused(world: World) -> None:

@@ -37,16 +37,7 @@ def second_stack(tmp_path: Path) -> Iterator[Stack]:
 
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     config = stack.config
-    env = {
-        **os.environ,
-        "TENANTFLOW_PROJECT_DIR": str(config.project_dir),
-        "TENANTFLOW_STACK_DIR": str(config.stack_dir),
-        "TENANTFLOW_PG_PORT": str(config.pg_port),
-        "TENANTFLOW_TRANSACTION_POOLER_PORT": str(config.transaction_pooler_port),
-        "TENANTFLOW_SESSION_POOLER_PORT": str(config.session_pooler_port),
-        "TENANTFLOW_AUTH_PORT": str(config.auth_port),
-        "TENANTFLOW_PREFECT_PORT": str(config.prefect_port),
-    }
+    env = {**os.environ, **config.location_environment()}
     return subprocess.run(
         [sys.executable, "-m", "tenantflow.cli", "stack", *args],
         env=env,

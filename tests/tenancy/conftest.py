@@ -6,6 +6,8 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
 
 import asyncpg
 import pytest
@@ -32,6 +34,28 @@ class World:
     async def admin(self) -> asyncpg.Connection:
         config = self.stack.config
         return await asyncpg.connect(**config.connect_parts(config.pg_port, admin=True))
+
+    async def day_totals(self, clients: list[uuid.UUID], day: date) -> dict[uuid.UUID, tuple]:
+        """(events, revenue) of each client's UTC `day`, counted straight from the events."""
+        start = datetime(day.year, day.month, day.day, tzinfo=UTC)
+        rows = await self.sql(
+            "fetch",
+            "SELECT c, count(e.id), coalesce(sum(e.amount), 0) FROM unnest($1::uuid[]) AS c "
+            "LEFT JOIN public.client_events AS e "
+            "ON e.client_id = c AND e.occurred_at >= $2 AND e.occurred_at < $3 GROUP BY c",
+            clients,
+            start,
+            start + timedelta(days=1),
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+    async def sql(self, method: str, query: str, *args: Any) -> Any:
+        """One statement as the cluster's superuser: `await world.sql("fetch", ...)`."""
+        conn = await self.admin()
+        try:
+            return await getattr(conn, method)(query, *args)
+        finally:
+            await conn.close()
 
 
 CLIENTS = {"a": "active", "b": "active", "s": "suspended"}

@@ -37,16 +37,13 @@ async def _dispose() -> AsyncIterator[None]:
 
 
 async def _audit_rows(world: World, actor_id: uuid.UUID | None, action: str) -> list[tuple]:
-    conn = await world.admin()
-    try:
-        rows = await conn.fetch(
-            "SELECT actor_kind, client_id, outcome, reason FROM public.audit_log "
-            "WHERE action = $1 AND actor_id IS NOT DISTINCT FROM $2 ORDER BY id",
-            action,
-            actor_id,
-        )
-    finally:
-        await conn.close()
+    rows = await world.sql(
+        "fetch",
+        "SELECT actor_kind, client_id, outcome, reason FROM public.audit_log "
+        "WHERE action = $1 AND actor_id IS NOT DISTINCT FROM $2 ORDER BY id",
+        action,
+        actor_id,
+    )
     return [tuple(r) for r in rows]
 
 
@@ -90,14 +87,11 @@ async def test_accepted_membership_is_allowed_and_audited(world: World) -> None:
     assert ctx.actor.kind is ActorKind.USER
     assert ctx.actor.user_id == world.users["member_a"]
     assert (ctx.client_id, ctx.membership_role) == (world.clients["a"], "member")
-    conn = await world.admin()
-    try:
-        outcome = await conn.fetchval(
-            "SELECT outcome FROM public.audit_log WHERE actor_id = $1 ORDER BY id DESC LIMIT 1",
-            world.users["member_a"],
-        )
-    finally:
-        await conn.close()
+    outcome = await world.sql(
+        "fetchval",
+        "SELECT outcome FROM public.audit_log WHERE actor_id = $1 ORDER BY id DESC LIMIT 1",
+        world.users["member_a"],
+    )
     assert outcome == "allowed"
 
 
@@ -109,26 +103,20 @@ async def test_minimum_role(world: World) -> None:
 
 async def test_membership_revoked_between_two_runs(world: World) -> None:
     await _user_decision(world, "member_b", "b")
-    conn = await world.admin()
-    try:
-        await conn.execute(
-            "DELETE FROM public.memberships WHERE user_id = $1", world.users["member_b"]
-        )
-    finally:
-        await conn.close()
+    await world.sql(
+        "execute", "DELETE FROM public.memberships WHERE user_id = $1", world.users["member_b"]
+    )
     with pytest.raises(AccessDenied, match="has no membership"):
         await _user_decision(world, "member_b", "b")
 
 
 async def test_suspension_between_two_runs(world: World) -> None:
     await _user_decision(world, "member_a", "a")
-    conn = await world.admin()
-    try:
-        await conn.execute(
-            "UPDATE public.clients SET status = 'suspended' WHERE id = $1", world.clients["a"]
-        )
-    finally:
-        await conn.close()
+    await world.sql(
+        "execute",
+        "UPDATE public.clients SET status = 'suspended' WHERE id = $1",
+        world.clients["a"],
+    )
     with pytest.raises(AccessDenied, match="suspended"):
         await _user_decision(world, "member_a", "a")
 

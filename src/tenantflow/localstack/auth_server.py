@@ -56,14 +56,8 @@ from starlette.routing import Route
 from tenantflow.auth import OPERATOR_APP_METADATA_KEY, OPERATOR_ROLE
 from tenantflow.localstack.config import StackConfig
 from tenantflow.localstack.services import (
-    Health,
+    HttpProcessService,
     StackError,
-    _read_pid,
-    _require_free,
-    pid_alive,
-    spawn_detached,
-    stop_process_group,
-    wait_until_ready,
 )
 
 __all__ = [
@@ -677,83 +671,45 @@ def create_app(config: StackConfig) -> Starlette:
 # --------------------------------------------------------------------------- the service
 
 
-class AuthServer:
+class AuthServer(HttpProcessService):
     """The stand-in as a stack service: one uvicorn process on `SUPABASE_URL`'s port."""
 
     name = "supabase-auth"
+    what = "the Auth stand-in"
+    folder = "auth"
+    port_variable = "TENANTFLOW_AUTH_PORT"
 
-    def __init__(self, config: StackConfig) -> None:
-        self.config = config
-        self.root = config.stack_dir / "auth"
-        self.pidfile = self.root / "server.pid"
-        self.logfile = self.root / "server.log"
+    @property
+    def port(self) -> int:
+        return self.config.auth_port
 
     @property
     def address(self) -> str:
         return self.config.supabase_url
 
-    def pid(self) -> int | None:
-        pid = _read_pid(self.pidfile)
-        return pid if pid_alive(pid) else None
+    def argv(self) -> list[str]:
+        # NOTE: not `-m`: the package imports this module, and runpy warns about that.
+        return [sys.executable, "-c", "from tenantflow.localstack.auth_server import main; main()"]
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update(
-            {
-                "TENANTFLOW_PROJECT_DIR": str(self.config.project_dir),
-                "TENANTFLOW_STACK_DIR": str(self.config.stack_dir),
-                "TENANTFLOW_PG_PORT": str(self.config.pg_port),
-                "TENANTFLOW_AUTH_PORT": str(self.config.auth_port),
-            }
-        )
-        return env
+        return {**os.environ, **self.config.location_environment()}
 
-    def start(self) -> bool:
-        if self.pid() is not None:
-            return False
-        _require_free(self.config.host, self.config.auth_port, self.name, "TENANTFLOW_AUTH_PORT")
-        self.root.mkdir(parents=True, exist_ok=True)
+    def answers(self) -> bool:
+        return _answers(self.config.supabase_url)
+
+    def prepare(self) -> None:
+        super().prepare()
         self.root.chmod(0o700)
         ensure_signing_keys(self.config)
 
-        async def prepare() -> None:
+        async def auth_schema() -> None:
             conn = await _admin_connection(self.config)
             try:
                 await ensure_auth_schema(self.config, conn)
             finally:
                 await conn.close()
 
-        asyncio.run(prepare())
-        process = spawn_detached(
-            # NOTE: not `-m`: the package imports this module, and runpy warns about that.
-            [sys.executable, "-c", "from tenantflow.localstack.auth_server import main; main()"],
-            cwd=self.root,
-            env=self.environment(),
-            logfile=self.logfile,
-            pidfile=self.pidfile,
-        )
-        wait_until_ready(
-            process,
-            lambda: _answers(self.config.supabase_url),
-            timeout=30,
-            what="the Auth stand-in",
-            logfile=self.logfile,
-        )
-        return True
-
-    def stop(self) -> bool:
-        pid = self.pid()
-        if pid is None:
-            return False
-        stop_process_group(pid, grace=10, what="the Auth stand-in")
-        self.pidfile.unlink(missing_ok=True)
-        return True
-
-    def health(self) -> Health:
-        pid = self.pid()
-        healthy = pid is not None and _answers(self.config.supabase_url)
-        detail = "ok" if healthy else ("not answering" if pid else "not running")
-        return Health(self.name, self.address, pid is not None, healthy, pid, detail)
+        asyncio.run(auth_schema())
 
 
 def _answers(supabase_url: str) -> bool:

@@ -169,6 +169,18 @@ class StackConfig:
     def prefect_ui_url(self) -> str:
         return f"http://{self.host}:{self.prefect_port}"
 
+    def location_environment(self) -> dict[str, str]:
+        """The TENANTFLOW_* variables under which `from_env()` gives this same stack."""
+        return {
+            "TENANTFLOW_PROJECT_DIR": str(self.project_dir),
+            "TENANTFLOW_STACK_DIR": str(self.stack_dir),
+            "TENANTFLOW_PG_PORT": str(self.pg_port),
+            "TENANTFLOW_TRANSACTION_POOLER_PORT": str(self.transaction_pooler_port),
+            "TENANTFLOW_SESSION_POOLER_PORT": str(self.session_pooler_port),
+            "TENANTFLOW_AUTH_PORT": str(self.auth_port),
+            "TENANTFLOW_PREFECT_PORT": str(self.prefect_port),
+        }
+
     def environment(self) -> dict[str, str]:
         """What the worker and the Prefect CLI need to talk to this stack."""
         return {

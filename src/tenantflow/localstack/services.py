@@ -32,6 +32,7 @@ from tenantflow.localstack.config import SERVICE_USER, StackConfig
 
 __all__ = [
     "Health",
+    "HttpProcessService",
     "PgBouncer",
     "Postgres",
     "PrefectServer",
@@ -442,24 +443,106 @@ class PgBouncer:
         return Health(self.name, self.address, pid is not None, healthy, pid, detail)
 
 
-class PrefectServer:
-    """`prefect server start` with its home (SQLite database) in the stack folder."""
+class HttpProcessService:
+    """A stack service that is one process group of ours, healthy when it answers HTTP.
 
-    name = "prefect-server"
+    Subclasses say how to start it (`argv`, `environment`, `prepare`) and how to ask it
+    (`answers`); starting, waiting, stopping and reporting live here once.
+    """
+
+    name: str
+    what: str
+    folder: str
+    port_variable: str
+    ready_timeout: float = 30
+    stop_grace: float = 10
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
-        self.root = config.stack_dir / "prefect"
+        self.root = config.stack_dir / self.folder
         self.pidfile = self.root / "server.pid"
         self.logfile = self.root / "server.log"
+
+    @property
+    def port(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def address(self) -> str:
+        raise NotImplementedError
+
+    def argv(self) -> list[str]:
+        raise NotImplementedError
+
+    def environment(self) -> dict[str, str]:
+        return dict(os.environ)
+
+    def answers(self) -> bool:
+        raise NotImplementedError
+
+    def prepare(self) -> None:
+        """Work before the process starts (folders, keys, schemas)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def pid(self) -> int | None:
+        pid = _read_pid(self.pidfile)
+        return pid if pid_alive(pid) else None
+
+    def start(self) -> bool:
+        if self.pid() is not None:
+            return False
+        _require_free(self.config.host, self.port, self.name, self.port_variable)
+        self.prepare()
+        process = spawn_detached(
+            self.argv(),
+            cwd=self.root,
+            env=self.environment(),
+            logfile=self.logfile,
+            pidfile=self.pidfile,
+        )
+        wait_until_ready(
+            process, self.answers, timeout=self.ready_timeout, what=self.what, logfile=self.logfile
+        )
+        return True
+
+    def stop(self) -> bool:
+        pid = self.pid()
+        if pid is None:
+            return False
+        stop_process_group(pid, grace=self.stop_grace, what=self.what)
+        self.pidfile.unlink(missing_ok=True)
+        return True
+
+    def health(self) -> Health:
+        pid = self.pid()
+        healthy = pid is not None and self.answers()
+        detail = "ok" if healthy else ("not answering" if pid else "not running")
+        return Health(self.name, self.address, pid is not None, healthy, pid, detail)
+
+
+class PrefectServer(HttpProcessService):
+    """`prefect server start` with its home (SQLite database) in the stack folder."""
+
+    name = "prefect-server"
+    what = "the Prefect server"
+    folder = "prefect"
+    port_variable = "TENANTFLOW_PREFECT_PORT"
+    ready_timeout = 90
+    stop_grace = 20
+
+    @property
+    def port(self) -> int:
+        return self.config.prefect_port
 
     @property
     def address(self) -> str:
         return self.config.prefect_ui_url
 
-    def pid(self) -> int | None:
-        pid = _read_pid(self.pidfile)
-        return pid if pid_alive(pid) else None
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "prefect", "server", "start", "--no-prompt"]
+
+    def answers(self) -> bool:
+        return _prefect_healthy(self.config.prefect_api_url)
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -482,43 +565,6 @@ class PrefectServer:
             }
         )
         return env
-
-    def start(self) -> bool:
-        if self.pid() is not None:
-            return False
-        _require_free(
-            self.config.host, self.config.prefect_port, self.name, "TENANTFLOW_PREFECT_PORT"
-        )
-        self.root.mkdir(parents=True, exist_ok=True)
-        process = spawn_detached(
-            [sys.executable, "-m", "prefect", "server", "start", "--no-prompt"],
-            cwd=self.root,
-            env=self.environment(),
-            logfile=self.logfile,
-            pidfile=self.pidfile,
-        )
-        wait_until_ready(
-            process,
-            lambda: _prefect_healthy(self.config.prefect_api_url),
-            timeout=90,
-            what="the Prefect server",
-            logfile=self.logfile,
-        )
-        return True
-
-    def stop(self) -> bool:
-        pid = self.pid()
-        if pid is None:
-            return False
-        stop_process_group(pid, grace=20, what="the Prefect server")
-        self.pidfile.unlink(missing_ok=True)
-        return True
-
-    def health(self) -> Health:
-        pid = self.pid()
-        healthy = pid is not None and _prefect_healthy(self.config.prefect_api_url)
-        detail = "ok" if healthy else ("not answering" if pid else "not running")
-        return Health(self.name, self.address, pid is not None, healthy, pid, detail)
 
 
 def _prefect_healthy(api_url: str) -> bool:
