@@ -1,9 +1,9 @@
 """`client-report`: one client's events over a period, read as the requesting user.
 
-User mode (DESIGN.md §2): the run acts for the user whose access token it carries, who
-needs an accepted membership in the (active) client; row-level security holds the same
-rule inside Postgres. Steps: take a database slot, authorize, validate the period,
-read and store the report in one transaction, publish markdown and table artifacts.
+User mode: the run acts for the user whose sealed access token it carries, who needs an
+accepted membership in the (active) client; row-level security holds the same rule
+inside Postgres. Steps: check the period, authorize, take a database slot, read and
+store the report in one transaction, publish markdown and table artifacts.
 """
 
 from __future__ import annotations
@@ -13,15 +13,10 @@ from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
-from pydantic import SecretStr
 
 from tenantflow.budget import database_slots
 from tenantflow.reports import ReportPeriod, build_client_report, render_markdown
-from tenantflow.tenancy import (
-    authorize_run,
-    redact_stored_access_token,
-    redact_token_on_failure,
-)
+from tenantflow.tenancy import SealedAccessToken, authorize_run, redact_token_on_failure
 
 
 @flow(
@@ -36,27 +31,28 @@ async def client_report(
     client_id: UUID,
     period_start: date,
     period_end: date,
-    access_token: SecretStr,
+    access_token: SealedAccessToken,
 ) -> dict[str, str | int]:
     """A report of one client over a period, read as the user whose token is given.
 
     Args:
         client_id: The client to report on (its id in `clients`).
         period_start: First day of the period, UTC, inclusive.
-        period_end: Last day of the period, UTC, inclusive (at most 366 days in all).
-        access_token: The Supabase access token of the user the report is for, a member
-            of the client. Removed from the run's stored parameters once read.
+        period_end: Last day of the period, UTC, inclusive (at most 366 days in all,
+            not after tomorrow).
+        access_token: The sealed access token of the user the report is for, a member of
+            the client: `tenantflow seal --flow client-report --client CLIENT_ID` turns
+            the user's Supabase access token into one. A plain token is refused.
     """
     logger = get_run_logger()
-    await redact_stored_access_token()  # first: Prefect stores parameters in clear
+    period = ReportPeriod(start=period_start, end=period_end)
+    [ctx] = await authorize_run(
+        action="client-report",
+        mode="user",
+        access_token=access_token,
+        client_ids=[client_id],
+    )
     async with database_slots(1):
-        [ctx] = await authorize_run(
-            action="client-report",
-            mode="user",
-            access_token=access_token,
-            client_ids=[client_id],
-        )
-        period = ReportPeriod(start=period_start, end=period_end)
         report = await build_client_report(ctx, period)
     logger.info("report %s: %d events for %s", report.report_id, report.events, ctx.label)
     await acreate_markdown_artifact(

@@ -1,14 +1,12 @@
-"""The `migrate` flow: bring the schema to a revision through the session pooler.
+"""The `migrate` flow: bring the schema up to a revision through the session pooler.
 
-Steps: migrate (or render the SQL, for a dry run), report before/after in the run log
-and a markdown artifact. The rules (session pooler only, one migration at a time
-under an advisory lock, all or nothing, downgrade only to an explicit target) live in
-`tenantflow.migrate`. Failures raise, so the run ends Failed with the reason; no
-retries: a refused URL or revision stays refused, and a run that lost the lock race
-should be started again on purpose, not automatically.
-
-Who may start it is Prefect's business (DESIGN.md §2): it touches schema, not client
-data, with the migration credentials of the worker's environment.
+Operator mode: every run needs a tenantflow operator's sealed access token, and the
+decision is audited like any other. Steps: authorize, migrate (or render the SQL, for a
+dry run), report before/after in the run log and a markdown artifact. The rules
+(session pooler only, one migration at a time under an advisory lock, all or nothing)
+live in `tenantflow.migrate`. This flow only upgrades: a downgrade destroys data and is
+done from the command line only (`tenantflow migrate --downgrade-to REV --yes`).
+Failures raise, so the run ends Failed with the reason; no retries.
 """
 
 from __future__ import annotations
@@ -17,25 +15,35 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 
 from tenantflow.migrate import MigrationResult, run_migration
+from tenantflow.tenancy import SealedAccessToken, authorize_run, redact_token_on_failure
 
 
-@flow(name="migrate", retries=0, persist_result=False, log_prints=False)
+@flow(
+    name="migrate",
+    retries=0,
+    persist_result=False,
+    log_prints=False,
+    on_failure=[redact_token_on_failure],
+    on_crashed=[redact_token_on_failure],
+)
 async def migrate(
+    access_token: SealedAccessToken,
     revision: str = "head",
     dry_run: bool = False,
-    downgrade_to: str | None = None,
 ) -> MigrationResult:
-    """Upgrade to `revision` (default: head), or downgrade to an explicit `downgrade_to`.
+    """Upgrade the schema to `revision` (default: head), or show the SQL (`dry_run`).
 
     Args:
+        access_token: A tenantflow operator's sealed access token
+            (`tenantflow seal --flow migrate`).
         revision: `head` or a revision id to upgrade to.
         dry_run: only render the SQL a real run would execute (into the artifact).
-        downgrade_to: a revision id, or `base`, to downgrade to; never relative.
     """
     logger = get_run_logger()
-    result = await run_migration(
-        revision=revision, downgrade_to=downgrade_to, dry_run=dry_run, logger=logger
+    await authorize_run(
+        action="migrate", mode="operator", access_token=access_token, client_ids=None
     )
+    result = await run_migration(revision=revision, dry_run=dry_run, logger=logger)
     await acreate_markdown_artifact(
         markdown=result.to_markdown(),
         key="migration-dry-run" if dry_run else "migration",

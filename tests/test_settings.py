@@ -13,7 +13,7 @@ REF = "abcdefghijklmnopqrst"
 POOLER = "aws-0-eu-central-1.pooler.supabase.com"
 
 VALID: dict[str, Any] = {
-    "database_url": f"postgresql://postgres.{REF}:{PASSWORD}@{POOLER}:6543/postgres",
+    "database_url": f"postgresql://tenantflow_worker.{REF}:{PASSWORD}@{POOLER}:6543/postgres",
     "migration_database_url": f"postgresql://postgres.{REF}:{PASSWORD}@{POOLER}:5432/postgres",
     "supabase_url": f"https://{REF}.supabase.co",
     "supabase_anon_key": "anon-key-value",
@@ -48,11 +48,11 @@ def test_valid_supabase_settings_are_normalised_to_asyncpg_with_ssl() -> None:
 
 @pytest.mark.parametrize("scheme", ["postgres", "postgresql", "postgresql+asyncpg"])
 def test_postgres_schemes_are_normalised(scheme: str) -> None:
-    url = f"{scheme}://postgres:{PASSWORD}@127.0.0.1:6543/postgres"
+    url = f"{scheme}://worker:{PASSWORD}@127.0.0.1:6543/postgres"
     migrate = f"{scheme}://postgres:{PASSWORD}@127.0.0.1:54329/postgres"
     settings = build(database_url=url, migration_database_url=migrate)
     assert settings.database_url.get_secret_value() == (
-        f"postgresql+asyncpg://postgres:{PASSWORD}@127.0.0.1:6543/postgres"
+        f"postgresql+asyncpg://worker:{PASSWORD}@127.0.0.1:6543/postgres"
     )
 
 
@@ -105,12 +105,32 @@ def test_port_6543_is_never_accepted_for_migrations(host: str) -> None:
 def test_pooler_host_needs_the_project_ref_user(field: str, user: str) -> None:
     port = 6543 if field == "database_url" else 5432
     message = refused(**{field: f"postgresql://{user}:{PASSWORD}@{POOLER}:{port}/postgres"})
-    assert field.upper() in message and "postgres.<project_ref>" in message
+    assert field.upper() in message and "<role>.<project_ref>" in message
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        f"postgresql://postgres.{REF}:{PASSWORD}@{POOLER}:6543/postgres",
+        f"postgresql://service_role.{REF}:{PASSWORD}@{POOLER}:6543/postgres",
+        f"postgresql://postgres:{PASSWORD}@127.0.0.1:6543/postgres",
+        f"postgresql://supabase_admin:{PASSWORD}@127.0.0.1:6543/postgres",
+    ],
+)
+def test_workers_never_log_in_as_the_owner(url: str) -> None:
+    message = refused(database_url=url)
+    assert "DATABASE_URL" in message and "tenantflow_worker" in message
+
+
+def test_migrations_keep_the_owner() -> None:
+    assert build().migration_database_url.get_secret_value().startswith(
+        f"postgresql+asyncpg://postgres.{REF}:"
+    )
 
 
 def test_migrations_on_the_same_endpoint_as_workers_are_refused() -> None:
     message = refused(
-        database_url=f"postgresql://postgres:{PASSWORD}@10.0.0.5:7000/postgres",
+        database_url=f"postgresql://worker:{PASSWORD}@10.0.0.5:7000/postgres",
         migration_database_url=f"postgresql://postgres:{PASSWORD}@10.0.0.5:7000/postgres",
     )
     assert "MIGRATION_DATABASE_URL" in message and "session pooler" in message
@@ -154,7 +174,9 @@ def test_missing_required_settings_name_each_field(monkeypatch: pytest.MonkeyPat
 def test_environment_values_are_read_and_errors_hide_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setenv("DATABASE_URL", f"postgresql://postgres.{REF}:{PASSWORD}@{POOLER}:5432/pg")
+    monkeypatch.setenv(
+        "DATABASE_URL", f"postgresql://tenantflow_worker.{REF}:{PASSWORD}@{POOLER}:5432/pg"
+    )
     with pytest.raises(SettingsError) as caught:
         load_settings(_env_file=None)
     assert "6543" in str(caught.value)

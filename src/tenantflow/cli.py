@@ -8,9 +8,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from uuid import UUID
 
 from tenantflow.localstack import Stack, StackError
 from tenantflow.localstack.services import Health
@@ -50,14 +50,14 @@ def _demo(stack: Stack) -> bool:
     log.info(
         "nightly-rollup run %s: %s in %.1fs%s\n  %s\n"
         "\nDeployments (%s/deployments):\n"
-        "  nightly-rollup/nightly-rollup   02:15 UTC daily; by hand: paste the operator token\n"
-        "  client-report/client-report     client_id, period, and a member's token\n"
-        "  migrate/migrate                 schema upgrades / dry runs\n"
-        "\nFor a client-report run form (tokens are valid 8 hours; "
-        "`tenantflow token --email E` makes more):\n"
-        "  client_id:      %s   (%s, where %s is owner)\n"
-        "  member token:   %s\n"
-        "  operator token: %s",
+        "  nightly-rollup/nightly-rollup   02:15 UTC daily; by hand: an operator's sealed token\n"
+        "  client-report/client-report     client_id, period, and a member's sealed token\n"
+        "  migrate/migrate                 schema upgrades / dry runs (operators)\n"
+        "\nSealed access tokens to paste into the run forms (each is good for one run within "
+        "an hour;\n`tenantflow token --email E --flow F [--client ID]` seals more):\n"
+        "  client-report, client_id:  %s   (%s, where %s is owner)\n"
+        "  client-report, access_token:  %s\n"
+        "  nightly-rollup (operator, every client), access_token:  %s",
         demo.flow_run_id,
         demo.state,
         demo.seconds,
@@ -93,31 +93,28 @@ def _stack(args: argparse.Namespace) -> int:
     return 0 if all(row.healthy for row in rows) else 3
 
 
-def _migrate_entrypoint() -> Path:
-    """`flows/migrate.py` of the project folder (or of the source checkout)."""
-    project = Path(os.environ.get("TENANTFLOW_PROJECT_DIR") or Path.cwd())
-    checkout = Path(__file__).resolve().parents[2]
-    for folder in (project, checkout):
-        if (folder / "flows" / "migrate.py").is_file():
-            return folder / "flows" / "migrate.py"
-    raise StackError("flows/migrate.py not found: run `tenantflow migrate` from the project folder")
-
-
 def _migrate(args: argparse.Namespace) -> int:
-    """Run the `migrate` flow itself, so the run shows in the Prefect UI like any other."""
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    # NOTE: imported here so `tenantflow stack ...` stays free of Prefect and Alembic.
-    from prefect.flows import load_flow_from_entrypoint
+    """Migrate from this machine, with its MIGRATION_DATABASE_URL (the owner's login).
 
-    from tenantflow.migrate import MigrationError, MigrationResult
+    NOTE: the `migrate` deployment is for operators and only upgrades; this command is
+    for whoever holds the owner's credentials, and the only way to downgrade.
+    """
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # NOTE: imported here so `tenantflow stack ...` stays free of Alembic.
+    from tenantflow.migrate import MigrationError, run_migration
     from tenantflow.settings import SettingsError
 
-    flow: Callable[..., Coroutine[Any, Any, MigrationResult]] = load_flow_from_entrypoint(
-        f"{_migrate_entrypoint()}:migrate", use_placeholder_flow=False
-    )
+    if args.downgrade_to and not args.dry_run and not args.yes:
+        log.error(
+            "a downgrade drops tables and their data: run it again with --yes to confirm "
+            "(or --dry-run to see the SQL first)"
+        )
+        return 2
     try:
         result = asyncio.run(
-            flow(revision=args.revision, dry_run=args.dry_run, downgrade_to=args.downgrade_to)
+            run_migration(
+                revision=args.revision, dry_run=args.dry_run, downgrade_to=args.downgrade_to
+            )
         )
     except (MigrationError, SettingsError) as error:
         log.error("migration failed: %s", error)
@@ -129,19 +126,40 @@ def _migrate(args: argparse.Namespace) -> int:
 
 
 def _token(args: argparse.Namespace) -> int:
-    """Mint a stack access token for a user of `auth.users`; stdout gets the token only."""
-    from tenantflow.localstack.auth_server import UnknownUser, mint_access_token
+    """Mint a stack access token for a user of `auth.users`, sealed for one run of a flow.
 
+    stdout gets the value only, so it can be piped; `--plain` prints the bare JWT (which a
+    flow refuses: it is for calling Supabase, or `tenantflow seal`, yourself).
+    """
+    from tenantflow.localstack.auth_server import UnknownUser, mint_access_token
+    from tenantflow.localstack.demo import sealed_token
+
+    config = Stack().config
+    if not args.plain and not args.flow:
+        log.error("--flow is needed: a sealed token is good for one run of one flow")
+        return 2
     try:
-        token = asyncio.run(
-            mint_access_token(
-                Stack().config, args.email, operator=args.operator, expires_in=args.expires_in
+        if args.plain:
+            value = asyncio.run(
+                mint_access_token(
+                    config, args.email, operator=args.operator, expires_in=args.expires_in
+                )
             )
-        )
-    except UnknownUser as error:
-        sys.stderr.write(f"error: {error}\n")
+        else:
+            value = asyncio.run(
+                sealed_token(
+                    config,
+                    args.email,
+                    flow=args.flow,
+                    client_ids=args.client or None,
+                    ttl_s=args.expires_in,
+                    operator=args.operator,
+                )
+            )
+    except (UnknownUser, ValueError) as error:
+        log.error("error: %s", error)
         return 1
-    sys.stdout.write(token + "\n")
+    sys.stdout.write(value + "\n")
     return 0
 
 
@@ -222,23 +240,38 @@ def main(argv: Sequence[str] | None = None) -> int:
     stack.set_defaults(handler=_stack)
     migrate = commands.add_parser(
         "migrate",
-        help="run the `migrate` flow: upgrade (or --dry-run) through the session pooler",
+        help="upgrade (or --dry-run, or --downgrade-to) through the session pooler",
     )
     migrate.add_argument("--revision", default="head", help="revision to upgrade to (head)")
     migrate.add_argument("--dry-run", action="store_true", help="print the SQL, change nothing")
     migrate.add_argument(
         "--downgrade-to", metavar="REVISION", help="downgrade to this revision id, or base"
     )
+    migrate.add_argument(
+        "--yes", action="store_true", help="confirm a downgrade (it drops tables and data)"
+    )
     migrate.set_defaults(handler=_migrate)
     token = commands.add_parser(
-        "token", help="print an access token of the local stack's Auth stand-in for a user"
+        "token",
+        help="a local stack user's access token, sealed for one run of a flow",
     )
     token.add_argument("--email", required=True, help="a user of auth.users")
+    token.add_argument("--flow", help="the flow the run is of (client-report, nightly-rollup...)")
+    token.add_argument(
+        "--client",
+        action="append",
+        type=UUID,
+        metavar="CLIENT_ID",
+        help="a client id of the run (repeat; none: a sweep of every client)",
+    )
     token.add_argument(
         "--operator", action="store_true", help="put the tenantflow_operator grant in the token"
     )
     token.add_argument(
-        "--expires-in", type=int, default=3600, metavar="S", help="lifetime in seconds (3600)"
+        "--plain", action="store_true", help="print the bare access token, not sealed"
+    )
+    token.add_argument(
+        "--expires-in", type=int, default=900, metavar="S", help="lifetime in seconds (900)"
     )
     token.set_defaults(handler=_token)
     deploy = commands.add_parser(

@@ -143,6 +143,9 @@ def build_transaction_engine(settings: Settings) -> AsyncEngine:
             "prepared_statement_cache_size": 0,
             "timeout": settings.db_connect_timeout,
         },
+        # NOTE: SQLAlchemy's error text would otherwise repeat the bound values (verified
+        # claims, client data) into exception messages that reach the Prefect UI.
+        hide_parameters=True,
         **_pool_arguments(settings),
     )
     event.listen(engine.sync_engine, "before_cursor_execute", _refuse_session_state)
@@ -155,6 +158,7 @@ def build_migration_engine(settings: Settings) -> AsyncEngine:
         make_url(settings.migration_database_url.get_secret_value()),
         poolclass=NullPool,
         connect_args={"timeout": settings.db_connect_timeout},
+        hide_parameters=True,
     )
 
 

@@ -37,12 +37,15 @@ __all__ = [
     "WORK_POOLS",
     "BootstrapError",
     "BootstrapResult",
+    "DeclaredDeployment",
+    "DeclaredSchedule",
     "DeployError",
     "DeployResult",
     "PoolType",
     "abootstrap",
     "base_job_template",
     "bootstrap",
+    "declared_deployment",
     "deploy",
     "deployment_names",
     "set_project_directory",
@@ -315,6 +318,65 @@ def deployment_names(project_dir: Path) -> list[str]:
     except (OSError, yaml.YAMLError) as error:
         raise DeployError(f"cannot read {path}: {error}") from None
     return [str(entry["name"]) for entry in document.get("deployments") or []]
+
+
+@dataclass(frozen=True)
+class DeclaredSchedule:
+    """A schedule as `prefect.yaml` declares it (what the scheduler may run, exactly)."""
+
+    slug: str
+    cron: str
+    timezone: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeclaredDeployment:
+    name: str
+    entrypoint: str
+    parameters: dict[str, Any]
+    schedules: tuple[DeclaredSchedule, ...]
+
+    def schedule(self, slug: str | None) -> DeclaredSchedule | None:
+        return next((s for s in self.schedules if slug and s.slug == slug), None)
+
+
+def declared_deployment(name: str, project_dir: Path | None = None) -> DeclaredDeployment | None:
+    """The deployment `name` as this project's `prefect.yaml` declares it, or None.
+
+    The worker reads its own copy of the project (the folder its flow runs start in,
+    `TENANTFLOW_PROJECT_DIR`), never what the Prefect API says a deployment is: the API
+    can be told anything by whoever reaches it.
+
+    Raises:
+        DeployError: `prefect.yaml` is missing or unreadable.
+    """
+    folder = project_dir or Path(os.environ.get(PROJECT_DIR_ENV) or Path.cwd())
+    path = folder / "prefect.yaml"
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DeployError(f"cannot read {path}: {error}") from None
+    for entry in document.get("deployments") or []:
+        if entry.get("name") != name:
+            continue
+        schedules = tuple(
+            DeclaredSchedule(
+                slug=str(schedule["slug"]),
+                cron=str(schedule["cron"]),
+                timezone=str(schedule.get("timezone") or "UTC"),
+                parameters=dict(schedule.get("parameters") or {}),
+            )
+            for schedule in entry.get("schedules") or []
+            if schedule.get("slug") and schedule.get("cron")
+        )
+        return DeclaredDeployment(
+            name=name,
+            entrypoint=str(entry.get("entrypoint")),
+            parameters=dict(entry.get("parameters") or {}),
+            schedules=schedules,
+        )
+    return None
 
 
 def deploy(

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import text
 
+from tenantflow.db import set_local
 from tenantflow.rollup import day_bounds
 from tenantflow.settings import get_settings
 from tenantflow.tenancy import TenantContext, tenant_session, tenant_task
@@ -26,6 +27,11 @@ __all__ = [
 ]
 
 
+#: Reports cover days from here to tomorrow (UTC): no event is older, and a day far in
+#: the future would only overflow date arithmetic.
+EARLIEST_DAY = date(2000, 1, 1)
+
+
 class ReportPeriod(BaseModel):
     """A report's period: whole UTC days, `start` to `end` inclusive."""
 
@@ -36,6 +42,11 @@ class ReportPeriod(BaseModel):
 
     @model_validator(mode="after")
     def _bounded(self) -> ReportPeriod:
+        latest = datetime.now(UTC).date() + timedelta(days=1)
+        if self.start < EARLIEST_DAY:
+            raise ValueError(f"period_start {self.start} is before {EARLIEST_DAY}")
+        if self.end > latest:
+            raise ValueError(f"period_end {self.end} is after {latest} (tomorrow, UTC)")
         if self.end < self.start:
             raise ValueError(f"period_end {self.end} is before period_start {self.start}")
         days = (self.end - self.start).days + 1
@@ -117,6 +128,10 @@ async def build_client_report(ctx: TenantContext, period: ReportPeriod) -> Clien
         events = sum(d.events for d in daily)
         revenue = sum((d.revenue for d in daily), Decimal(0))
         totals = {"events": events, "revenue": str(revenue), "by_kind": by_kind}
+        # NOTE: the worker stores the report, not the user: members may not write
+        # client_reports (through Supabase's Data API they could invent totals). The
+        # switch holds for the rest of this transaction only.
+        await set_local(session, {"role": "service_role"})
         report_id = (
             await session.execute(
                 _STORE,

@@ -30,7 +30,10 @@ __all__ = [
 SUPABASE_POOLER_SUFFIX = ".pooler.supabase.com"
 TRANSACTION_POOLER_PORT = 6543
 SESSION_POOLER_PORT = 5432
-_POOLER_USER = re.compile(r"^postgres\.[a-z0-9]{6,40}$")
+#: Supavisor logs a role in as `<role>.<project_ref>`.
+_POOLER_USER = re.compile(r"^(?P<role>[a-z_][a-z0-9_]*)\.[a-z0-9]{6,40}$")
+#: Logins that own the tables or bypass row-level security: never the workers' login.
+_OWNER_ROLES = frozenset({"postgres", "supabase_admin", "service_role", "authenticator"})
 _ASYNC_DRIVER = "postgresql+asyncpg"
 _ACCEPTED_SCHEMES = {"postgres", "postgresql", _ASYNC_DRIVER}
 
@@ -92,9 +95,16 @@ def _is_supabase_pooler(url: URL) -> bool:
 def _check_pooler_user(url: URL, field: str) -> None:
     if not _POOLER_USER.match(url.username or ""):
         raise ValueError(
-            f"{field}: Supabase pooler connections must log in as postgres.<project_ref> "
-            "(the user shown in the dashboard's connection string), not a bare user name"
+            f"{field}: Supabase pooler connections must log in as <role>.<project_ref> "
+            "(e.g. postgres.<project_ref> as in the dashboard), not a bare user name"
         )
+
+
+def _login_role(url: URL) -> str:
+    """The database role a URL logs in as (Supavisor's `<role>.<ref>` names the role)."""
+    user = url.username or ""
+    match = _POOLER_USER.match(user) if _is_supabase_pooler(url) else None
+    return match["role"] if match else user
 
 
 def _database_url(value: SecretStr) -> SecretStr:
@@ -106,6 +116,12 @@ def _database_url(value: SecretStr) -> SecretStr:
                 f"{TRANSACTION_POOLER_PORT}, not port {_port(url)}"
             )
         _check_pooler_user(url, "DATABASE_URL")
+    if _login_role(url) in _OWNER_ROLES:
+        raise ValueError(
+            f"DATABASE_URL logs in as {_login_role(url)}, which owns the tables or bypasses "
+            "row-level security; workers log in as their own role (tenantflow_worker, see "
+            "docs/operations.md), and only migrations use the owner"
+        )
     return SecretStr(url.render_as_string(hide_password=False))
 
 

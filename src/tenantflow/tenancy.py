@@ -1,24 +1,32 @@
-"""The tenant guard (DESIGN.md §2): who may touch which client's data, settled once per run.
+"""The tenant guard: who may touch which client's data, settled once per run.
 
-A flow that touches client data calls `authorize_run()` first. It settles the run's
-**actor**, checks it against the flow's mode and the clients asked for, writes every
-decision to `audit_log`, and hands back one sealed `TenantContext` per client. Tenant
-tasks (`@tenant_task`) refuse to run without one, and `tenant_session(ctx)` is their
-only way to a database session: for a user it carries the verified claims and
-`SET LOCAL ROLE authenticated`, so row-level security checks the membership a second
-time inside Postgres; for the scheduler and operators it runs as `service_role`.
+A flow that touches client data calls `authorize_run()` first. It opens the run's
+sealed access token, settles the run's **actor**, checks it against the flow's mode and
+the clients asked for, writes every decision to `audit_log`, and hands back one
+`TenantContext` per client. Tenant tasks (`@tenant_task`) refuse to run without one, and
+`tenant_session(ctx)` is their only way to a database session: for a user it carries
+the verified claims and `SET LOCAL ROLE authenticated`, so row-level security checks the
+membership a second time inside Postgres; for the scheduler and operators it runs as
+`service_role`. The guard's own reads and writes run as `service_role` too: the workers'
+login role can do nothing by itself (docs/security.md).
 
 | actor | how it is recognised |
 |---|---|
-| scheduler | no token, and the flow run, read from the Prefect API, has `auto_scheduled` |
+| scheduler | no token; the flow run, read from the Prefect API, was created by a schedule |
+|           | that this project's `prefect.yaml` declares, with exactly its parameters   |
 | operator | a verified token whose `app_metadata` grants `tenantflow_operator`, |
-|          | confirmed in `auth.users.raw_app_meta_data` at run time          |
+|          | confirmed in `auth.users` at run time and with Supabase Auth        |
 | user | any other verified token |
 
-Service-mode flows admit the scheduler and operators; user-mode flows admit a user
-(an operator too, acting with their own token) with an accepted membership in an
-active client, optionally of a minimum role. Everything else is denied before any
-tenant query, and the run fails with the reason.
+Tokens reach a flow run sealed to the workers (`tenantflow.sealing`): Prefect stores and
+shows only ciphertext. A seal is bound to the flow and its clients, expires soon, and is
+good for one flow run: the first run that opens it records that in the database.
+
+Service-mode flows admit the scheduler and operators; operator-mode flows (`migrate`)
+admit operators only; user-mode flows admit a user (an operator too, acting with their
+own token) with an accepted membership in an active client, optionally of a minimum
+role. Everything else is denied before any tenant query, and the run fails with the
+reason.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Seque
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Concatenate, Final, Literal, ParamSpec, TypeVar
+from typing import Annotated, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
 from uuid import UUID
 
 from prefect import Task, get_run_logger, task
@@ -39,7 +47,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun, State, TaskRun
 from prefect.context import FlowRunContext
 from prefect.tasks import exponential_backoff
-from pydantic import SecretStr
+from pydantic import Field, SecretStr
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -47,7 +55,14 @@ from tenantflow.auth import AuthError, VerifiedClaims, app_metadata_grants_opera
 from tenantflow.auth import verify_access_token as _verify_access_token
 from tenantflow.budget import transaction_slot
 from tenantflow.db import is_transient_database_error, unit_of_work
+from tenantflow.deployments import DeployError, declared_deployment
 from tenantflow.schema import MEMBER_ROLES
+from tenantflow.sealing import (
+    OpenedSeal,
+    SealError,
+    looks_like_plain_jwt,
+    open_sealed_token,
+)
 from tenantflow.settings import Settings, get_settings
 
 __all__ = [
@@ -55,9 +70,11 @@ __all__ = [
     "AccessDenied",
     "Actor",
     "ActorKind",
+    "Mode",
+    "SealedAccessToken",
     "TenantContext",
     "authorize_run",
-    "redact_stored_access_token",
+    "authorize_token",
     "redact_token_on_failure",
     "require_membership",
     "tenant_session",
@@ -66,9 +83,29 @@ __all__ = [
 
 log = logging.getLogger("tenantflow.tenancy")
 
-#: What a verified run's stored `access_token` parameter is replaced with.
-REDACTED: Final = "[redacted by tenantflow after verification]"
-SERVICE_CLAIMS: Final = json.dumps({"role": "service_role"})
+#: What a plain (unsealed) token found in a run's stored parameters is replaced with.
+REDACTED: Final = "[redacted by tenantflow: a plain access token is never kept]"
+SERVICE_ROLE: Final = "service_role"
+SERVICE_CLAIMS: Final = json.dumps({"role": SERVICE_ROLE})
+
+#: The type of every flow's `access_token` parameter: a sealed token (JWE compact
+#: serialization, five base64url segments). With the deployment's parameter schema
+#: enforced, the Prefect server refuses anything else (a plain JWT pasted by mistake)
+#: before it stores it; the guard refuses it again for runs created around the schema.
+SealedAccessToken = Annotated[
+    str,
+    Field(
+        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){4}$",
+        max_length=16384,
+        description=(
+            "A sealed access token: `tenantflow seal --flow FLOW --client CLIENT_ID` "
+            "(or tenantflow.sealing.seal_access_token) turns a Supabase access token "
+            "into one. A plain access token is refused."
+        ),
+    ),
+]
+
+Mode = Literal["user", "service", "operator"]
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -123,6 +160,19 @@ class TenantContext:
 # --------------------------------------------------------------------------- audit
 
 
+def _guard_unit(settings: Settings) -> Any:
+    """A transaction for the guard's own reads and writes, as `service_role`.
+
+    NOTE: the workers' login role is NOINHERIT and owns nothing; every statement runs
+    under a role switched to inside the transaction.
+    """
+    return unit_of_work(
+        local_settings={"request.jwt.claims": SERVICE_CLAIMS},
+        role=SERVICE_ROLE,
+        settings=settings,
+    )
+
+
 async def _audit(
     settings: Settings,
     *,
@@ -140,7 +190,7 @@ async def _audit(
         "SELECT :flow_run_id, :actor_kind, :actor_id, c, :action, :outcome, :reason "
         "FROM unnest(CAST(:client_ids AS uuid[])) AS c"
     )
-    async with unit_of_work(settings=settings) as session:
+    async with _guard_unit(settings) as session:
         await session.execute(
             statement,
             {
@@ -155,7 +205,7 @@ async def _audit(
         )
 
 
-# --------------------------------------------------------------------------- actor
+# --------------------------------------------------------------------------- the token
 
 
 async def _read_flow_run(flow_run_id: UUID) -> FlowRun:
@@ -164,82 +214,180 @@ async def _read_flow_run(flow_run_id: UUID) -> FlowRun:
 
 
 async def _redact_token_parameter(flow_run: FlowRun) -> None:
-    """Replace the stored `access_token` parameter: Prefect keeps parameters in clear."""
+    """Replace a plain token in the run's stored `access_token` parameter.
+
+    Sealed tokens are ciphertext and stay; a plain JWT reaches Prefect only when someone
+    created the run around the parameter schema, and is removed as soon as it is seen.
+    """
     stored = flow_run.parameters.get("access_token")
-    if stored in (None, "", REDACTED):
+    if not isinstance(stored, str) or not looks_like_plain_jwt(stored):
         return
     parameters = {**flow_run.parameters, "access_token": REDACTED}
     async with get_client() as client:
         await client.update_flow_run(flow_run.id, parameters=parameters)
 
 
-async def redact_stored_access_token(flow_run_id: UUID | None = None) -> None:
-    """Replace this run's stored `access_token` parameter with `REDACTED`.
-
-    Flows call it first thing, before anything that could fail or wait (database slots,
-    the guard), so no path leaves a token in the run's stored parameters.
-    """
-    flow_run_id = flow_run_id or _current_flow_run_id()
-    if flow_run_id is not None:
-        await _redact_token_parameter(await _read_flow_run(flow_run_id))
-
-
 async def redact_token_on_failure(flow: Any, flow_run: FlowRun, state: State[Any] | None) -> None:
-    """Flow hook (`on_failure`, `on_crashed`): runs that fail before their first step, on
-    invalid parameters say, still get their stored token removed."""
+    """Flow hook (`on_failure`, `on_crashed`): a run that failed before its guard ran (on
+    invalid parameters, say) still gets a plain token removed from its parameters."""
     await _redact_token_parameter(flow_run)
+
+
+async def _use_seal(settings: Settings, opened: OpenedSeal, flow_run_id: UUID) -> UUID:
+    """Record that `flow_run_id` opened the seal; returns the run that holds it."""
+    async with _guard_unit(settings) as session:
+        holder: UUID = (
+            await session.execute(
+                text(
+                    "SELECT tenantflow_private.use_seal("
+                    "CAST(:seal_id AS text), CAST(:flow_run_id AS uuid), "
+                    "CAST(:flow AS text), CAST(:expires_at AS timestamptz))"
+                ),
+                {
+                    "seal_id": opened.seal_id,
+                    "flow_run_id": flow_run_id,
+                    "flow": opened.flow,
+                    "expires_at": opened.expires_at,
+                },
+            )
+        ).scalar_one()
+    return holder
+
+
+async def _open_run_token(
+    settings: Settings,
+    sealed: str,
+    flow_run: FlowRun | None,
+    flow: str,
+    client_ids: Sequence[UUID] | None,
+) -> SecretStr:
+    """Open the run's sealed token and claim it for this run (single use)."""
+    if flow_run is not None and looks_like_plain_jwt(sealed):
+        await _redact_token_parameter(flow_run)
+    if sealed == REDACTED:
+        raise AccessDenied(
+            "this run's access_token was a plain access token and has been removed; "
+            "start a new run with a sealed access token (tenantflow seal)"
+        )
+    if flow_run is None:
+        raise AccessDenied("a sealed access token is only opened inside a flow run")
+    if settings.seal_private_keys is None:
+        raise AccessDenied(
+            "this worker cannot open sealed access tokens: SEAL_PRIVATE_KEYS is not set "
+            "in its environment (tenantflow seal-key generate)"
+        )
+    try:
+        opened = open_sealed_token(
+            sealed,
+            settings.seal_private_keys.get_secret_value(),
+            flow=flow,
+            client_ids=client_ids,
+            max_ttl_s=settings.seal_max_ttl_s,
+            leeway_s=settings.auth_leeway_s,
+        )
+    except SealError as error:
+        raise AccessDenied(f"sealed access token refused: {error}") from None
+    holder = await _use_seal(settings, opened, flow_run.id)
+    if holder != flow_run.id:
+        raise AccessDenied(
+            f"sealed access token refused: it was already used by flow run {holder}; "
+            "a sealed token is good for one run, seal a fresh one for this run"
+        )
+    return opened.token
+
+
+# --------------------------------------------------------------------------- actor
 
 
 async def _operator_confirmed(settings: Settings, user_id: UUID) -> bool:
     """Read the operator grant from `auth.users`: a token's `app_metadata` is stale."""
-    async with unit_of_work(settings=settings) as session:
-        row = (
+    async with _guard_unit(settings) as session:
+        app_metadata = (
             await session.execute(
-                text(
-                    "SELECT raw_app_meta_data FROM auth.users WHERE id = :id AND deleted_at IS NULL"
-                ),
+                text("SELECT tenantflow_private.operator_app_metadata(CAST(:id AS uuid))"),
                 {"id": user_id},
             )
-        ).one_or_none()
-    return row is not None and app_metadata_grants_operator(row[0])
+        ).scalar_one()
+    return app_metadata_grants_operator(app_metadata)
 
 
-async def _settle_actor(
-    settings: Settings,
-    token: str | None,
-    flow_run: FlowRun | None,
-    allow_anonymous: bool,
-) -> Actor:
-    if token:
-        if token == REDACTED:
-            raise AccessDenied(
-                "this run's access_token was removed after it was first verified; "
-                "start a new run with a fresh token instead of retrying this one"
-            )
+async def _verify_actor(settings: Settings, token: SecretStr, allow_anonymous: bool) -> Actor:
+    try:
+        claims = await _verify_access_token(
+            token, settings=settings, allow_anonymous=allow_anonymous
+        )
+    except AuthError as error:
+        raise AccessDenied(f"access token refused: {error}") from None
+    kind = ActorKind.USER
+    if claims.token_grants_operator and await _operator_confirmed(settings, claims.sub):
+        # NOTE: an operator may act on every client: ask Supabase Auth too, so a
+        # signed-out session or a deleted user cannot use a still-unexpired token.
         try:
             claims = await _verify_access_token(
-                token, settings=settings, allow_anonymous=allow_anonymous
+                token, settings=settings, allow_anonymous=allow_anonymous, strict=True
             )
         except AuthError as error:
-            raise AccessDenied(f"access token refused: {error}") from None
-        kind = ActorKind.USER
-        if claims.token_grants_operator and await _operator_confirmed(settings, claims.sub):
-            # NOTE: an operator may act on every client: ask Supabase Auth too, so a
-            # signed-out session or a deleted user cannot use a still-unexpired token.
-            try:
-                claims = await _verify_access_token(
-                    token, settings=settings, allow_anonymous=allow_anonymous, strict=True
-                )
-            except AuthError as error:
-                raise AccessDenied(f"operator token refused: {error}") from None
-            kind = ActorKind.OPERATOR
-        return Actor(kind, claims.sub, claims.email, claims)
-    if flow_run is not None and flow_run.auto_scheduled:
-        return Actor(ActorKind.SCHEDULER)
-    raise AccessDenied(
-        "no access_token: only runs created by the deployment's schedule may run without "
-        "one; paste a Supabase access token into the run's access_token parameter"
-    )
+            raise AccessDenied(f"operator token refused: {error}") from None
+        kind = ActorKind.OPERATOR
+    return Actor(kind, claims.sub, claims.email, claims)
+
+
+_NO_TOKEN_REASON = "no access_token: " + (
+    "only runs created by the project's own schedule may run without one; paste a "
+    "sealed access token (tenantflow seal) into the run's access_token"
+)
+
+
+async def _scheduler(flow_run: FlowRun | None) -> Actor:
+    """The scheduler, if the project's own declared schedule created this run as declared.
+
+    `auto_scheduled` and `created_by` cannot be set by an API client; the schedule they
+    point at, the deployment's parameters and the run's parameters can all be changed
+    through the API, so each is compared with the worker's own `prefect.yaml`.
+    """
+    created_by = flow_run.created_by if flow_run is not None else None
+    if (
+        flow_run is None
+        or not flow_run.auto_scheduled
+        or created_by is None
+        or created_by.type != "SCHEDULE"
+        or flow_run.deployment_id is None
+    ):
+        raise AccessDenied(_NO_TOKEN_REASON)
+    async with get_client() as client:
+        deployment = await client.read_deployment(flow_run.deployment_id)
+    try:
+        declared = declared_deployment(deployment.name)
+    except DeployError as error:
+        raise AccessDenied(f"cannot check the schedule against prefect.yaml: {error}") from None
+    schedule = next((s for s in deployment.schedules if s.id == created_by.id), None)
+    expected = None
+    if declared is not None and schedule is not None:
+        expected = declared.schedule(schedule.slug)
+    if declared is None or schedule is None or expected is None:
+        raise AccessDenied(
+            f"this run was created by a schedule ({created_by.display_value}) that the "
+            f"project does not declare for deployment {deployment.name}; "
+            "only the project's own schedules may run without an access_token"
+        )
+    cron = getattr(schedule.schedule, "cron", None)
+    timezone = getattr(schedule.schedule, "timezone", None) or "UTC"
+    if (cron, timezone) != (expected.cron, expected.timezone):
+        raise AccessDenied(
+            f"schedule {expected.slug} was changed through the Prefect API ({cron} {timezone}, "
+            f"declared {expected.cron} {expected.timezone}); redeploy the project"
+        )
+    parameters = {**declared.parameters, **expected.parameters}
+    if flow_run.parameters != parameters:
+        changed = sorted(set(flow_run.parameters) ^ set(parameters)) or sorted(
+            k for k in parameters if flow_run.parameters.get(k) != parameters[k]
+        )
+        raise AccessDenied(
+            f"this scheduled run's parameters differ from schedule {expected.slug}'s in "
+            f"prefect.yaml ({', '.join(changed)}); a run with other parameters needs an "
+            "operator's sealed access token"
+        )
+    return Actor(ActorKind.SCHEDULER)
 
 
 # --------------------------------------------------------------------------- clients
@@ -256,6 +404,9 @@ async def require_membership(
 ) -> _Membership:
     """An accepted membership of `user_id` in the active client `client_id`.
 
+    NOTE: a client that does not exist and one the user is no member of get the same
+    answer, so a refusal never tells whether some other tenant's id is real.
+
     Raises:
         AccessDenied: no membership, not accepted yet, client not active, role too low.
     """
@@ -265,19 +416,16 @@ async def require_membership(
         await session.execute(
             text(
                 "SELECT c.name, c.status, m.role, m.accepted_at IS NOT NULL "
-                "FROM public.clients AS c "
-                "LEFT JOIN public.memberships AS m "
-                "  ON m.client_id = c.id AND m.user_id = :user_id "
-                "WHERE c.id = :client_id"
+                "FROM public.memberships AS m "
+                "JOIN public.clients AS c ON c.id = m.client_id "
+                "WHERE m.client_id = :client_id AND m.user_id = :user_id"
             ),
             {"user_id": user_id, "client_id": client_id},
         )
     ).one_or_none()
     if row is None:
-        raise AccessDenied(f"client {client_id} does not exist")
-    name, status, role, accepted = row
-    if role is None:
         raise AccessDenied(f"user {user_id} has no membership in client {client_id}")
+    name, status, role, accepted = row
     if not accepted:
         raise AccessDenied(
             f"user {user_id}'s membership in client {client_id} has not been accepted"
@@ -323,10 +471,14 @@ def _current_flow_run_id() -> UUID | None:
     return context.flow_run.id if context and context.flow_run else None
 
 
+def _plain(value: SecretStr | str | None) -> str | None:
+    return value.get_secret_value() if isinstance(value, SecretStr) else value
+
+
 async def authorize_run(
     *,
     action: str,
-    mode: Literal["user", "service"],
+    mode: Mode,
     access_token: SecretStr | str | None,
     client_ids: Sequence[UUID] | None,
     min_role: str | None = None,
@@ -334,15 +486,17 @@ async def authorize_run(
     flow_run_id: UUID | None = None,
     settings: Settings | None = None,
 ) -> list[TenantContext]:
-    """Settle the actor, check it, audit the decision, and issue the tenant contexts.
+    """Open the run's sealed token, settle the actor, check it, audit, issue contexts.
 
     Args:
-        action: what the run does, for the audit log (e.g. the flow's name).
+        action: the flow's name: the audit log's action, and what the sealed token must
+            have been sealed for.
         mode: `user` flows act for one user in one client (membership required);
-            `service` flows act for the platform (scheduler or operator only).
-        access_token: the run's `access_token` parameter, if any.
+            `service` flows act for the platform (scheduler or operator); `operator`
+            flows (migrations) for operators only.
+        access_token: the run's `access_token` parameter: a sealed token, or None.
         client_ids: the clients asked for; `None` in service mode means every active
-            client. User mode takes exactly one.
+            client. User mode takes exactly one. The sealed token must name the same.
         min_role: user mode: the lowest membership role allowed.
         flow_run_id: defaults to the current flow run.
 
@@ -352,15 +506,67 @@ async def authorize_run(
     settings = settings or get_settings()
     flow_run_id = flow_run_id or _current_flow_run_id()
     flow_run = await _read_flow_run(flow_run_id) if flow_run_id else None
-    raw = access_token.get_secret_value() if isinstance(access_token, SecretStr) else access_token
-    if raw and flow_run is not None:
-        # NOTE: first of all, so a refused token is not kept in clear either.
-        await _redact_token_parameter(flow_run)
+    sealed = _plain(access_token)
 
+    async def token() -> SecretStr | None:
+        if not sealed:
+            return None
+        return await _open_run_token(settings, sealed, flow_run, action, client_ids)
+
+    return await _decide(
+        settings, action, mode, token, client_ids, min_role, allow_anonymous, flow_run
+    )
+
+
+async def authorize_token(
+    *,
+    action: str,
+    mode: Mode,
+    access_token: SecretStr | str | None,
+    client_ids: Sequence[UUID] | None,
+    min_role: str | None = None,
+    allow_anonymous: bool = False,
+    flow_run_id: UUID | None = None,
+    settings: Settings | None = None,
+) -> list[TenantContext]:
+    """The guard's decision for a plain access token that is already in hand.
+
+    Flows never call this: their token arrives sealed through Prefect (`authorize_run`).
+    It serves code that holds a user's token without Prefect in between, and states the
+    decision table on its own. Arguments as for `authorize_run`.
+    """
+    settings = settings or get_settings()
+    flow_run_id = flow_run_id or _current_flow_run_id()
+    flow_run = await _read_flow_run(flow_run_id) if flow_run_id else None
+    plain = _plain(access_token)
+
+    async def token() -> SecretStr | None:
+        return SecretStr(plain) if plain else None
+
+    return await _decide(
+        settings, action, mode, token, client_ids, min_role, allow_anonymous, flow_run
+    )
+
+
+async def _decide(
+    settings: Settings,
+    action: str,
+    mode: Mode,
+    token: Callable[[], Awaitable[SecretStr | None]],
+    client_ids: Sequence[UUID] | None,
+    min_role: str | None,
+    allow_anonymous: bool,
+    flow_run: FlowRun | None,
+) -> list[TenantContext]:
+    flow_run_id = flow_run.id if flow_run is not None else None
     actor: Actor | None = None
     asked: list[UUID | None] = list(client_ids) if client_ids is not None else [None]
     try:
-        actor = await _settle_actor(settings, raw, flow_run, allow_anonymous)
+        opened = await token()
+        if opened is not None:
+            actor = await _verify_actor(settings, opened, allow_anonymous)
+        else:
+            actor = await _scheduler(flow_run)
         contexts = await _admit(settings, actor, mode, client_ids, min_role, flow_run_id)
     except AccessDenied as denied:
         await _audit(
@@ -377,7 +583,7 @@ async def authorize_run(
         settings,
         flow_run_id=flow_run_id,
         actor=actor,
-        client_ids=[c.client_id for c in contexts],
+        client_ids=[c.client_id for c in contexts] or [None],
         action=action,
         outcome="allowed",
         reason=f"{actor.kind.value} in {mode} mode",
@@ -388,18 +594,25 @@ async def authorize_run(
 async def _admit(
     settings: Settings,
     actor: Actor,
-    mode: Literal["user", "service"],
+    mode: Mode,
     client_ids: Sequence[UUID] | None,
     min_role: str | None,
     flow_run_id: UUID | None,
 ) -> list[TenantContext]:
+    if mode == "operator":
+        if actor.kind is not ActorKind.OPERATOR:
+            raise AccessDenied(
+                f"{actor.describe()} may not start this flow: only a tenantflow operator "
+                "(app_metadata role tenantflow_operator) may"
+            )
+        return []
     if mode == "service":
         if actor.kind is ActorKind.USER:
             raise AccessDenied(
                 f"{actor.describe()} may not start this service flow: it runs on its "
                 "schedule or by an operator (app_metadata role tenantflow_operator)"
             )
-        async with unit_of_work(settings=settings) as session:
+        async with _guard_unit(settings) as session:
             clients = await _active_clients(session, client_ids)
         return [
             TenantContext(actor, client_id, name, flow_run_id, seal=_SEAL)
@@ -409,7 +622,7 @@ async def _admit(
         raise AccessDenied("this flow acts for a user: it needs that user's access_token")
     if client_ids is None or len(client_ids) != 1:
         raise AccessDenied("this flow acts on exactly one client")
-    async with unit_of_work(settings=settings) as session:
+    async with _guard_unit(settings) as session:
         membership = await require_membership(
             session, user_id=actor.user_id, client_id=client_ids[0], min_role=min_role
         )
@@ -443,9 +656,15 @@ async def tenant_session(
         raise AccessDenied("tenant_session needs a TenantContext from the tenant guard")
     claims = ctx.actor.claims
     if ctx.actor.kind is not ActorKind.USER or claims is None:
-        local, role = {"request.jwt.claims": SERVICE_CLAIMS}, "service_role"
+        local, role = {"request.jwt.claims": SERVICE_CLAIMS}, SERVICE_ROLE
     else:
-        local, role = {"request.jwt.claims": claims.claims_json()}, "authenticated"
+        # NOTE: Supabase's auth.uid() reads request.jwt.claim.sub before the claims
+        # document (PostgREST sets both); both are set, so it sees this user either way.
+        local = {
+            "request.jwt.claims": claims.claims_json(),
+            "request.jwt.claim.sub": str(claims.sub),
+        }
+        role = "authenticated"
     async with (
         transaction_slot(),
         unit_of_work(local_settings=local, role=role, settings=settings) as session,

@@ -1,15 +1,15 @@
-"""The tenant guard's decision table, its audit trail, and RLS as the second line."""
+"""The tenant guard's decision table, its audit trail, and RLS as the second line.
+
+These take plain tokens (`authorize_token`); how a sealed token reaches the same table
+inside a flow run is in test_sealed.py, the scheduler in test_scheduler.py.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
-from datetime import timedelta
 
 import pytest
-from prefect.client.orchestration import get_client
-from prefect.client.schemas.actions import DeploymentScheduleCreate
-from prefect.client.schemas.schedules import IntervalSchedule
 from pydantic import SecretStr
 from sqlalchemy import text
 
@@ -17,12 +17,11 @@ from tenantflow.db import dispose_engines
 from tenantflow.localstack.auth_server import set_operator
 from tenantflow.tenancy import (
     _SEAL,
-    REDACTED,
     AccessDenied,
     Actor,
     ActorKind,
     TenantContext,
-    authorize_run,
+    authorize_token,
     tenant_session,
 )
 from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
@@ -48,7 +47,7 @@ async def _audit_rows(world: World, actor_id: uuid.UUID | None, action: str) -> 
 
 
 async def _user_decision(world: World, who: str, client: str, **options) -> TenantContext:
-    contexts = await authorize_run(
+    contexts = await authorize_token(
         action=f"test-{uuid.uuid4().hex[:6]}",
         mode="user",
         access_token=SecretStr(await world.token(who)),
@@ -71,7 +70,7 @@ async def _user_decision(world: World, who: str, client: str, **options) -> Tena
 async def test_user_mode_denials(world: World, who: str, client: str, reason: str) -> None:
     action = f"deny-{who}-{uuid.uuid4().hex[:6]}"
     with pytest.raises(AccessDenied, match=reason):
-        await authorize_run(
+        await authorize_token(
             action=action,
             mode="user",
             access_token=await world.token(who),
@@ -124,7 +123,7 @@ async def test_suspension_between_two_runs(world: World) -> None:
 async def test_user_mode_takes_exactly_one_client(world: World) -> None:
     token = await world.token("member_a")
     with pytest.raises(AccessDenied, match="exactly one client"):
-        await authorize_run(
+        await authorize_token(
             action="t",
             mode="user",
             access_token=token,
@@ -137,7 +136,7 @@ async def test_forged_token_is_denied_without_the_token_in_the_reason(world: Wor
     head, payload, signature = token.split(".")
     forged = f"{head}.{payload}.{signature[::-1]}"
     with pytest.raises(AccessDenied, match="access token refused") as caught:
-        await authorize_run(
+        await authorize_token(
             action="t", mode="user", access_token=forged, client_ids=[world.clients["a"]]
         )
     for text_ in (str(caught.value), repr(caught.value)):
@@ -146,12 +145,12 @@ async def test_forged_token_is_denied_without_the_token_in_the_reason(world: Wor
 
 async def test_no_token_outside_a_scheduled_run_is_denied(world: World) -> None:
     with pytest.raises(AccessDenied, match="no access_token"):
-        await authorize_run(action="t", mode="service", access_token=None, client_ids=None)
+        await authorize_token(action="t", mode="service", access_token=None, client_ids=None)
 
 
 async def test_service_mode_refuses_plain_users(world: World) -> None:
     with pytest.raises(AccessDenied, match="may not start this service flow"):
-        await authorize_run(
+        await authorize_token(
             action="t",
             mode="service",
             access_token=await world.token("member_a"),
@@ -160,7 +159,7 @@ async def test_service_mode_refuses_plain_users(world: World) -> None:
 
 
 async def test_operator_runs_service_flows_for_the_clients_asked(world: World) -> None:
-    contexts = await authorize_run(
+    contexts = await authorize_token(
         action="t",
         mode="service",
         access_token=await world.token("operator"),
@@ -173,7 +172,7 @@ async def test_operator_runs_service_flows_for_the_clients_asked(world: World) -
 async def test_operator_service_mode_without_clients_means_every_active_client(
     world: World,
 ) -> None:
-    contexts = await authorize_run(
+    contexts = await authorize_token(
         action="t", mode="service", access_token=await world.token("operator"), client_ids=None
     )
     ids = {c.client_id for c in contexts}
@@ -184,11 +183,11 @@ async def test_operator_service_mode_without_clients_means_every_active_client(
 async def test_service_mode_refuses_inactive_or_unknown_clients(world: World) -> None:
     token = await world.token("operator")
     with pytest.raises(AccessDenied, match="not active"):
-        await authorize_run(
+        await authorize_token(
             action="t", mode="service", access_token=token, client_ids=[world.clients["s"]]
         )
     with pytest.raises(AccessDenied, match="unknown client"):
-        await authorize_run(
+        await authorize_token(
             action="t", mode="service", access_token=token, client_ids=[uuid.uuid4()]
         )
 
@@ -198,12 +197,12 @@ async def test_operator_claim_revoked_in_auth_users_is_refused(world: World) -> 
     token = await world.token("revoked_operator", operator=True)
     await set_operator(world.stack.config, world.emails["revoked_operator"], False)
     with pytest.raises(AccessDenied, match="may not start this service flow"):
-        await authorize_run(action="t", mode="service", access_token=token, client_ids=None)
+        await authorize_token(action="t", mode="service", access_token=token, client_ids=None)
     # And a live grant is honoured at once, whatever the token's age.
     token = await world.token("operator")
     await set_operator(world.stack.config, world.emails["operator"], False)
     with pytest.raises(AccessDenied, match="may not start this service flow"):
-        await authorize_run(action="t", mode="service", access_token=token, client_ids=None)
+        await authorize_token(action="t", mode="service", access_token=token, client_ids=None)
 
 
 async def _visible_events(ctx: TenantContext) -> set[uuid.UUID]:
@@ -249,7 +248,7 @@ def test_contexts_cannot_be_made_outside_the_guard() -> None:
 
 
 async def test_service_sessions_see_every_client_but_run_as_service_role(world: World) -> None:
-    [ctx] = await authorize_run(
+    [ctx] = await authorize_token(
         action="t",
         mode="service",
         access_token=await world.token("operator"),
@@ -259,146 +258,6 @@ async def test_service_sessions_see_every_client_but_run_as_service_role(world: 
         role = (await session.execute(text("SELECT current_user"))).scalar()
     assert role == "service_role"
     assert {world.clients["a"], world.clients["b"]} <= await _visible_events(ctx)
-
-
-# --------------------------------------------------------------------- scheduler detection
-
-
-@pytest.fixture
-async def scheduled_deployment(stack) -> AsyncIterator[uuid.UUID]:
-    async with get_client() as client:
-        flow_id = await client.create_flow_from_name(f"guard-test-{uuid.uuid4().hex[:6]}")
-        deployment_id = await client.create_deployment(
-            flow_id=flow_id,
-            name="scheduled",
-            schedules=[
-                DeploymentScheduleCreate(
-                    schedule=IntervalSchedule(interval=timedelta(hours=1)), active=True
-                )
-            ],
-            paused=False,
-        )
-    yield deployment_id
-    async with get_client() as client:
-        await client.delete_deployment(deployment_id)
-
-
-async def test_a_run_created_by_the_schedule_is_the_scheduler(
-    world: World, scheduled_deployment: uuid.UUID
-) -> None:
-    async with get_client() as client:
-        response = await client._client.post(
-            f"/deployments/{scheduled_deployment}/schedule", json={"max_runs": 1}
-        )
-        response.raise_for_status()
-        runs = await client.read_flow_runs()
-    scheduled = [r for r in runs if r.deployment_id == scheduled_deployment and r.auto_scheduled]
-    assert scheduled, "the schedule created no run"
-    contexts = await authorize_run(
-        action="t",
-        mode="service",
-        access_token=None,
-        client_ids=[world.clients["a"]],
-        flow_run_id=scheduled[0].id,
-    )
-    assert contexts[0].actor.kind is ActorKind.SCHEDULER
-    # The scheduler acts for the platform, never for a user.
-    with pytest.raises(AccessDenied, match="needs that user's access_token"):
-        await authorize_run(
-            action="t",
-            mode="user",
-            access_token=None,
-            client_ids=[world.clients["a"]],
-            flow_run_id=scheduled[0].id,
-        )
-
-
-async def test_a_manual_run_dressed_as_scheduled_is_not(
-    world: World, scheduled_deployment: uuid.UUID
-) -> None:
-    async with get_client() as client:
-        run = await client.create_flow_run_from_deployment(
-            scheduled_deployment,
-            tags=["auto-scheduled"],
-            parameters={},
-            idempotency_key=f"scheduled-{uuid.uuid4()}",
-        )
-        stored = await client.read_flow_run(run.id)
-    assert "auto-scheduled" in stored.tags and not stored.auto_scheduled
-    with pytest.raises(AccessDenied, match="no access_token"):
-        await authorize_run(
-            action="t",
-            mode="service",
-            access_token=None,
-            client_ids=[world.clients["a"]],
-            flow_run_id=run.id,
-        )
-
-
-async def test_the_token_is_redacted_from_the_stored_parameters(
-    world: World, scheduled_deployment: uuid.UUID
-) -> None:
-    token = await world.token("operator")
-    async with get_client() as client:
-        run = await client.create_flow_run_from_deployment(
-            scheduled_deployment, parameters={"access_token": token, "day": "2026-01-01"}
-        )
-        assert (await client.read_flow_run(run.id)).parameters["access_token"] == token
-    await authorize_run(
-        action="t",
-        mode="service",
-        access_token=token,
-        client_ids=[world.clients["a"]],
-        flow_run_id=run.id,
-    )
-    async with get_client() as client:
-        stored = (await client.read_flow_run(run.id)).parameters
-    assert stored == {"access_token": REDACTED, "day": "2026-01-01"}
-    # A retry of that run sees the placeholder and says what to do.
-    with pytest.raises(AccessDenied, match="start a new run with a fresh token"):
-        await authorize_run(
-            action="t",
-            mode="service",
-            access_token=stored["access_token"],
-            client_ids=[world.clients["a"]],
-            flow_run_id=run.id,
-        )
-
-
-async def test_a_refused_token_is_redacted_too(
-    world: World, scheduled_deployment: uuid.UUID
-) -> None:
-    token = await world.token("member_a")
-    async with get_client() as client:
-        run = await client.create_flow_run_from_deployment(
-            scheduled_deployment, parameters={"access_token": token}
-        )
-    with pytest.raises(AccessDenied):
-        await authorize_run(
-            action="t", mode="service", access_token=token, client_ids=None, flow_run_id=run.id
-        )
-    async with get_client() as client:
-        assert (await client.read_flow_run(run.id)).parameters["access_token"] == REDACTED
-
-
-async def test_the_failure_hook_redacts_a_run_that_failed_before_its_first_step(
-    world: World, scheduled_deployment: uuid.UUID
-) -> None:
-    from flows.client_report import client_report
-    from flows.nightly_rollup import nightly_rollup
-    from tenantflow.tenancy import redact_token_on_failure
-
-    token = await world.token("member_a")
-    async with get_client() as client:
-        run = await client.create_flow_run_from_deployment(
-            scheduled_deployment, parameters={"access_token": token, "period_end": "bad"}
-        )
-        await redact_token_on_failure(None, await client.read_flow_run(run.id), run.state)
-        stored = (await client.read_flow_run(run.id)).parameters
-    assert stored == {"access_token": REDACTED, "period_end": "bad"}
-    for flow_ in (client_report, nightly_rollup):
-        assert redact_token_on_failure in flow_.on_failure_hooks
-        assert redact_token_on_failure in flow_.on_crashed_hooks
 
 
 async def test_a_signed_out_operator_session_is_refused(world: World) -> None:
@@ -415,4 +274,43 @@ async def test_a_signed_out_operator_session_is_refused(world: World) -> None:
         )
     assert response.status_code == 204, response.text
     with pytest.raises(AccessDenied, match="operator token refused"):
-        await authorize_run(action="t", mode="service", access_token=token, client_ids=None)
+        await authorize_token(action="t", mode="service", access_token=token, client_ids=None)
+
+
+async def test_a_refusal_does_not_tell_whether_another_client_exists(world: World) -> None:
+    token = await world.token("member_a")
+    messages = []
+    for client in (world.clients["b"], uuid.uuid4()):
+        with pytest.raises(AccessDenied) as caught:
+            await authorize_token(action="t", mode="user", access_token=token, client_ids=[client])
+        messages.append(str(caught.value).replace(str(client), "<client>"))
+    assert messages[0] == messages[1]
+
+
+async def test_user_sessions_set_the_claims_auth_uid_reads_first(world: World) -> None:
+    ctx = await _user_decision(world, "member_a", "a")
+    async with tenant_session(ctx) as session:
+        row = (
+            await session.execute(
+                text(
+                    "SELECT current_setting('request.jwt.claim.sub', true), auth.uid(), "
+                    "current_user"
+                )
+            )
+        ).one()
+    assert row == (str(world.users["member_a"]), world.users["member_a"], "authenticated")
+
+
+async def test_a_failing_tenant_query_keeps_its_bound_values_out_of_the_error(
+    world: World,
+) -> None:
+    ctx = await _user_decision(world, "member_a", "a")
+    email = ctx.actor.claims.email
+    assert email
+    with pytest.raises(Exception) as caught:
+        async with tenant_session(ctx) as session:
+            await session.execute(
+                text("SELECT CAST(:value AS text) || CAST(1 / 0 AS text)"), {"value": email}
+            )
+    assert "division by zero" in str(caught.value)
+    assert email not in str(caught.value) and email not in repr(caught.value)

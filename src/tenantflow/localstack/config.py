@@ -16,9 +16,14 @@ from pathlib import Path
 
 import jwt
 
+from tenantflow.sealing import generate_private_key
+
 __all__ = ["StackConfig", "StackSecrets"]
 
 SERVICE_USER = "postgres"
+#: The workers' own database login (least privilege); created by the stack before the
+#: migrations run, as a project's administrator would on Supabase.
+WORKER_DB_ROLE = "tenantflow_worker"
 
 
 # NOTE: the same payloads as the Supabase CLI's demo keys: legacy API keys are HS256 JWTs
@@ -37,7 +42,10 @@ class StackSecrets:
 
     admin_password: str
     postgres_password: str
+    worker_password: str
     jwt_secret: str
+    #: The workers' key for sealed access tokens (a private EC P-256 JWK, JSON).
+    seal_private_key: str
 
     @property
     def anon_key(self) -> str:
@@ -53,7 +61,13 @@ class StackSecrets:
 
     @classmethod
     def load_or_create(cls, path: Path) -> StackSecrets:
-        fields = ("admin_password", "postgres_password", "jwt_secret")
+        fields = (
+            "admin_password",
+            "postgres_password",
+            "worker_password",
+            "jwt_secret",
+            "seal_private_key",
+        )
         if path.exists():
             data = json.loads(path.read_text())
             if all(k in data for k in fields):
@@ -67,7 +81,9 @@ class StackSecrets:
             created = cls(
                 admin_password=data.get("admin_password") or secrets.token_urlsafe(24),
                 postgres_password=data.get("postgres_password") or secrets.token_urlsafe(24),
+                worker_password=data.get("worker_password") or secrets.token_urlsafe(24),
                 jwt_secret=data.get("jwt_secret") or secrets.token_urlsafe(48),
+                seal_private_key=data.get("seal_private_key") or generate_private_key(),
             )
             temporary = path.with_suffix(".tmp")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -142,6 +158,16 @@ class StackConfig:
 
     @property
     def database_url(self) -> str:
+        """The workers' URL: the transaction pooler, as the least-privilege worker role."""
+        return self.url(
+            self.transaction_pooler_port,
+            user=WORKER_DB_ROLE,
+            password=self.secrets.worker_password,
+        )
+
+    @property
+    def owner_transaction_url(self) -> str:
+        """The transaction pooler as the tables' owner `postgres` (set-up and tests only)."""
         return self.url(self.transaction_pooler_port)
 
     @property
@@ -188,5 +214,6 @@ class StackConfig:
             "MIGRATION_DATABASE_URL": self.migration_database_url,
             "SUPABASE_URL": self.supabase_url,
             "SUPABASE_ANON_KEY": self.secrets.anon_key,
+            "SEAL_PRIVATE_KEYS": self.secrets.seal_private_key,
             "PREFECT_API_URL": self.prefect_api_url,
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -20,6 +21,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from tenantflow.localstack.auth_server import create_user, mint_access_token
 from tenantflow.localstack.config import StackConfig
+from tenantflow.sealing import public_key, seal_access_token
 
 __all__ = [
     "DEMO_CLIENTS",
@@ -29,6 +31,7 @@ __all__ = [
     "DemoClient",
     "DemoRun",
     "run_demo",
+    "sealed_token",
     "seed_demo_data",
 ]
 
@@ -127,7 +130,31 @@ def _events(client: DemoClient) -> list[tuple[uuid.UUID, datetime, str, Decimal 
 
 DEMO_MEMBER = "alice@demo.tenantflow.test"
 DEMO_TOKEN_LIFETIME = 8 * 3600
+#: Sealed values the demo prints live as long as the workers accept (SEAL_MAX_TTL_S).
+DEMO_SEAL_LIFETIME = 3600
 ROLLUP_DEPLOYMENT = "nightly-rollup/nightly-rollup"
+
+
+async def sealed_token(
+    config: StackConfig,
+    email: str,
+    *,
+    flow: str,
+    client_ids: Sequence[uuid.UUID] | None,
+    ttl_s: int = DEMO_SEAL_LIFETIME,
+    operator: bool = False,
+) -> str:
+    """A fresh access token of `email`, sealed to the stack's workers for one run of `flow`."""
+    token = await mint_access_token(
+        config, email, operator=operator, expires_in=max(ttl_s, DEMO_TOKEN_LIFETIME)
+    )
+    return seal_access_token(
+        token,
+        public_key(config.secrets.seal_private_key),
+        flow=flow,
+        client_ids=client_ids,
+        ttl_s=ttl_s,
+    )
 
 
 @dataclass(frozen=True)
@@ -146,15 +173,20 @@ class DemoRun:
 
 
 async def run_demo(config: StackConfig) -> DemoRun:
-    """Run `nightly-rollup` through the deployment and worker, with an operator's token."""
-    operator_token = await mint_access_token(config, DEMO_OPERATOR, expires_in=DEMO_TOKEN_LIFETIME)
-    member_token = await mint_access_token(config, DEMO_MEMBER, expires_in=DEMO_TOKEN_LIFETIME)
+    """Run `nightly-rollup` through the deployment and worker, with an operator's token.
+
+    The run gets a sealed token of its own; the values returned for the run forms are
+    fresh ones (a sealed token is good for one run).
+    """
     started = time.monotonic()
     with temporary_settings({PREFECT_API_URL: config.prefect_api_url}):
-        # NOTE: the token as a plain string: a SecretStr would be stored as '**********'.
         run = await arun_deployment(
             ROLLUP_DEPLOYMENT,
-            parameters={"access_token": operator_token},
+            parameters={
+                "access_token": await sealed_token(
+                    config, DEMO_OPERATOR, flow="nightly-rollup", client_ids=None
+                )
+            },
             timeout=600,
             poll_interval=1,
             tags=["demo"],
@@ -168,6 +200,10 @@ async def run_demo(config: StackConfig) -> DemoRun:
         ui_url=f"{config.prefect_ui_url}/runs/flow-run/{run.id}",
         member_email=DEMO_MEMBER,
         member_client=ACME,
-        member_token=member_token,
-        operator_token=operator_token,
+        member_token=await sealed_token(
+            config, DEMO_MEMBER, flow="client-report", client_ids=[ACME.id]
+        ),
+        operator_token=await sealed_token(
+            config, DEMO_OPERATOR, flow="nightly-rollup", client_ids=None
+        ),
     )

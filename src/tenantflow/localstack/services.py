@@ -28,7 +28,7 @@ from typing import Literal, Protocol
 import asyncpg
 import httpx
 
-from tenantflow.localstack.config import SERVICE_USER, StackConfig
+from tenantflow.localstack.config import SERVICE_USER, WORKER_DB_ROLE, StackConfig
 
 __all__ = [
     "Health",
@@ -322,10 +322,15 @@ class Postgres:
         try:
             await conn.execute(sql.read_text())
             # NOTE: ALTER ROLE ... PASSWORD takes no bind parameters; quote it server-side.
-            literal = await conn.fetchval(
-                "SELECT quote_literal($1)", self.config.secrets.postgres_password
-            )
+            secrets = self.config.secrets
+            literal = await conn.fetchval("SELECT quote_literal($1)", secrets.postgres_password)
             await conn.execute(f"ALTER ROLE postgres PASSWORD {literal}")
+            # The workers' login, as a project's administrator creates it before migrating
+            # (the migrations grant it what it may do, nothing more).
+            literal = await conn.fetchval("SELECT quote_literal($1)", secrets.worker_password)
+            if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", WORKER_DB_ROLE):
+                await conn.execute(f"CREATE ROLE {WORKER_DB_ROLE} NOINHERIT")
+            await conn.execute(f"ALTER ROLE {WORKER_DB_ROLE} LOGIN PASSWORD {literal}")
         finally:
             await conn.close()
 
@@ -385,10 +390,12 @@ class PgBouncer:
         pid = _read_pid(self.pidfile)
         return pid if pid_alive(pid) else None
 
-    def _write_config(self, scram_secret: str) -> None:
+    def _write_config(self, scram_secrets: dict[str, str]) -> None:
         _service_dir(self.root)
         ids = _service_ids()
-        self.userlist.write_text(f'"postgres" "{scram_secret}"\n')
+        self.userlist.write_text(
+            "".join(f'"{role}" "{secret}"\n' for role, secret in scram_secrets.items())
+        )
         self.userlist.chmod(0o600)
         self.ini.write_text(
             "[databases]\n"
@@ -422,7 +429,13 @@ class PgBouncer:
         )
         _require_free(self.config.host, self.port, self.name, variable)
         pgbouncer = shutil.which("pgbouncer") or "/usr/sbin/pgbouncer"
-        self._write_config(asyncio.run(Postgres(self.config).scram_secret()))
+        postgres = Postgres(self.config)
+        self._write_config(
+            {
+                role: asyncio.run(postgres.scram_secret(role))
+                for role in ("postgres", WORKER_DB_ROLE)
+            }
+        )
         _run(_as_service_user([pgbouncer, "-d", str(self.ini)]), f"starting {self.name}")
         _wait(lambda: port_is_open(self.config.host, self.port), 15, f"{self.name} to listen")
         return True

@@ -116,7 +116,8 @@ class Stack:
         """Write `.env` so `uv run prefect ...` and `tenantflow ...` find the stack."""
         lines = [
             "# Written by `tenantflow stack up` for the local stack. Do not commit.",
-            *(f"{key}={value}" for key, value in self.config.environment().items()),
+            # NOTE: single quotes: values are taken literally (the seal key is JSON).
+            *(f"{key}='{value}'" for key, value in self.config.environment().items()),
         ]
         path = self.config.env_file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
