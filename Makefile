@@ -4,10 +4,10 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help env up down status test lint format bench lock
+.PHONY: help env up down status test test-unit lint format bench lock
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 env:  ## install what is missing (uv, PostgreSQL 15, PgBouncer) and sync .venv
 	@bash scripts/bootstrap.sh
@@ -24,6 +24,9 @@ status:  ## show each part of the local stack, its port and health
 test:  ## run the whole test suite (brings up what it needs, Chromium included)
 	@TENANTFLOW_WITH_BROWSER=1 bash scripts/bootstrap.sh
 	@$(VENV)/pytest
+
+test-unit: env  ## pure unit tests only (no stack, no database), in seconds
+	@$(VENV)/pytest tests/unit
 
 lint: env  ## ruff, ruff format --check, mypy, hadolint
 	@$(VENV)/ruff check .

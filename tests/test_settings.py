@@ -123,8 +123,10 @@ def test_workers_never_log_in_as_the_owner(url: str) -> None:
 
 
 def test_migrations_keep_the_owner() -> None:
-    assert build().migration_database_url.get_secret_value().startswith(
-        f"postgresql+asyncpg://postgres.{REF}:"
+    assert (
+        build()
+        .migration_database_url.get_secret_value()
+        .startswith(f"postgresql+asyncpg://postgres.{REF}:")
     )
 
 

@@ -10,10 +10,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 from tenantflow.localstack import Stack, StackError
 from tenantflow.localstack.services import Health
+
+if TYPE_CHECKING:
+    from tenantflow.settings import SealSettings
 
 __all__ = ["main"]
 
@@ -222,6 +226,140 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
+class _CommandError(Exception):
+    """A seal command's refusal: one line for stderr, exit code 2."""
+
+
+def _seal_settings() -> SealSettings:
+    """`SealSettings` of the environment and `.env`, without the database settings."""
+    from tenantflow.settings import SettingsError, load_seal_settings
+
+    try:
+        return load_seal_settings()
+    except SettingsError as error:
+        # NOTE: one line: the settings message lists fields on separate lines.
+        raise _CommandError(" ".join(str(error).split())) from None
+
+
+def _seal_key(args: argparse.Namespace) -> int:
+    """`seal-key generate` prints a new private key; `seal-key public` the current public key."""
+    from tenantflow.sealing import SealError, generate_private_key, public_key
+
+    try:
+        if args.action == "generate":
+            sys.stdout.write(generate_private_key(args.kid) + "\n")
+            sys.stderr.write(
+                "Install it on every worker as SEAL_PRIVATE_KEYS (a JWK, or a JWK Set "
+                '{"keys": [NEW, OLD, ...]} to rotate: the new key first, the old ones kept '
+                "until the values sealed to them have expired), then hand "
+                "`tenantflow seal-key public` to whoever seals tokens.\n"
+            )
+            return 0
+        keys = _seal_settings().seal_private_keys
+        if keys is None:
+            raise _CommandError("SEAL_PRIVATE_KEYS is not set (environment or .env)")
+        sys.stdout.write(public_key(keys.get_secret_value(), args.kid) + "\n")
+    except SealError as error:
+        raise _CommandError(str(error)) from None
+    return 0
+
+
+def _read_public_key(value: str) -> str:
+    """--public-key: JWK JSON text, or a file holding it."""
+    if value.lstrip().startswith("{"):
+        return value
+    try:
+        return Path(value).read_text(encoding="utf-8")
+    except OSError as error:
+        raise _CommandError(f"cannot read the public key file {value}: {error.strerror}") from None
+
+
+def _read_token() -> str:
+    """The plain access token, one line on stdin (prompted without echo on a terminal)."""
+    if sys.stdin.isatty():
+        import getpass
+
+        text = getpass.getpass("access token (not echoed): ")
+    else:
+        text = sys.stdin.read()
+    token = text.strip()
+    if not token:
+        raise _CommandError(
+            "no access token on standard input; pipe it in, "
+            "e.g. `tenantflow token --email E | tenantflow seal --flow FLOW --client ID`"
+        )
+    if any(char.isspace() for char in token):
+        raise _CommandError("standard input must hold the access token alone, on one line")
+    return token
+
+
+def _seal(args: argparse.Namespace) -> int:
+    """Seal a plain access token (stdin) to the workers' public key; stdout gets the value."""
+    from tenantflow.sealing import SealError, public_key, seal_access_token
+
+    settings = _seal_settings()
+    if args.public_key is not None:
+        jwk = _read_public_key(args.public_key)
+    elif settings.seal_private_keys is not None:
+        try:
+            jwk = public_key(settings.seal_private_keys.get_secret_value())
+        except SealError as error:
+            raise _CommandError(str(error)) from None
+    else:
+        raise _CommandError(
+            "no public key: pass --public-key FILE_OR_JSON (the workers' public JWK, from "
+            "`tenantflow seal-key public`) or set SEAL_PRIVATE_KEYS"
+        )
+    ttl = settings.seal_default_ttl_s if args.ttl is None else args.ttl
+    token = _read_token()
+    now = time.time()
+    try:
+        sealed = seal_access_token(
+            token, jwk, flow=args.flow, client_ids=args.client, ttl_s=ttl, now=now
+        )
+    except ValueError as error:
+        raise _CommandError(str(error)) from None
+    clients = ", ".join(args.client) if args.client else "every active client"
+    expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(now) + ttl))
+    sys.stderr.write(f"sealed for flow {args.flow}, {clients}; valid until {expires}\n")
+    sys.stdout.write(sealed + "\n")
+    return 0
+
+
+def _add_seal_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    seal_key = commands.add_parser(
+        "seal-key", help="the workers' key pair for sealed access tokens"
+    )
+    seal_key.add_argument(
+        "action",
+        choices=["generate", "public"],
+        help="generate: print a new private key; public: the public key of SEAL_PRIVATE_KEYS",
+    )
+    seal_key.add_argument(
+        "--kid", help="generate: the new key's id; public: which key (default: the first)"
+    )
+    seal_key.set_defaults(handler=_seal_key)
+    seal = commands.add_parser(
+        "seal", help="seal an access token (read from stdin) for a flow run's parameters"
+    )
+    seal.add_argument("--flow", required=True, help="the flow that may open it, e.g. client-report")
+    seal.add_argument(
+        "--client",
+        action="append",
+        metavar="ID",
+        help="a client id of the run (repeat for several; none: every active client)",
+    )
+    seal.add_argument(
+        "--ttl", type=int, metavar="SECONDS", help="lifetime (default SEAL_DEFAULT_TTL_S, 900)"
+    )
+    seal.add_argument(
+        "--public-key",
+        metavar="FILE_OR_JSON",
+        help="the workers' public JWK (default: derived from SEAL_PRIVATE_KEYS)",
+    )
+    seal.set_defaults(handler=_seal)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -291,11 +429,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--bootstrap-only", action="store_true", help="create/update pools and limit only"
     )
     deploy.set_defaults(handler=_deploy)
+    _add_seal_commands(commands)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
     except StackError as error:
         log.error("error: %s", error)
+        return 2
+    except _CommandError as error:
+        sys.stderr.write(f"error: {error}\n")
         return 2
     return code
 

@@ -15,15 +15,27 @@ from functools import lru_cache
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+# NOTE: `sealing` imports only joserfc and pydantic, so settings stay light to import.
+from tenantflow.sealing import SealError, key_ids
+
 __all__ = [
+    "SealSettings",
     "Settings",
     "SettingsError",
     "get_settings",
+    "load_seal_settings",
     "redacted_url",
 ]
 
@@ -162,9 +174,38 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def _blank_is_unset(value: Any) -> Any:
+    """An empty `SEAL_PRIVATE_KEYS=` line (as in an env template) means: not set."""
+    raw = value.get_secret_value() if isinstance(value, SecretStr) else value
+    return None if isinstance(raw, str) and not raw.strip() else value
+
+
+def _seal_private_keys(value: SecretStr | None) -> SecretStr | None:
+    """Parse the key set now, so a bad one fails at start-up rather than at the first run.
+
+    NOTE: the sealing module's messages name the key (`key #2`, its kid), never its numbers.
+    """
+    if value is None:
+        return None
+    try:
+        key_ids(value.get_secret_value())
+    except SealError as error:
+        raise ValueError(f"SEAL_PRIVATE_KEYS: {error}") from None
+    return value
+
+
 DatabaseUrl = Annotated[SecretStr, AfterValidator(_database_url)]
 MigrationDatabaseUrl = Annotated[SecretStr, AfterValidator(_migration_database_url)]
 SupabaseUrl = Annotated[str, AfterValidator(_supabase_url)]
+SealPrivateKeys = Annotated[
+    SecretStr | None, BeforeValidator(_blank_is_unset), AfterValidator(_seal_private_keys)
+]
+
+_SEAL_PRIVATE_KEYS_HELP = (
+    "The workers' private key(s) that open sealed access tokens: a JWK or a JWK Set "
+    '{"keys": [...]} as JSON; several for rotation, newest (current) first.'
+)
+_SEAL_DEFAULT_TTL_HELP = "Lifetime in seconds `tenantflow seal` gives a sealed token."
 
 
 class Settings(BaseSettings):
@@ -233,6 +274,17 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="Timeout of each request to Supabase Auth (JWKS and /auth/v1/user).",
+    )
+
+    seal_private_keys: SealPrivateKeys = Field(default=None, description=_SEAL_PRIVATE_KEYS_HELP)
+    seal_max_ttl_s: int = Field(
+        default=3600,
+        ge=60,
+        le=86400,
+        description="Longest lifetime (exp - iat) a sealed access token may have, in seconds.",
+    )
+    seal_default_ttl_s: int = Field(
+        default=900, ge=60, le=86400, description=_SEAL_DEFAULT_TTL_HELP
     )
 
     db_pool_mode: Literal["queue", "null"] = Field(
@@ -313,6 +365,24 @@ class Settings(BaseSettings):
         return self
 
 
+class SealSettings(BaseSettings):
+    """Only what `tenantflow seal` and `seal-key` need, so they run without the database
+    settings (on a laptop that seals a token, say). Same sources and rules as `Settings`."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+
+    seal_private_keys: SealPrivateKeys = Field(default=None, description=_SEAL_PRIVATE_KEYS_HELP)
+    seal_default_ttl_s: int = Field(
+        default=900, ge=60, le=86400, description=_SEAL_DEFAULT_TTL_HELP
+    )
+
+
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors(include_url=False, include_input=False):
@@ -326,6 +396,14 @@ def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment (and `overrides`), raising `SettingsError`."""
     try:
         return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_format_errors(error)) from None
+
+
+def load_seal_settings(**overrides: Any) -> SealSettings:
+    """Build `SealSettings` from the environment (and `overrides`), raising `SettingsError`."""
+    try:
+        return SealSettings(**overrides)
     except ValidationError as error:
         raise SettingsError(_format_errors(error)) from None
 
