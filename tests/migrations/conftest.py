@@ -53,6 +53,18 @@ def scratch_env(
     get_settings.cache_clear()
 
 
+@pytest.fixture
+def scratch_schema_env(
+    scratch: ScratchDatabase, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[ScratchDatabase]:
+    """Migrations go to the scratch database; the guard's audit stays in the stack's."""
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", scratch.migration_url)
+    get_settings.cache_clear()
+    yield scratch
+    monkeypatch.undo()
+    get_settings.cache_clear()
+
+
 @pytest.fixture(scope="session")
 def main_database_at_head(stack: Stack) -> None:
     """The stack's own database at head (normally `make up` did it already)."""

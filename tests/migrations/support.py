@@ -44,12 +44,14 @@ class ScratchDatabase:
 
     @property
     def migration_url(self) -> str:
-        """Through the stack's PgBouncer session pool."""
+        """Through the stack's PgBouncer session pool, as the owner `postgres`."""
         return self.url(self.config.session_pooler_port)
 
     @property
     def transaction_url(self) -> str:
-        return self.url(self.config.transaction_pooler_port)
+        """Through the transaction pool, as the workers' role."""
+        url = make_url(self.config.database_url).set(database=self.name)
+        return url.render_as_string(hide_password=False)
 
     def settings(self, **overrides: Any) -> Settings:
         return load_settings(

@@ -21,6 +21,9 @@ from tenantflow.migrate import (
 from tenantflow.settings import get_settings
 from tests.migrations.conftest import NewDatabase
 from tests.migrations.support import ScratchDatabase, fingerprint
+from tests.tenancy.conftest import World, world
+
+__all__ = ["world"]
 
 pytestmark = pytest.mark.stack
 
@@ -35,13 +38,18 @@ async def _artifacts(flow_run_id: uuid.UUID) -> dict[str | None, str]:
     return {artifact.key: str(artifact.data) for artifact in artifacts}
 
 
+async def _operator(world: World) -> str:
+    return await world.sealed("operator", flow="migrate", clients=None, operator=True)
+
+
 async def test_flow_dry_run_reports_the_sql_and_changes_nothing(
-    scratch_env: ScratchDatabase,
+    scratch_schema_env: ScratchDatabase, world: World
 ) -> None:
+    scratch_env = scratch_schema_env
     conn = await scratch_env.connect()
     try:
         before = await fingerprint(conn)
-        state = await migrate(dry_run=True, return_state=True)
+        state = await migrate(access_token=await _operator(world), dry_run=True, return_state=True)
         assert state.is_completed(), state.message
         result: MigrationResult = await state.aresult()
         assert result.dry_run and result.target == HEAD
@@ -55,8 +63,10 @@ async def test_flow_dry_run_reports_the_sql_and_changes_nothing(
     assert "CREATE TABLE clients" in artifacts["migration-dry-run"]
 
 
-async def test_flow_upgrade_reports_before_and_after(scratch_env: ScratchDatabase) -> None:
-    state = await migrate(return_state=True)
+async def test_flow_upgrade_reports_before_and_after(
+    scratch_schema_env: ScratchDatabase, world: World
+) -> None:
+    state = await migrate(access_token=await _operator(world), return_state=True)
     assert state.is_completed(), state.message
     assert state.state_details.flow_run_id is not None
     report = (await _artifacts(state.state_details.flow_run_id))["migration"]
@@ -64,9 +74,13 @@ async def test_flow_upgrade_reports_before_and_after(scratch_env: ScratchDatabas
 
 
 async def test_two_flow_runs_at_the_same_moment(
-    scratch_env: ScratchDatabase, new_database: NewDatabase
+    scratch_schema_env: ScratchDatabase, new_database: NewDatabase, world: World
 ) -> None:
-    states = await asyncio.gather(migrate(return_state=True), migrate(return_state=True))
+    scratch_env = scratch_schema_env
+    states = await asyncio.gather(
+        migrate(access_token=await _operator(world), return_state=True),
+        migrate(access_token=await _operator(world), return_state=True),
+    )
     assert all(state.is_completed() for state in states), [s.message for s in states]
     results: list[MigrationResult] = [await state.aresult() for state in states]
     assert sorted(bool(result.steps) for result in results) == [False, True]
@@ -83,14 +97,15 @@ async def test_two_flow_runs_at_the_same_moment(
 
 
 async def test_flow_fails_clearly_without_retrying(
-    scratch_env: ScratchDatabase, monkeypatch: pytest.MonkeyPatch
+    scratch_schema_env: ScratchDatabase, monkeypatch: pytest.MonkeyPatch, world: World
 ) -> None:
+    scratch_env = scratch_schema_env
     monkeypatch.setenv("MIGRATION_LOCK_TIMEOUT_S", "0")
     get_settings.cache_clear()
     holder = await scratch_env.connect(port=scratch_env.config.session_pooler_port)
     try:
         await holder.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
-        state = await migrate(return_state=True)
+        state = await migrate(access_token=await _operator(world), return_state=True)
     finally:
         await holder.close()
     assert state.is_failed()
@@ -100,15 +115,55 @@ async def test_flow_fails_clearly_without_retrying(
         run = await client.read_flow_run(state.state_details.flow_run_id)
     assert run.run_count == 1
 
-    refused = await migrate(downgrade_to="-1", return_state=True)
-    assert refused.is_failed()
-    assert "explicit revision id" in str(await refused.aresult(raise_on_failure=False))
+
+async def test_only_operators_migrate_and_nothing_is_touched_otherwise(
+    scratch_schema_env: ScratchDatabase, world: World
+) -> None:
+    conn = await scratch_schema_env.connect()
+    try:
+        before = await fingerprint(conn)
+        member = await world.sealed("member_a", flow="migrate", clients=None)
+        refused = await migrate(access_token=member, return_state=True)
+        assert refused.is_failed()
+        assert "only a tenantflow operator" in str(await refused.aresult(raise_on_failure=False))
+        assert await fingerprint(conn) == before
+    finally:
+        await conn.close()
+    denied = await world.sql(
+        "fetchval",
+        "SELECT outcome FROM public.audit_log WHERE flow_run_id = $1 AND action = 'migrate'",
+        refused.state_details.flow_run_id,
+    )
+    assert denied == "denied"
+
+
+def test_the_flow_cannot_downgrade() -> None:
+    assert "downgrade_to" not in migrate.parameters.properties
+    assert set(migrate.parameters.properties) == {"access_token", "revision", "dry_run"}
 
 
 def test_cli_dry_run_prints_the_sql(
-    scratch_env: ScratchDatabase, caplog: pytest.LogCaptureFixture
+    scratch_schema_env: ScratchDatabase, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tenantflow")
     assert cli.main(["migrate", "--dry-run"]) == 0
     assert "CREATE TABLE clients" in caplog.text
     assert "dry run: would upgrade base" in caplog.text
+
+
+async def test_cli_downgrades_only_when_confirmed(
+    scratch_schema_env: ScratchDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    await run_migration(settings=scratch_schema_env.settings())
+    conn = await scratch_schema_env.connect()
+    try:
+        at_head = await fingerprint(conn)
+        caplog.set_level(logging.INFO, logger="tenantflow")
+        code = await asyncio.to_thread(cli.main, ["migrate", "--downgrade-to", "base"])
+        assert code == 2 and "--yes" in caplog.text
+        assert await fingerprint(conn) == at_head
+        code = await asyncio.to_thread(cli.main, ["migrate", "--downgrade-to", "base", "--yes"])
+        assert code == 0
+        assert await conn.fetchval("SELECT to_regclass('public.clients')") is None
+    finally:
+        await conn.close()

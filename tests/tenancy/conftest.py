@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -13,11 +13,13 @@ import asyncpg
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 
 from tenantflow.auth import clear_jwks_cache
 from tenantflow.localstack import Stack
 from tenantflow.localstack.auth_server import create_user, delete_user, mint_access_token
+from tenantflow.sealing import public_key, seal_access_token
 from tenantflow.settings import get_settings
 
 
@@ -30,6 +32,24 @@ class World:
 
     async def token(self, who: str, *, operator: bool = False) -> str:
         return await mint_access_token(self.stack.config, self.emails[who], operator=operator)
+
+    async def sealed(
+        self,
+        who: str,
+        *,
+        flow: str,
+        clients: list[str] | None,
+        operator: bool = False,
+        **options: Any,
+    ) -> str:
+        """`who`'s access token sealed to the stack's workers for one run of `flow`."""
+        return seal_access_token(
+            await self.token(who, operator=operator),
+            public_key(self.stack.config.secrets.seal_private_key),
+            flow=flow,
+            client_ids=None if clients is None else [self.clients[c] for c in clients],
+            **options,
+        )
 
     async def admin(self) -> asyncpg.Connection:
         config = self.stack.config
@@ -137,3 +157,25 @@ async def world(stack: Stack) -> AsyncIterator[World]:
         await conn.close()
     for email in world.emails.values():
         await delete_user(stack.config, email)
+
+
+@pytest.fixture
+async def parked_runs(stack: Stack) -> AsyncIterator[Callable[..., Awaitable[FlowRun]]]:
+    """Create flow runs that no worker will ever pick up (a deployment without a pool).
+
+    The guard reads a run from the Prefect API (its parameters, who created it); these
+    give it real runs to read without executing anything.
+    """
+    async with get_client() as client:
+        flow_id = await client.create_flow_from_name(f"guard-test-{uuid.uuid4().hex[:6]}")
+        deployment_id = await client.create_deployment(flow_id=flow_id, name="parked")
+
+    async def create(**parameters: Any) -> FlowRun:
+        async with get_client() as client:
+            return await client.create_flow_run_from_deployment(
+                deployment_id, parameters=parameters
+            )
+
+    yield create
+    async with get_client() as client:
+        await client.delete_deployment(deployment_id)
