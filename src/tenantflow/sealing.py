@@ -93,6 +93,7 @@ _SEGMENT = r"[A-Za-z0-9_-]+"
 # NOTE: both shapes start with "eyJ", base64url of '{"', the start of a JSON header.
 _PLAIN_JWT = re.compile(rf"eyJ{_SEGMENT}\.{_SEGMENT}\.[A-Za-z0-9_-]*")
 _SEALED = re.compile(rf"eyJ{_SEGMENT}(?:\.{_SEGMENT}){{4}}")
+_PARTS = re.compile(rf"{_SEGMENT}(?:\.[A-Za-z0-9_-]*){{4}}")
 # NOTE: key ids are echoed in messages and headers, so only plain, short ones are accepted.
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
@@ -457,7 +458,9 @@ def _check_shape(sealed: object) -> str:
         raise NotSealed(
             f"this is not a sealed token (a JWE of five dot-separated parts); {_NOT_SEALED_HINT}"
         )
-    if not looks_sealed(value):
+    # NOTE: empty parts are left to the header check, so a JWE of another algorithm (`dir`
+    # and `ECDH-ES` have no encrypted key) is refused for its algorithm, which says more.
+    if not _PARTS.fullmatch(value):
         raise SealMalformed("the sealed token has five parts but they are not all base64url")
     return value
 
@@ -491,6 +494,8 @@ def _check_header(value: str) -> str:
     kid = header.get("kid")
     if not isinstance(kid, str) or not _KID.fullmatch(kid):
         raise SealMalformed("the sealed token's header has no usable `kid`")
+    if not looks_sealed(value):
+        raise SealMalformed("the sealed token has an empty part")
     return kid
 
 
