@@ -247,7 +247,7 @@ def _load_private_keys(private_keys: str) -> dict[str, ECKey]:
         raise SealKeyInvalid(f"the private key set is larger than {_MAX_KEYS_BYTES} bytes")
     try:
         document = json.loads(private_keys)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SealKeyInvalid(
             'the private key set is not JSON; expected a JWK or a JWK Set {"keys": [...]}'
         ) from None
@@ -344,7 +344,7 @@ def _parse_public_key(public_key: str | Mapping[str, Any]) -> tuple[ECKey, str]:
     if isinstance(public_key, str):
         try:
             document = json.loads(public_key)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError("the public key is not JSON; expected a public JWK") from None
     else:
         document = public_key
@@ -474,7 +474,8 @@ def _check_header(value: str) -> str:
     """Check the protected header; return its kid."""
     try:
         header = _b64json(value.split(".", 1)[0])
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
+        # NOTE: RecursionError: deeply nested JSON ("[[[[...") fits in the size limit.
         raise SealMalformed("the sealed token's header is not base64url JSON") from None
     if not isinstance(header, dict):
         raise SealMalformed("the sealed token's header is not a JSON object")
@@ -529,7 +530,7 @@ def _is_int(value: object) -> bool:
 def _check_payload(plaintext: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(plaintext)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SealMalformed("the sealed payload is not JSON") from None
     if not isinstance(payload, dict) or set(payload) != _PAYLOAD_KEYS:
         raise SealMalformed(

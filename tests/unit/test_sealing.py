@@ -224,6 +224,7 @@ def _key_with(**changes: Any) -> str:
         ("", "empty"),
         ("not json " + D, "not JSON"),
         ("[1, 2]", "JSON object"),
+        ("[" * 50_000, "not JSON"),
         ('{"keys": []}', "non-empty list"),
         (_key_with(d=None), "public key"),
         (_key_with(crv="P-384"), "EC P-256"),
@@ -466,6 +467,7 @@ def test_plain_jwt_is_not_sealed_and_says_how_to_seal_it() -> None:
         ("eyJhYmM.b.c.d.e", SealMalformed),  # header: base64 of 'jabc', not JSON
         (b64([1, 2]) + ".b.c.d.e", SealMalformed),
         ("eyJ" + "A" * (16 * 1024) + ".b.c.d.e", SealMalformed),
+        (b64(b'{"a":' + b"[" * 9000) + ".b.c.d.e", SealMalformed),  # nesting, not size
     ],
 )
 def test_garbage_is_refused(value: str, kind: type[SealError]) -> None:
