@@ -93,6 +93,7 @@ _SEGMENT = r"[A-Za-z0-9_-]+"
 # NOTE: both shapes start with "eyJ", base64url of '{"', the start of a JSON header.
 _PLAIN_JWT = re.compile(rf"eyJ{_SEGMENT}\.{_SEGMENT}\.[A-Za-z0-9_-]*")
 _SEALED = re.compile(rf"eyJ{_SEGMENT}(?:\.{_SEGMENT}){{4}}")
+_PARTS = re.compile(rf"{_SEGMENT}(?:\.[A-Za-z0-9_-]*){{4}}")
 # NOTE: key ids are echoed in messages and headers, so only plain, short ones are accepted.
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
@@ -246,7 +247,7 @@ def _load_private_keys(private_keys: str) -> dict[str, ECKey]:
         raise SealKeyInvalid(f"the private key set is larger than {_MAX_KEYS_BYTES} bytes")
     try:
         document = json.loads(private_keys)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SealKeyInvalid(
             'the private key set is not JSON; expected a JWK or a JWK Set {"keys": [...]}'
         ) from None
@@ -343,7 +344,7 @@ def _parse_public_key(public_key: str | Mapping[str, Any]) -> tuple[ECKey, str]:
     if isinstance(public_key, str):
         try:
             document = json.loads(public_key)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise ValueError("the public key is not JSON; expected a public JWK") from None
     else:
         document = public_key
@@ -457,7 +458,9 @@ def _check_shape(sealed: object) -> str:
         raise NotSealed(
             f"this is not a sealed token (a JWE of five dot-separated parts); {_NOT_SEALED_HINT}"
         )
-    if not looks_sealed(value):
+    # NOTE: empty parts are left to the header check, so a JWE of another algorithm (`dir`
+    # and `ECDH-ES` have no encrypted key) is refused for its algorithm, which says more.
+    if not _PARTS.fullmatch(value):
         raise SealMalformed("the sealed token has five parts but they are not all base64url")
     return value
 
@@ -471,7 +474,8 @@ def _check_header(value: str) -> str:
     """Check the protected header; return its kid."""
     try:
         header = _b64json(value.split(".", 1)[0])
-    except (binascii.Error, ValueError):
+    except (binascii.Error, ValueError, RecursionError):
+        # NOTE: RecursionError: deeply nested JSON ("[[[[...") fits in the size limit.
         raise SealMalformed("the sealed token's header is not base64url JSON") from None
     if not isinstance(header, dict):
         raise SealMalformed("the sealed token's header is not a JSON object")
@@ -491,6 +495,8 @@ def _check_header(value: str) -> str:
     kid = header.get("kid")
     if not isinstance(kid, str) or not _KID.fullmatch(kid):
         raise SealMalformed("the sealed token's header has no usable `kid`")
+    if not looks_sealed(value):
+        raise SealMalformed("the sealed token has an empty part")
     return kid
 
 
@@ -524,7 +530,7 @@ def _is_int(value: object) -> bool:
 def _check_payload(plaintext: bytes) -> dict[str, Any]:
     try:
         payload = json.loads(plaintext)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise SealMalformed("the sealed payload is not JSON") from None
     if not isinstance(payload, dict) or set(payload) != _PAYLOAD_KEYS:
         raise SealMalformed(
