@@ -91,12 +91,18 @@ SERVICE_CLAIMS: Final = json.dumps({"role": SERVICE_ROLE})
 #: The type of every flow's `access_token` parameter: a sealed token (JWE compact
 #: serialization, five base64url segments). With the deployment's parameter schema
 #: enforced, the Prefect server refuses anything else (a plain JWT pasted by mistake)
-#: before it stores it; the guard refuses it again for runs created around the schema.
+#: before it stores it; the guard refuses it again, and removes it, for runs created
+#: around the schema.
 SealedAccessToken = Annotated[
     str,
     Field(
-        pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){4}$",
-        max_length=16384,
+        # NOTE: in the JSON schema only (which the server enforces when a run is created):
+        # a pattern that pydantic checked in the flow would make Prefect log the refused
+        # value; the guard refuses it instead, without repeating it.
+        json_schema_extra={
+            "pattern": r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){4}$",
+            "maxLength": 16384,
+        },
         description=(
             "A sealed access token: `tenantflow seal --flow FLOW --client CLIENT_ID` "
             "(or tenantflow.sealing.seal_access_token) turns a Supabase access token "

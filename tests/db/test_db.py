@@ -20,6 +20,7 @@ from tenantflow.db import (
     unit_of_work,
 )
 from tenantflow.localstack import Stack
+from tenantflow.localstack.config import WORKER_DB_ROLE
 from tenantflow.settings import Settings, load_settings
 
 pytestmark = pytest.mark.stack
@@ -36,7 +37,20 @@ def _database(stack: Stack) -> Iterator[str]:
         finally:
             await conn.close()
 
-    asyncio.run(admin(f'CREATE DATABASE "{name}" OWNER postgres'))
+    # NOTE: owned by the workers' role, so the layer's tests (which create tables) can
+    # log in as the workers do; the role owns nothing in the stack's own database.
+    asyncio.run(admin(f'CREATE DATABASE "{name}" OWNER {WORKER_DB_ROLE}'))
+
+    async def open_public_schema() -> None:
+        # NOTE: the role is NOINHERIT, so pg_database_owner's rights on `public` do not
+        # reach it; grant them directly.
+        conn = await asyncpg.connect(**{**parts, "database": name})
+        try:
+            await conn.execute(f"GRANT USAGE, CREATE ON SCHEMA public TO {WORKER_DB_ROLE}")
+        finally:
+            await conn.close()
+
+    asyncio.run(open_public_schema())
     yield name
     asyncio.run(admin(f'DROP DATABASE "{name}" WITH (FORCE)'))
 
@@ -55,8 +69,12 @@ def counted_database(stack: Stack) -> Iterator[str]:
 
 def settings_for(stack: Stack, database: str, port: int | None = None) -> Settings:
     config = stack.config
-    url = config.url(port or config.transaction_pooler_port).rsplit("/", 1)[0] + f"/{database}"
-    return load_settings(database_url=url)
+    url = config.url(
+        port or config.transaction_pooler_port,
+        user=WORKER_DB_ROLE,
+        password=config.secrets.worker_password,
+    )
+    return load_settings(database_url=url.rsplit("/", 1)[0] + f"/{database}")
 
 
 @pytest.fixture
@@ -174,7 +192,7 @@ async def test_transaction_local_forms_are_allowed(stack: Stack) -> None:
         timeout = (await session.execute(text("SHOW statement_timeout"))).scalar_one()
     assert (role, timeout) == ("authenticated", "5s")
     async with unit_of_work() as session:
-        assert (await session.execute(text("SELECT current_user"))).scalar_one() == "postgres"
+        assert (await session.execute(text("SELECT current_user"))).scalar_one() == WORKER_DB_ROLE
     await dispose_engines()
 
 

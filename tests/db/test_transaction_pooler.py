@@ -14,6 +14,7 @@ import asyncpg
 import pytest
 
 from tenantflow.localstack import Stack
+from tenantflow.localstack.config import WORKER_DB_ROLE
 from tests.db.load import LoadReport, run_load, seed_engine
 
 pytestmark = pytest.mark.stack
@@ -25,7 +26,12 @@ async def _prepared_statements_on_server_connections(stack: Stack) -> int:
     Holding as many transactions open at once as the pool has server connections
     makes the pooler hand out every one of them, so each one is sampled.
     """
-    parts = stack.config.connect_parts(stack.config.transaction_pooler_port)
+    # NOTE: PgBouncer keeps a pool per login: sample the workers' one.
+    parts = {
+        **stack.config.connect_parts(stack.config.transaction_pooler_port),
+        "user": WORKER_DB_ROLE,
+        "password": stack.config.secrets.worker_password,
+    }
     samples = stack.config.pooler_pool_size
     barrier = asyncio.Barrier(samples)
 
@@ -52,14 +58,15 @@ async def _reset_server_connections(stack: Stack) -> None:
     try:
         await conn.execute(
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-            "WHERE usename = 'postgres' AND pid <> pg_backend_pid()"
+            "WHERE usename IN ('postgres', 'tenantflow_worker') AND pid <> pg_backend_pid()"
         )
         # NOTE: pg_terminate_backend only signals; wait until they are gone, so the
         # pooler does not hand out a connection that is still dying.
         for _ in range(100):
             left = await conn.fetchval(
                 "SELECT count(*) FROM pg_stat_activity "
-                "WHERE usename = 'postgres' AND backend_type = 'client backend'"
+                "WHERE usename IN ('postgres', 'tenantflow_worker') "
+                "AND backend_type = 'client backend'"
             )
             if left == 0:
                 break

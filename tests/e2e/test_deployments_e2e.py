@@ -15,9 +15,10 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun
+from prefect.exceptions import PrefectHTTPStatusError
+from prefect.states import Cancelled, Scheduled
 
 from tenantflow.migrate import script_directory
-from tenantflow.tenancy import REDACTED
 from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -68,27 +69,49 @@ async def _artifacts(run_id: uuid.UUID) -> list[Any]:
         )
 
 
+async def _prefect_database_bytes(world: World) -> bytes:
+    """The Prefect server's SQLite files, WAL included, as they are on disk."""
+    home = world.stack.config.stack_dir / "prefect"
+    return b"".join(path.read_bytes() for path in sorted(home.rglob("*.db*")) if path.is_file())
+
+
 async def test_every_deployment_through_the_worker(world: World) -> None:
     today = datetime.now(UTC).date()
-    operator, member_a, member_b = (
-        await world.token("operator"),
-        await world.token("member_a"),
-        await world.token("member_b"),
-    )
+    tokens = {
+        who: await world.token(who, operator=who == "operator")
+        for who in ("operator", "member_a", "member_b")
+    }
     clients = [str(world.clients["a"]), str(world.clients["b"])]
     report = {"client_id": str(world.clients["a"]), "period_start": today - timedelta(days=1)}
     report["period_end"] = today
     runs = {
-        "migrate": await _deployment_run("migrate/migrate", {}),
+        "migrate": await _deployment_run(
+            "migrate/migrate",
+            {"access_token": world.seal(tokens["operator"], flow="migrate", clients=None)},
+        ),
         "rollup": await _deployment_run(
             "nightly-rollup/nightly-rollup",
-            {"day": today, "client_ids": clients, "access_token": operator},
+            {
+                "day": today,
+                "client_ids": clients,
+                "access_token": world.seal(
+                    tokens["operator"], flow="nightly-rollup", clients=["a", "b"]
+                ),
+            },
         ),
         "report": await _deployment_run(
-            "client-report/client-report", {**report, "access_token": member_a}
+            "client-report/client-report",
+            {
+                **report,
+                "access_token": world.seal(tokens["member_a"], flow="client-report", clients=["a"]),
+            },
         ),
         "report_outsider": await _deployment_run(
-            "client-report/client-report", {**report, "access_token": member_b}
+            "client-report/client-report",
+            {
+                **report,
+                "access_token": world.seal(tokens["member_b"], flow="client-report", clients=["a"]),
+            },
         ),
     }
     final = dict(zip(runs, await asyncio.gather(*(_final(r) for r in runs.values())), strict=True))
@@ -100,9 +123,11 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
         "report_outsider": "FAILED",
     }, {name: run.state.message for name, run in final.items()}
     assert "has no membership" in final["report_outsider"].state.message
-    for name in ("rollup", "report", "report_outsider"):
-        assert final[name].parameters["access_token"] == REDACTED
-        assert final[name].run_count == 1  # refusals are not retried
+    for run in final.values():
+        assert run.run_count == 1  # refusals are not retried
+        assert isinstance(run.parameters["access_token"], str)
+        for token in tokens.values():
+            assert token.split(".")[2] not in json.dumps(run.parameters)
 
     conn = await world.admin()
     try:
@@ -135,4 +160,69 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
     assert len(json.loads(table.data)) == 2
     for run_id in runs.values():
         for artifact in await _artifacts(run_id):
-            assert operator not in str(artifact.data) and member_a not in str(artifact.data)
+            for token in tokens.values():
+                assert token.split(".")[2] not in str(artifact.data)
+    # Prefect's own database never held a token, not even in its WAL.
+    stored = await _prefect_database_bytes(world)
+    assert stored, "the Prefect database files were not found"
+    for token in tokens.values():
+        assert token.split(".")[2].encode() not in stored
+        assert token.split(".")[1].encode() not in stored
+
+
+async def test_runs_that_never_start_hold_only_ciphertext(world: World) -> None:
+    """Cancelled, scheduled for later, refused at creation: no token in Prefect at all."""
+    token = await world.token("member_a")
+    sealed = world.seal(token, flow="client-report", clients=["a"])
+    today = datetime.now(UTC).date()
+    parameters = {
+        "client_id": str(world.clients["a"]),
+        "period_start": str(today),
+        "period_end": str(today),
+        "access_token": sealed,
+    }
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("client-report/client-report")
+        later = await client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters=parameters,
+            state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(hours=6)),
+        )
+        cancelled = await client.create_flow_run_from_deployment(
+            deployment.id,
+            parameters=parameters,
+            state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(hours=6)),
+        )
+        await client.set_flow_run_state(cancelled.id, Cancelled(), force=True)
+        # A plain token pasted by mistake is refused by the deployment's parameter schema
+        # before Prefect stores anything.
+        with pytest.raises(PrefectHTTPStatusError) as refused:
+            await client.create_flow_run_from_deployment(
+                deployment.id, parameters={**parameters, "access_token": token}
+            )
+        assert refused.value.response.status_code in (409, 422)
+        for run in (later, cancelled):
+            stored = await client.read_flow_run(run.id)
+            assert stored.parameters["access_token"] == sealed
+        await client.delete_flow_run(later.id)
+    stored_bytes = await _prefect_database_bytes(world)
+    assert token.split(".")[2].encode() not in stored_bytes
+    assert token.split(".")[1].encode() not in stored_bytes
+
+
+async def test_the_migrate_deployment_cannot_downgrade(world: World) -> None:
+    sealed = world.seal(await world.token("operator", operator=True), flow="migrate", clients=None)
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("migrate/migrate")
+        try:
+            run = await client.create_flow_run_from_deployment(
+                deployment.id, parameters={"access_token": sealed, "downgrade_to": "base"}
+            )
+        except PrefectHTTPStatusError as refused:
+            assert refused.response.status_code in (409, 422)
+        else:
+            final = await _final(run.id)
+            assert final.state.type.value == "FAILED", final.state.message
+    version = await world.sql("fetchval", "SELECT version_num FROM public.alembic_version")
+    assert version == script_directory().get_current_head()
+    assert await world.sql("fetchval", "SELECT to_regclass('public.clients') IS NOT NULL")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
-from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from collections.abc import AsyncIterator, Awaitable
+from datetime import UTC, date, datetime, timedelta
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -71,7 +71,7 @@ async def test_client_report_as_a_member(world: World) -> None:
         client_id=world.clients["a"],
         period_start=today - timedelta(days=2),
         period_end=today,
-        access_token=token,
+        access_token=world.seal(token, flow="client-report", clients=["a"]),
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -113,24 +113,29 @@ async def _reset_statements(world: World) -> None:
 
 @pytest.mark.parametrize(
     ("who", "reason"),
-    [("member_b", "has no membership"), ("forged", "access token refused")],
+    [
+        ("member_b", "has no membership"),
+        ("forged", "access token refused"),
+        ("plain", "plain access token"),
+        ("other_client", "sealed access token refused"),
+    ],
 )
 async def test_a_denied_run_fails_before_any_tenant_query(
     world: World, who: str, reason: str
 ) -> None:
+    token = await world.token("member_b" if who == "member_b" else "member_a")
     if who == "forged":
-        good = await world.token("member_a")
-        token = good[:-6] + ("AAAAAA" if not good.endswith("AAAAAA") else "BBBBBB")
-    else:
-        token = await world.token(who)
+        token = token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB")
+    value = world.seal(token, flow="client-report", clients=["b" if who == "other_client" else "a"])
+    if who == "plain":
+        value = token
     today = datetime.now(UTC).date()
     await _reset_statements(world)
-    # Sanity: the probe sees tenant queries when there are some.
     state = await client_report(
         client_id=world.clients["a"],
         period_start=today,
         period_end=today,
-        access_token=token,
+        access_token=value,
         return_state=True,
     )
     assert state.is_failed()
@@ -138,7 +143,7 @@ async def test_a_denied_run_fails_before_any_tenant_query(
     assert await _tenant_statements(world) == []
     assert state.state_details.flow_run_id is not None
     stored = await _everything_stored_about(state.state_details.flow_run_id)
-    assert token not in stored and reason in stored
+    assert token not in stored and token.split(".")[2] not in stored and reason in stored
 
 
 async def test_the_statement_probe_does_see_tenant_queries(world: World) -> None:
@@ -148,36 +153,45 @@ async def test_the_statement_probe_does_see_tenant_queries(world: World) -> None
         client_id=world.clients["a"],
         period_start=today,
         period_end=today,
-        access_token=await world.token("member_a"),
+        access_token=await world.sealed("member_a", flow="client-report", clients=["a"]),
         return_state=True,
     )
     assert state.is_completed(), state.message
     assert any("client_events" in q for q in await _tenant_statements(world))
 
 
-async def test_a_bad_period_fails_clearly(world: World) -> None:
+@pytest.mark.parametrize(
+    ("start", "end", "reason"),
+    [
+        (0, -3, "is before period_start"),
+        (-800, 0, "at most 366 are allowed"),
+        (-1, None, "is after"),
+        (None, 0, "is before 2000-01-01"),
+    ],
+)
+async def test_a_bad_period_fails_clearly_and_keeps_the_seal(
+    world: World, start: int | None, end: int | None, reason: str
+) -> None:
     today = datetime.now(UTC).date()
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"])
     state = await client_report(
         client_id=world.clients["a"],
-        period_start=today,
-        period_end=today - timedelta(days=3),
-        access_token=await world.token("member_a"),
+        period_start=date(1999, 12, 31) if start is None else today + timedelta(days=start),
+        period_end=date(9999, 12, 31) if end is None else today + timedelta(days=end),
+        access_token=sealed,
         return_state=True,
     )
-    assert state.is_failed()
-    assert "is before period_start" in state.message
-    too_long = await client_report(
-        client_id=world.clients["a"],
-        period_start=today - timedelta(days=800),
-        period_end=today,
-        access_token=await world.token("member_a"),
-        return_state=True,
+    assert state.is_failed() and reason in state.message, state.message
+    # Checked before the guard: the seal was not used up, the user may correct and retry.
+    used = await world.sql(
+        "fetchval",
+        "SELECT count(*) FROM tenantflow_private.sealed_token_uses WHERE flow_run_id = $1",
+        state.state_details.flow_run_id,
     )
-    assert too_long.is_failed() and "at most 366 are allowed" in too_long.message
+    assert used == 0
 
 
 async def test_nightly_rollup_by_an_operator_is_idempotent(world: World) -> None:
-    token = await world.token("operator")
     day = datetime.now(UTC).date()
     clients = [world.clients["a"], world.clients["b"]]
 
@@ -190,9 +204,12 @@ async def test_nightly_rollup_by_an_operator_is_idempotent(world: World) -> None
         )
         return [tuple(r) for r in rows]
 
-    first = await nightly_rollup(day=day, client_ids=clients, access_token=token)
+    def sealed() -> Awaitable[str]:
+        return world.sealed("operator", flow="nightly-rollup", clients=["a", "b"], operator=True)
+
+    first = await nightly_rollup(day=day, client_ids=clients, access_token=await sealed())
     once = await metrics()
-    second = await nightly_rollup(day=day, client_ids=clients, access_token=token)
+    second = await nightly_rollup(day=day, client_ids=clients, access_token=await sealed())
     expected = await world.day_totals(clients, day)
     assert first == second == {"clients": 2, "events": sum(e for e, _ in expected.values())}
     assert await metrics() == once
@@ -224,7 +241,9 @@ async def test_one_failing_client_does_not_stop_the_others(world: World) -> None
         state = await nightly_rollup(
             day=datetime.now(UTC).date(),
             client_ids=[failing, fine],
-            access_token=await world.token("operator"),
+            access_token=await world.sealed(
+                "operator", flow="nightly-rollup", clients=["a", "b"], operator=True
+            ),
             return_state=True,
         )
         rows = await conn.fetch(

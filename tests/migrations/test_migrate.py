@@ -392,15 +392,44 @@ async def test_grants_over_supabase_default_privileges(scratch: ScratchDatabase)
             )
         assert granted["anon", "alembic_version"] == set()
         assert granted["authenticated", "alembic_version"] == set()
-        # Reports: INSERT on chosen columns only (not id, not created_at).
-        assert await conn.fetchval(
-            "SELECT has_column_privilege('authenticated', 'public.client_reports', 'totals', "
-            "'INSERT')"
-        )
-        assert not await conn.fetchval(
-            "SELECT has_column_privilege('authenticated', 'public.client_reports', "
-            "'created_at', 'INSERT')"
-        )
+        # Reports are written by the worker only: no column of them for members.
+        for column in ("totals", "created_at", "client_id"):
+            assert not await conn.fetchval(
+                "SELECT has_column_privilege('authenticated', 'public.client_reports', $1, "
+                "'INSERT')",
+                column,
+            )
+        # No API role may touch the identity sequences (setval would skew the ids).
+        sequences = [
+            row[0]
+            for row in await conn.fetch(
+                "SELECT c.oid::regclass::text FROM pg_class AS c "
+                "WHERE c.relkind = 'S' AND c.relnamespace = 'public'::regnamespace"
+            )
+        ]
+        assert sequences
+        for sequence in sequences:
+            for role in ("anon", "authenticated", "service_role"):
+                for privilege in ("USAGE", "SELECT", "UPDATE"):
+                    assert not await conn.fetchval(
+                        "SELECT has_sequence_privilege($1, $2, $3)", role, sequence, privilege
+                    ), (role, sequence, privilege)
+        # The guard's narrow functions: service_role only.
+        for function in (
+            "tenantflow_private.operator_app_metadata(uuid)",
+            "tenantflow_private.use_seal(text, uuid, text, timestamptz)",
+        ):
+            for role, allowed in (
+                ("anon", False),
+                ("authenticated", False),
+                ("service_role", True),
+            ):
+                assert (
+                    await conn.fetchval(
+                        "SELECT has_function_privilege($1, $2, 'EXECUTE')", role, function
+                    )
+                    is allowed
+                ), (role, function)
         helper = "tenantflow_private.member_client_ids(text)"
         assert not await conn.fetchval(
             "SELECT has_function_privilege('anon', $1, 'EXECUTE')", helper

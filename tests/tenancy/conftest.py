@@ -43,8 +43,13 @@ class World:
         **options: Any,
     ) -> str:
         """`who`'s access token sealed to the stack's workers for one run of `flow`."""
+        token = await self.token(who, operator=operator)
+        return self.seal(token, flow=flow, clients=clients, **options)
+
+    def seal(self, token: str, *, flow: str, clients: list[str] | None, **options: Any) -> str:
+        """`token` sealed to the stack's workers for one run of `flow` on `clients`."""
         return seal_access_token(
-            await self.token(who, operator=operator),
+            token,
             public_key(self.stack.config.secrets.seal_private_key),
             flow=flow,
             client_ids=None if clients is None else [self.clients[c] for c in clients],
