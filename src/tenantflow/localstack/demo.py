@@ -16,7 +16,7 @@ from decimal import Decimal
 
 import asyncpg
 from prefect.deployments.flow_runs import arun_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from tenantflow.localstack.auth_server import create_user, mint_access_token
 from tenantflow.localstack.config import StackConfig
@@ -150,7 +150,12 @@ async def run_demo(config: StackConfig) -> DemoRun:
     operator_token = await mint_access_token(config, DEMO_OPERATOR, expires_in=DEMO_TOKEN_LIFETIME)
     member_token = await mint_access_token(config, DEMO_MEMBER, expires_in=DEMO_TOKEN_LIFETIME)
     started = time.monotonic()
-    with temporary_settings({PREFECT_API_URL: config.prefect_api_url}):
+    with temporary_settings(
+        {
+            PREFECT_API_URL: config.prefect_api_url,
+            PREFECT_API_AUTH_STRING: config.secrets.prefect_auth_string,
+        }
+    ):
         # NOTE: the token as a plain string: a SecretStr would be stored as '**********'.
         run = await arun_deployment(
             ROLLUP_DEPLOYMENT,
