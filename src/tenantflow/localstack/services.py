@@ -226,8 +226,13 @@ def spawn_detached(
     pidfile: Path,
     preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-running process in its own session, output to `logfile`, pid recorded."""
-    with logfile.open("ab") as log_handle:
+    """Start a long-running process in its own session, output to `logfile`, pid recorded.
+
+    Both files are the starting user's only (0600).
+    """
+    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log_handle:
         process = subprocess.Popen(  # noqa: S603
             argv,
             cwd=cwd,
@@ -238,7 +243,10 @@ def spawn_detached(
             start_new_session=True,
             preexec_fn=preexec_fn,
         )
-    pidfile.write_text(str(process.pid))
+    fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as pid_handle:
+        pid_handle.write(str(process.pid))
     return process
 
 

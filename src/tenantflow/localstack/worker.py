@@ -259,9 +259,6 @@ class LocalWorker:
             "--name",
             self.worker_name,
         ]
-        # NOTE: flow runs' output lands in the log: for root (the stack's owner) only.
-        os.close(os.open(self.logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
-        self.logfile.chmod(0o600)
         env = self.environment()
         if ids is not None:
             env.update({"HOME": str(self.home), "USER": WORKER_USER, "LOGNAME": WORKER_USER})
