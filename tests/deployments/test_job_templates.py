@@ -39,7 +39,7 @@ HOSTILE: dict[str, Any] = {
     "command": f"touch /tmp/{MARKER}",
     "env": {"SUPABASE_JWT_SECRET": MARKER, "PREFECT_API_URL": f"http://{MARKER}"},
     "env.DATABASE_URL": f"postgresql://{MARKER}",
-    "working_dir": f"/tmp/{MARKER}",
+    "working_dir": f"/srv/{MARKER}",
     "image": f"{MARKER}/image:latest",
     "image_pull_policy": "Always",
     "volumes": [f"/:/{MARKER}"],
@@ -77,7 +77,7 @@ def _flow_run() -> FlowRun:
 @pytest.mark.parametrize("kind", KINDS)
 async def test_hostile_job_variables_do_not_reach_the_rendered_job(kind: PoolType) -> None:
     template = _template(kind)
-    rendered = await Rendered.from_template_and_values(template, HOSTILE)
+    rendered: Rendered = await Rendered.from_template_and_values(template, HOSTILE)
     text = json.dumps(rendered.model_dump(mode="json"))
     assert MARKER not in text
     assert "hostPID" not in text
@@ -146,13 +146,16 @@ async def test_the_worker_runs_the_engine_with_its_own_environment(widen: bool) 
     assert template == _template("process")
     if widen:
         template = _widened(template)
-    configuration = await TenantflowJobConfiguration.from_template_and_values(template, HOSTILE)
+    configuration: TenantflowJobConfiguration = (
+        await TenantflowJobConfiguration.from_template_and_values(template, HOSTILE)
+    )
     assert configuration.command is None and configuration.env == {}
     flow_run = _flow_run()
     configuration.prepare_for_flow_run(flow_run, worker_name="w")
-    assert configuration.command == engine_command()
-    assert configuration.command.split()[0] == sys.executable
-    assert configuration.command.split()[1:] == ["-m", "prefect.engine"]
+    command = configuration.command
+    assert command is not None
+    assert command == engine_command()
+    assert command.split() == [sys.executable, "-m", "prefect.engine"]
     assert configuration.working_dir is None
     assert MARKER not in json.dumps(configuration.env)
     assert configuration.env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)

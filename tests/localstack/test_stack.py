@@ -18,6 +18,7 @@ from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
+
 def _free_ports(count: int) -> list[int]:
     """Ports nothing listens on now (never fixed numbers: another stack may use them)."""
     sockets = [socket.socket() for _ in range(count)]

@@ -14,6 +14,7 @@ import asyncio
 import json
 import os
 import pwd
+import tempfile
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -90,7 +91,8 @@ async def probe(stack: Stack, tmp_path: Path) -> AsyncIterator[Probe]:
     # The worker's OS user must reach the flow (pytest's folders are private to root).
     grant_traversal(project / "flows")
     marker = f"tenantflow-marker-{uuid.uuid4().hex[:12]}"
-    marker_file = Path("/tmp") / marker
+    # NOTE: where the worker's OS user could write, had the command run.
+    marker_file = Path(tempfile.gettempdir()) / marker
     async with get_client() as client:
         flow_id = await client.create_flow_from_name("tenantflow-lock-probe")
         deployment_id = await client.create_deployment(
@@ -161,7 +163,7 @@ async def test_the_server_refuses_command_and_env(stack: Stack, probe: Probe) ->
         for variables in (
             {"command": f"touch {probe.marker_file}"},
             {"env": {"SUPABASE_JWT_SECRET": probe.marker}},
-            {"working_dir": "/tmp"},
+            {"working_dir": str(probe.marker_file.parent)},
             {"image": "evil"},
         ):
             with pytest.raises(PrefectHTTPStatusError) as refused:
@@ -191,20 +193,20 @@ async def test_stored_hostile_job_variables_do_not_reach_the_flow_run(
     hostile = probe.hostile()
     async with get_client() as client:
         # 1. POST /flow_runs/ with a work pool stores job variables unvalidated.
-        created = httpx.post(
-            f"{stack.config.prefect_api_url}/flow_runs/",
-            json={
-                "flow_id": str(probe.flow_id),
-                "deployment_id": str(probe.deployment_id),
-                "work_pool_name": POOL,
-                "work_queue_name": "default",
-                "parameters": {"marker": probe.marker},
-                "job_variables": hostile,
-                "state": {"type": "SCHEDULED", "name": "Scheduled"},
-            },
-            headers=stack.config.prefect_api_headers(),
-            timeout=10,
-        )
+        async with httpx.AsyncClient(timeout=10) as http:
+            created = await http.post(
+                f"{stack.config.prefect_api_url}/flow_runs/",
+                json={
+                    "flow_id": str(probe.flow_id),
+                    "deployment_id": str(probe.deployment_id),
+                    "work_pool_name": POOL,
+                    "work_queue_name": "default",
+                    "parameters": {"marker": probe.marker},
+                    "job_variables": hostile,
+                    "state": {"type": "SCHEDULED", "name": "Scheduled"},
+                },
+                headers=stack.config.prefect_api_headers(),
+            )
         assert created.status_code == 201, created.text
         stored = UUID(created.json()["id"])
         assert (await client.read_flow_run(stored)).job_variables == hostile
