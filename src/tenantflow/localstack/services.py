@@ -624,6 +624,14 @@ class PrefectServer(HttpProcessService):
     def answers(self) -> bool:
         return _prefect_healthy(self.config)
 
+    def health(self) -> Health:
+        found = super().health()
+        if found.running and not found.healthy and _prefect_open(self.config):
+            # NOTE: a server started before the stack had an auth string answers anyone.
+            detail = "answers without auth: restart it (make down && make up)"
+            return Health(self.name, self.address, True, False, found.pid, detail)
+        return found
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
@@ -654,13 +662,25 @@ class PrefectServer(HttpProcessService):
 
 def _prefect_healthy(config: StackConfig) -> bool:
     # NOTE: `/health` answers without auth; an authenticated route also proves that the
-    # server takes this stack folder's auth string.
+    # server takes this stack folder's auth string, and a refused anonymous one that it
+    # wants auth at all.
+    if _prefect_open(config):
+        return False
     try:
         response = httpx.get(
             f"{config.prefect_api_url}/admin/version",
             headers=config.prefect_api_headers(),
             timeout=2,
         )
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def _prefect_open(config: StackConfig) -> bool:
+    """Whether the server answers an API request that carries no auth."""
+    try:
+        response = httpx.get(f"{config.prefect_api_url}/admin/version", timeout=2)
     except httpx.HTTPError:
         return False
     return response.status_code == 200
