@@ -2,11 +2,13 @@
 # The tenantflow worker image (DESIGN.md §5): the locked runtime dependencies, the package
 # with its migrations, and flows/ + prefect.yaml in /app.
 #
-# As a *worker*: its command starts a process worker on $TENANTFLOW_WORK_POOL; run N replicas
-# of it against one Prefect server to scale out. As the *job image* of a docker or kubernetes
-# work pool: Prefect's own docker/kubernetes worker starts flow runs in it and overrides the
-# command. Either way secrets (DATABASE_URL, MIGRATION_DATABASE_URL, SUPABASE_URL,
-# SUPABASE_ANON_KEY) come from the runtime environment or a mounted /app/.env, never the image.
+# As a *worker*: its command starts tenantflow's process worker on $TENANTFLOW_WORK_POOL (job
+# variables cannot change a flow run's command, environment or folder); run N replicas of it
+# against one Prefect server to scale out. As the *job image* of a docker or kubernetes work
+# pool: Prefect's own docker/kubernetes worker starts flow runs in it with the command fixed in
+# the pool's template. Either way secrets (DATABASE_URL, MIGRATION_DATABASE_URL, SUPABASE_URL,
+# SUPABASE_ANON_KEY, PREFECT_API_AUTH_STRING) come from the runtime environment or a mounted
+# /app/.env, never the image.
 #
 # tests/deployments/test_dockerfile.py replays this file's install steps in a fresh virtual
 # environment; keep RUN steps to plain commands on $VIRTUAL_ENV and the WORKDIR.
@@ -66,4 +68,4 @@ COPY prefect.yaml ./
 USER ${UID}:${UID}
 # NOTE: a shell only to expand $TENANTFLOW_WORK_POOL; `exec` hands PID 1 to the worker, which
 # turns SIGTERM into a graceful shutdown. The pool is made by the bootstrap, not the worker.
-CMD ["/bin/sh", "-c", "exec prefect worker start --pool \"$TENANTFLOW_WORK_POOL\" --type process --no-create-pool-if-not-found --install-policy never"]
+CMD ["/bin/sh", "-c", "exec tenantflow worker --pool \"$TENANTFLOW_WORK_POOL\""]

@@ -37,6 +37,10 @@ def _addresses(stack: Stack) -> str:
     config = stack.config
     return (
         f"Prefect UI:            {config.prefect_ui_url}\n"
+        # NOTE: a local dev stack: the UI's login form wants the whole `user:password`
+        # string (also PREFECT_API_AUTH_STRING in .env); database passwords stay unprinted.
+        f"  sign in with:        {config.secrets.prefect_auth_string}"
+        "  (paste it whole into the login box)\n"
         f"Transaction pooler:    {config.host}:{config.transaction_pooler_port}"
         "  (DATABASE_URL, workers)\n"
         f"Session pooler:        {config.host}:{config.session_pooler_port}"
@@ -191,6 +195,7 @@ def _deploy(args: argparse.Namespace) -> int:
     dotenv = {k: v for k, v in dotenv_values(project / ".env").items() if v is not None}
     env = {key: value for key, value in dotenv.items() if key not in os.environ}
     api_url = os.environ.get("PREFECT_API_URL") or dotenv.get("PREFECT_API_URL")
+    auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or dotenv.get("PREFECT_API_AUTH_STRING")
     if not api_url:
         log.error("PREFECT_API_URL is not set (nor in %s): run `make up` or export it", project)
         return 2
@@ -203,6 +208,10 @@ def _deploy(args: argparse.Namespace) -> int:
             project_dir=project,
             pool_types=[args.pool_type],
             api_url=api_url,
+            # NOTE: baked into the pool's template, never a job variable: a flow run cannot
+            # choose another image.
+            image=args.image,
+            auth_string=auth_string,
         )
         log.info("bootstrap: %s", result.summary())
         if args.bootstrap_only:
@@ -212,7 +221,6 @@ def _deploy(args: argparse.Namespace) -> int:
             project_dir=project,
             env={**env, "PREFECT_API_URL": api_url},
             pool=pool,
-            job_variables={"image": args.image} if args.image else None,
         )
     except (SettingsError, BootstrapError, DeployError) as error:
         log.error("deploy failed: %s", error)
@@ -360,6 +368,13 @@ def _add_seal_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
     seal.set_defaults(handler=_seal)
 
 
+def _worker(args: argparse.Namespace) -> int:
+    """Serve a process work pool with the tenantflow worker until SIGTERM or SIGINT."""
+    from tenantflow.worker import run_worker
+
+    return run_worker(args.pool, name=args.name, limit=args.limit)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -423,13 +438,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="deploy onto tenantflow-<type> (default process, the local worker's pool)",
     )
     deploy.add_argument(
-        "--image", help="image of the flow runs on a docker or kubernetes pool (job variable)"
+        "--image",
+        help="image of the flow runs on a docker or kubernetes pool (baked into the pool's "
+        "base job template; default tenantflow-worker:latest)",
     )
     deploy.add_argument(
         "--bootstrap-only", action="store_true", help="create/update pools and limit only"
     )
     deploy.set_defaults(handler=_deploy)
     _add_seal_commands(commands)
+    worker = commands.add_parser(
+        "worker",
+        help="serve a process work pool; job variables cannot change what a flow run runs",
+    )
+    worker.add_argument("--pool", required=True, help="the process work pool (it must exist)")
+    worker.add_argument("--name", help="the worker's name (default: Prefect's generated one)")
+    worker.add_argument(
+        "--limit", type=int, metavar="N", help="at most N flow runs at once (no limit)"
+    )
+    worker.set_defaults(handler=_worker)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)

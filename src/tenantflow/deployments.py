@@ -130,17 +130,27 @@ class BootstrapResult:
         return "; ".join(parts)
 
 
-def base_job_template(pool_type: PoolType, project_dir: Path) -> dict[str, Any]:
+def base_job_template(
+    pool_type: PoolType, project_dir: Path, *, image: str | None = None
+) -> dict[str, Any]:
     """The base job template a `pool_type` pool is created with.
 
-    `process`: Prefect's own default (its worker ships with Prefect). `docker` and
-    `kubernetes`: `deployments/<type>-base-job-template.json` of the project (their workers
-    live in prefect-docker / prefect-kubernetes, which the project does not install).
+    `process`: the tenantflow worker's (`tenantflow.worker.base_job_template`: Prefect's
+    own without `command`, `env` and `working_dir`). `docker` and `kubernetes`:
+    `deployments/<type>-base-job-template.json` of the project (their workers live in
+    prefect-docker / prefect-kubernetes, which the project does not install), with
+    `image` baked into the job configuration: a flow run cannot choose its image.
+
+    Raises:
+        BootstrapError: the file is missing or malformed, a job variable could change what
+            runs, or `image` is given for a process pool.
     """
     if pool_type == "process":
-        from prefect.workers.process import ProcessWorker
+        if image:
+            raise BootstrapError("a process pool runs flow runs in place: it takes no image")
+        from tenantflow.worker import base_job_template as process_template
 
-        return ProcessWorker.get_default_base_job_template()
+        return process_template()
     path = project_dir / "deployments" / f"{pool_type}-base-job-template.json"
     try:
         template: dict[str, Any] = json.loads(path.read_text())
@@ -150,24 +160,74 @@ def base_job_template(pool_type: PoolType, project_dir: Path) -> dict[str, Any]:
         ) from None
     if set(template) != {"job_configuration", "variables"}:
         raise BootstrapError(f"{path}: a base job template has job_configuration and variables")
+    variables = template["variables"]
+    overridable = set(variables.get("properties", {})) & _LOCKED_JOB_VARIABLES
+    if overridable or variables.get("additionalProperties") is not False:
+        raise BootstrapError(
+            f"{path}: job variables must not override {sorted(_LOCKED_JOB_VARIABLES)} and the "
+            "variables schema needs additionalProperties: false"
+        )
+    if image:
+        configuration = template["job_configuration"]
+        if pool_type == "docker":
+            configuration["image"] = image
+        else:
+            for container in configuration["job_manifest"]["spec"]["template"]["spec"][
+                "containers"
+            ]:
+                container["image"] = image
     return template
 
 
+#: What a docker or kubernetes flow run may never choose for itself (fixed in the
+#: templates' job configuration).
+_LOCKED_JOB_VARIABLES = frozenset(
+    {
+        "command",
+        "env",
+        "image",
+        "image_pull_policy",
+        "volumes",
+        "network_mode",
+        "privileged",
+        "namespace",
+        "service_account_name",
+        "secret_name",
+        "job_manifest",
+    }
+)
+
+
 @asynccontextmanager
-async def _client(api_url: str | None) -> AsyncIterator[Any]:
-    """A Prefect client for `api_url` (default: PREFECT_API_URL), never an ephemeral server."""
+async def _client(api_url: str | None, auth_string: str | None = None) -> AsyncIterator[Any]:
+    """A Prefect client for `api_url` (default: PREFECT_API_URL), never an ephemeral server.
+
+    `auth_string` (default: PREFECT_API_AUTH_STRING) is the API's basic auth.
+    """
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     url = api_url or PREFECT_API_URL.value()
     if not url:
         # NOTE: without it Prefect would start a temporary server of its own and
         # bootstrap that one, silently.
         raise BootstrapError("PREFECT_API_URL is not set: which Prefect server to bootstrap?")
-    with temporary_settings(updates={PREFECT_API_URL: url}):
+    updates: dict[Any, Any] = {PREFECT_API_URL: url}
+    if auth_string:
+        updates[PREFECT_API_AUTH_STRING] = auth_string
+    with temporary_settings(updates=updates):
         async with get_client() as client:
             try:
                 await client.hello()
+            except httpx.HTTPStatusError as error:
+                raise BootstrapError(
+                    f"the Prefect API at {url} answered {error.response.status_code}"
+                    + (
+                        " (set PREFECT_API_AUTH_STRING)"
+                        if error.response.status_code == 401
+                        else ""
+                    )
+                ) from None
             except httpx.HTTPError as error:
                 raise BootstrapError(
                     f"the Prefect API at {url} does not answer ({type(error).__name__})"
@@ -246,6 +306,8 @@ async def abootstrap(
     project_dir: Path,
     pool_types: Sequence[PoolType] = ("process",),
     api_url: str | None = None,
+    image: str | None = None,
+    auth_string: str | None = None,
 ) -> BootstrapResult:
     """Create or update the work pools and the database concurrency limit.
 
@@ -260,15 +322,21 @@ async def abootstrap(
         project_dir: the project folder (for `deployments/*-base-job-template.json`).
         pool_types: which work pools to create or update.
         api_url: the Prefect API; default PREFECT_API_URL.
+        image: the flow runs' image of docker and kubernetes pools (baked into their
+            templates; default the templates' `tenantflow-worker:latest`).
+        auth_string: the API's basic auth; default PREFECT_API_AUTH_STRING.
     """
     if flow_slots > concurrency_slots:
         raise BootstrapError(
             f"DB_FLOW_SLOTS={flow_slots} exceeds DB_CONCURRENCY_SLOTS={concurrency_slots}: "
             "no flow run could ever take its slots"
         )
-    templates = {kind: base_job_template(kind, project_dir) for kind in pool_types}
+    templates = {
+        kind: base_job_template(kind, project_dir, image=None if kind == "process" else image)
+        for kind in pool_types
+    }
     result = BootstrapResult()
-    async with _client(api_url) as client:
+    async with _client(api_url, auth_string) as client:
         for kind, template in templates.items():
             name, outcome = await _ensure_work_pool(client, kind, template)
             result.work_pools[name] = outcome
@@ -286,6 +354,8 @@ def bootstrap(
     project_dir: Path,
     pool_types: Sequence[PoolType] = ("process",),
     api_url: str | None = None,
+    image: str | None = None,
+    auth_string: str | None = None,
 ) -> BootstrapResult:
     """Synchronous `abootstrap()`, for the CLI and the local stack."""
     return asyncio.run(
@@ -296,6 +366,8 @@ def bootstrap(
             project_dir=project_dir,
             pool_types=pool_types,
             api_url=api_url,
+            image=image,
+            auth_string=auth_string,
         )
     )
 

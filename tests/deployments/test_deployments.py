@@ -19,7 +19,6 @@ from prefect.cli.deploy._models import PrefectYamlModel
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import WorkPoolFilter, WorkPoolFilterName
 from prefect.flows import load_flow_from_entrypoint
-from prefect.workers.process import ProcessWorker
 
 from tenantflow.deployments import (
     WORK_POOLS,
@@ -32,6 +31,7 @@ from tenantflow.deployments import (
 )
 from tenantflow.localstack import Stack
 from tenantflow.localstack.worker import bootstrap, deploy, stack_settings
+from tenantflow.worker import base_job_template as tenantflow_template
 
 PROJECT = Path(__file__).resolve().parents[2]
 EXPECTED = {
@@ -113,7 +113,7 @@ def test_base_job_templates_are_complete() -> None:
     """Every placeholder names a variable with a default; no secret sits in a template."""
     from prefect.utilities.templating import find_placeholders
 
-    assert base_job_template("process", PROJECT) == ProcessWorker.get_default_base_job_template()
+    assert base_job_template("process", PROJECT) == tenantflow_template()
     kinds: tuple[PoolType, ...] = ("docker", "kubernetes")
     for kind in kinds:
         template = base_job_template(kind, PROJECT)
@@ -121,17 +121,25 @@ def test_base_job_templates_are_complete() -> None:
         used = {p.name for p in find_placeholders(json.dumps(template["job_configuration"]))}
         assert used <= set(variables), used - set(variables)
         assert set(variables) - used == set(), "variables the job never uses"
-        assert variables["image"]["default"].startswith("tenantflow-worker")
         text = json.dumps(template)
         for secret in ("postgresql://", "DATABASE_URL=", "password"):
             assert secret not in text
-    kubernetes = base_job_template("kubernetes", PROJECT)
+    kubernetes = base_job_template("kubernetes", PROJECT, image="registry.example/tf:1.4.0")
     manifest = kubernetes["job_configuration"]["job_manifest"]
     pod = manifest["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
-    assert pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "{{ secret_name }}"}}]
-    docker = base_job_template("docker", PROJECT)
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "tenantflow-worker"}}]
+    assert container["image"] == "registry.example/tf:1.4.0"
+    docker = base_job_template("docker", PROJECT, image="registry.example/tf:1.4.0")
     assert docker["job_configuration"]["privileged"] is False
+    assert docker["job_configuration"]["image"] == "registry.example/tf:1.4.0"
+    # Without --image: the templates' own tenantflow-worker image.
+    assert base_job_template("docker", PROJECT)["job_configuration"]["image"].startswith(
+        "tenantflow-worker"
+    )
+    with pytest.raises(BootstrapError, match="takes no image"):
+        base_job_template("process", PROJECT, image="x")
 
 
 def test_bootstrap_refuses_a_budget_no_flow_can_use() -> None:

@@ -342,7 +342,7 @@ def test_dockerfile_shape() -> None:
     args = [s.arguments for s in runtime.instructions if s.keyword == "ARG"]
     assert args == ["UID=10001"]
     cmd = json.loads(next(s.arguments for s in runtime.instructions if s.keyword == "CMD"))
-    assert "exec prefect worker start" in cmd[-1]
+    assert "exec tenantflow worker --pool" in cmd[-1]
 
 
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
@@ -401,7 +401,7 @@ def test_install_steps_give_a_working_environment(image: Image) -> None:
     for tool in ("pytest", "ruff", "mypy"):
         assert not (image.path(image.env["VIRTUAL_ENV"]) / "bin" / tool).exists(), tool
 
-    helped = image.run(["prefect", "worker", "start", "--help"])
+    helped = image.run(["tenantflow", "worker", "--help"])
     assert helped.returncode == 0, helped.stderr
     assert "--pool" in helped.stdout
 
@@ -433,8 +433,14 @@ def test_entrypoints_load_after_the_pull_step(image: Image) -> None:
 @pytest.mark.stack
 def test_cmd_starts_a_worker_on_the_pool(image: Image, stack: Stack) -> None:
     api = stack.config.prefect_api_url
+    auth = stack.config.prefect_api_headers()
     pool = f"tenantflow-image-test-{uuid.uuid4().hex[:8]}"
-    created = httpx.post(f"{api}/work_pools/", json={"name": pool, "type": "process"}, timeout=10)
+    created = httpx.post(
+        f"{api}/work_pools/",
+        json={"name": pool, "type": "process"},
+        headers=auth,
+        timeout=10,
+    )
     assert created.status_code == 201, created.text
     process = subprocess.Popen(
         image.cmd,
@@ -443,6 +449,7 @@ def test_cmd_starts_a_worker_on_the_pool(image: Image, stack: Stack) -> None:
             **image.env_mapped(),
             "TENANTFLOW_WORK_POOL": pool,
             "PREFECT_API_URL": api,
+            "PREFECT_API_AUTH_STRING": stack.config.secrets.prefect_auth_string,
             "PREFECT_WORKER_QUERY_SECONDS": "2",
         },
         stdout=subprocess.PIPE,
@@ -454,7 +461,9 @@ def test_cmd_starts_a_worker_on_the_pool(image: Image, stack: Stack) -> None:
         workers: list[dict[str, object]] = []
         while time.monotonic() < deadline and not workers and process.poll() is None:
             time.sleep(0.5)
-            listed = httpx.post(f"{api}/work_pools/{pool}/workers/filter", json={}, timeout=5)
+            listed = httpx.post(
+                f"{api}/work_pools/{pool}/workers/filter", json={}, headers=auth, timeout=5
+            )
             workers = listed.json() if listed.status_code == 200 else []
         assert workers, "the image's CMD did not register a worker with the pool"
         assert process.poll() is None
@@ -467,4 +476,4 @@ def test_cmd_starts_a_worker_on_the_pool(image: Image, stack: Stack) -> None:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        httpx.delete(f"{api}/work_pools/{pool}", timeout=10)
+        httpx.delete(f"{api}/work_pools/{pool}", headers=auth, timeout=10)

@@ -2,8 +2,9 @@
 
 Playwright for Python drives Debian's `/usr/bin/chromium` headless (installed by
 `TENANTFLOW_WITH_BROWSER=1 scripts/bootstrap.sh`, which `make test` runs; Playwright's own
-browser download is never used). The browser opens the address `make up` prints, follows
-the server to its default UI (Prefect 3.9's React UI under `/v2/`), goes to the
+browser download is never used). The browser opens the address `make up` prints, signs in
+on the UI's login form with the stack's Prefect API auth string, follows the server to
+its default UI (Prefect 3.9's React UI under `/v2/`), goes to the
 `client-report` deployment, starts a custom run filling the form as an operator would
 (client id, two dates through the date picker, the member's token in the password box),
 waits for Completed on the run page and opens the report artifact. The API and the
@@ -84,9 +85,9 @@ def _slug(text: str) -> str:
 class Evidence:
     """Screenshots per milestone, timings; on a failing step its screenshot, HTML, console."""
 
-    def __init__(self, page: Page, secret: str) -> None:
+    def __init__(self, page: Page, *secrets: str) -> None:
         self.page = page
-        self.secret = secret
+        self.secrets = secrets
         self.console: list[str] = []
         self.timings: dict[str, Any] = {"step_s": {}}
         page.on("console", self._console)
@@ -116,8 +117,10 @@ class Evidence:
             try:
                 await self.page.screenshot(path=stem.with_suffix(".png"), full_page=True)
                 html = await self.page.content()
-                # React mirrors a controlled input's value into the DOM: keep the token out.
-                stem.with_suffix(".html").write_text(html.replace(self.secret, "<token>"))
+                # React mirrors a controlled input's value into the DOM: keep secrets out.
+                for secret in self.secrets:
+                    html = html.replace(secret, "<secret>")
+                stem.with_suffix(".html").write_text(html)
             except Exception as capture_error:  # the page may be gone; keep the first error
                 notes.append(f"(could not capture the page: {capture_error!r})")
             stem.with_suffix(".log").write_text("\n".join([*notes, *self.console]) + "\n")
@@ -275,12 +278,25 @@ async def test_operator_runs_a_client_report_from_the_ui(
         deployment = await client.read_deployment_by_name(DEPLOYMENT)
 
     page = await context.new_page()
-    evidence = Evidence(page, token)
+    auth_string = config.secrets.prefect_auth_string
+    evidence = Evidence(page, token, auth_string)
     timings = evidence.timings
     timings["run_name"] = run_name
 
-    async with evidence.step("open the UI"):
+    async with evidence.step("sign in"):
         await page.goto(config.prefect_ui_url)
+        # The API wants basic auth: the UI shows its login form, which takes the whole
+        # `user:password` auth string (`make up` prints it).
+        await page.wait_for_url(re.compile(r"/login"))
+        password = page.get_by_placeholder("admin:pass")
+        assert await password.get_attribute("type") == "password"
+        await evidence.shot("00-login")
+        await password.fill(auth_string)
+        await page.get_by_role("button", name="Login", exact=True).click()
+        await page.get_by_role("link", name="Deployments", exact=True).wait_for()
+        assert "/login" not in page.url
+
+    async with evidence.step("open the UI"):
         # `/` sends a browser to the default UI; in Prefect 3.9 that is the React UI.
         assert "/v2/" in page.url, f"expected Prefect's default (v2) UI, landed on {page.url}"
         await page.get_by_role("link", name="Deployments", exact=True).click()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import grp
 import os
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,19 +18,30 @@ from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
-BASE_PORT = 55420
+
+def _free_ports(count: int) -> list[int]:
+    """Ports nothing listens on now (never fixed numbers: another stack may use them)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+    finally:
+        for sock in sockets:
+            sock.close()
 
 
 @pytest.fixture
 def second_stack(tmp_path: Path) -> Iterator[Stack]:
+    auth, pg, transaction, session, prefect = _free_ports(5)
     config = StackConfig(
         project_dir=tmp_path,
         stack_dir=tmp_path / ".stack",
-        pg_port=BASE_PORT + 2,
-        transaction_pooler_port=BASE_PORT + 3,
-        session_pooler_port=BASE_PORT + 4,
-        auth_port=BASE_PORT + 1,
-        prefect_port=BASE_PORT + 5,
+        pg_port=pg,
+        transaction_pooler_port=transaction,
+        session_pooler_port=session,
+        auth_port=auth,
+        prefect_port=prefect,
     )
     stack = Stack(config)
     yield stack
@@ -61,7 +74,13 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     env_file = (config.project_dir / ".env").read_text()
     assert f"DATABASE_URL={config.database_url}" in env_file
     assert f":{config.session_pooler_port}/" in env_file
-    assert oct((config.project_dir / ".env").stat().st_mode & 0o777) == "0o600"
+    env_stat = (config.project_dir / ".env").stat()
+    if os.geteuid() == 0:
+        # Flow runs run as the worker's OS user, which reads it through its group.
+        assert oct(env_stat.st_mode & 0o777) == "0o640"
+        assert grp.getgrgid(env_stat.st_gid).gr_name == "tenantflow"
+    else:
+        assert oct(env_stat.st_mode & 0o777) == "0o600"
 
     again = _cli(second_stack, "up", "--services-only")
     assert again.returncode == 0, again.stdout + again.stderr
@@ -88,8 +107,6 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
 
 
 def test_a_taken_port_is_reported_clearly(second_stack: Stack) -> None:
-    import socket
-
     with socket.socket() as blocker:
         blocker.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         blocker.bind((second_stack.config.host, second_stack.config.pg_port))

@@ -6,6 +6,7 @@ can run beside the developer's without touching it.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -24,6 +25,11 @@ SERVICE_USER = "postgres"
 #: The workers' own database login (least privilege); created by the stack before the
 #: migrations run, as a project's administrator would on Supabase.
 WORKER_DB_ROLE = "tenantflow_worker"
+#: The unprivileged OS user the local worker (and its flow runs) runs as when the stack
+#: is started by root; created by the stack itself when missing.
+WORKER_USER = "tenantflow"
+#: The user name of the Prefect API's basic auth (the password is per stack folder).
+PREFECT_API_USER = "tenantflow"
 
 
 # NOTE: the same payloads as the Supabase CLI's demo keys: legacy API keys are HS256 JWTs
@@ -36,6 +42,10 @@ _API_KEY_ISSUER = "supabase-demo"
 class StackSecrets:
     """Passwords and the legacy JWT secret, generated once per stack folder; never printed.
 
+    `prefect_auth_string` (`user:password`, the basic auth of the stack's Prefect API) is
+    the exception: it is what an operator pastes into the Prefect UI's login form, so
+    `tenantflow stack up` shows it.
+
     The API keys are derived from `jwt_secret` as Supabase derives its legacy `anon` and
     `service_role` keys: HS256 JWTs with the role and no user.
     """
@@ -46,6 +56,7 @@ class StackSecrets:
     jwt_secret: str
     #: The workers' key for sealed access tokens (a private EC P-256 JWK, JSON).
     seal_private_key: str
+    prefect_auth_string: str
 
     @property
     def anon_key(self) -> str:
@@ -67,6 +78,7 @@ class StackSecrets:
             "worker_password",
             "jwt_secret",
             "seal_private_key",
+            "prefect_auth_string",
         )
         if path.exists():
             data = json.loads(path.read_text())
@@ -84,6 +96,8 @@ class StackSecrets:
                 worker_password=data.get("worker_password") or secrets.token_urlsafe(24),
                 jwt_secret=data.get("jwt_secret") or secrets.token_urlsafe(48),
                 seal_private_key=data.get("seal_private_key") or generate_private_key(),
+                prefect_auth_string=data.get("prefect_auth_string")
+                or f"{PREFECT_API_USER}:{secrets.token_urlsafe(24)}",
             )
             temporary = path.with_suffix(".tmp")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -195,6 +209,16 @@ class StackConfig:
     def prefect_ui_url(self) -> str:
         return f"http://{self.host}:{self.prefect_port}"
 
+    @property
+    def prefect_home(self) -> Path:
+        """The Prefect server's folder (its SQLite database): root's only, mode 0700."""
+        return self.stack_dir / "prefect"
+
+    def prefect_api_headers(self) -> dict[str, str]:
+        """The basic-auth header the stack's Prefect API wants on every request."""
+        token = base64.b64encode(self.secrets.prefect_auth_string.encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
     def location_environment(self) -> dict[str, str]:
         """The TENANTFLOW_* variables under which `from_env()` gives this same stack."""
         return {
@@ -216,4 +240,5 @@ class StackConfig:
             "SUPABASE_ANON_KEY": self.secrets.anon_key,
             "SEAL_PRIVATE_KEYS": self.secrets.seal_private_key,
             "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_API_AUTH_STRING": self.secrets.prefect_auth_string,
         }

@@ -17,7 +17,7 @@ from decimal import Decimal
 
 import asyncpg
 from prefect.deployments.flow_runs import arun_deployment
-from prefect.settings import PREFECT_API_URL, temporary_settings
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from tenantflow.localstack.auth_server import create_user, mint_access_token
 from tenantflow.localstack.config import StackConfig
@@ -179,7 +179,12 @@ async def run_demo(config: StackConfig) -> DemoRun:
     fresh ones (a sealed token is good for one run).
     """
     started = time.monotonic()
-    with temporary_settings({PREFECT_API_URL: config.prefect_api_url}):
+    with temporary_settings(
+        {
+            PREFECT_API_URL: config.prefect_api_url,
+            PREFECT_API_AUTH_STRING: config.secrets.prefect_auth_string,
+        }
+    ):
         run = await arun_deployment(
             ROLLUP_DEPLOYMENT,
             parameters={

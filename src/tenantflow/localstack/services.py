@@ -2,7 +2,10 @@
 
 PostgreSQL and PgBouncer refuse to run as root, so when the stack is started by root
 their processes run as the unprivileged `postgres` OS user (created by Debian's
-PostgreSQL packages) and own their folders; everything else stays root's.
+PostgreSQL packages) and own their folders. The process worker runs flow runs, whose
+parameters and job variables come from whoever can reach the Prefect API, so it runs as
+the unprivileged `tenantflow` OS user (created here when missing). The Prefect server
+stays root's, in a folder only root can read, behind basic auth.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Literal, Protocol
 import asyncpg
 import httpx
 
-from tenantflow.localstack.config import SERVICE_USER, WORKER_DB_ROLE, StackConfig
+from tenantflow.localstack.config import SERVICE_USER, WORKER_DB_ROLE, WORKER_USER, StackConfig
 
 __all__ = [
     "Health",
@@ -38,11 +41,13 @@ __all__ = [
     "PrefectServer",
     "Service",
     "StackError",
+    "grant_traversal",
     "pid_alive",
     "port_is_open",
     "spawn_detached",
     "stop_process_group",
     "wait_until_ready",
+    "worker_user_ids",
 ]
 
 log = logging.getLogger("tenantflow.stack")
@@ -139,20 +144,62 @@ def _as_service_user(argv: list[str]) -> list[str]:
     return argv
 
 
+def grant_traversal(path: Path) -> None:
+    """Let other OS users traverse (not list) every folder above `path`.
+
+    NOTE: a clone under a private folder (mktemp -d is 0700) would hide the stack from
+    the service users; traversal alone reveals no names.
+    """
+    for parent in path.parents:
+        mode = parent.stat().st_mode
+        if not mode & 0o001:
+            parent.chmod(mode | 0o001)
+            log.info("granted other users traversal (o+x) of %s", parent)
+
+
 def _service_dir(path: Path) -> Path:
     """Create a folder the service user owns, and make sure it can reach it."""
     path.mkdir(parents=True, exist_ok=True)
     ids = _service_ids()
     if ids is not None:
         os.chown(path, *ids)
-        # NOTE: a clone under a private folder (mktemp -d is 0700) would hide the stack
-        # from the service user; grant traversal (not listing) on the way down.
-        for parent in path.parents:
-            mode = parent.stat().st_mode
-            if not mode & 0o001:
-                parent.chmod(mode | 0o001)
+        grant_traversal(path)
     path.chmod(0o700)
     return path
+
+
+def worker_user_ids() -> tuple[int, int] | None:
+    """uid/gid of the worker's OS user when running as root (created when missing)."""
+    if not _running_as_root():
+        return None
+    try:
+        entry = pwd.getpwnam(WORKER_USER)
+    except KeyError:
+        result = subprocess.run(  # noqa: S603
+            [
+                shutil.which("useradd") or "/usr/sbin/useradd",
+                "--system",
+                "--no-create-home",
+                "--user-group",
+                "--home-dir",
+                "/nonexistent",
+                "--shell",
+                "/usr/sbin/nologin",
+                WORKER_USER,
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        try:
+            # NOTE: another stack may have created it meanwhile (useradd then exits 9).
+            entry = pwd.getpwnam(WORKER_USER)
+        except KeyError:
+            output = (result.stderr or result.stdout).strip()
+            raise StackError(
+                f"could not create the '{WORKER_USER}' OS user for the worker: {output}"
+            ) from None
+    return entry.pw_uid, entry.pw_gid
 
 
 def _run(argv: list[str], what: str) -> None:
@@ -179,8 +226,13 @@ def spawn_detached(
     pidfile: Path,
     preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.Popen[bytes]:
-    """Start a long-running process in its own session, output to `logfile`, pid recorded."""
-    with logfile.open("ab") as log_handle:
+    """Start a long-running process in its own session, output to `logfile`, pid recorded.
+
+    Both files are the starting user's only (0600).
+    """
+    fd = os.open(logfile, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "ab") as log_handle:
         process = subprocess.Popen(  # noqa: S603
             argv,
             cwd=cwd,
@@ -191,7 +243,10 @@ def spawn_detached(
             start_new_session=True,
             preexec_fn=preexec_fn,
         )
-    pidfile.write_text(str(process.pid))
+    fd = os.open(pidfile, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    with os.fdopen(fd, "w") as pid_handle:
+        pid_handle.write(str(process.pid))
     return process
 
 
@@ -469,6 +524,8 @@ class HttpProcessService:
     port_variable: str
     ready_timeout: float = 30
     stop_grace: float = 10
+    #: umask of the process (None: inherit ours).
+    umask: int | None = None
 
     def __init__(self, config: StackConfig) -> None:
         self.config = config
@@ -506,12 +563,14 @@ class HttpProcessService:
             return False
         _require_free(self.config.host, self.port, self.name, self.port_variable)
         self.prepare()
+        umask = self.umask
         process = spawn_detached(
             self.argv(),
             cwd=self.root,
             env=self.environment(),
             logfile=self.logfile,
             pidfile=self.pidfile,
+            preexec_fn=None if umask is None else lambda: _set_umask(umask),
         )
         wait_until_ready(
             process, self.answers, timeout=self.ready_timeout, what=self.what, logfile=self.logfile
@@ -533,8 +592,17 @@ class HttpProcessService:
         return Health(self.name, self.address, pid is not None, healthy, pid, detail)
 
 
+def _set_umask(mask: int) -> None:
+    os.umask(mask)
+
+
 class PrefectServer(HttpProcessService):
-    """`prefect server start` with its home (SQLite database) in the stack folder."""
+    """`prefect server start` with its home (SQLite database) in the stack folder.
+
+    Whoever reaches the API can start flow runs, so it wants basic auth (the stack's
+    `prefect_auth_string`; `/api/health` alone answers without), answers CORS for its own
+    UI only, and keeps its folder and database files from other OS users (0700, umask 077).
+    """
 
     name = "prefect-server"
     what = "the Prefect server"
@@ -542,6 +610,18 @@ class PrefectServer(HttpProcessService):
     port_variable = "TENANTFLOW_PREFECT_PORT"
     ready_timeout = 90
     stop_grace = 20
+    umask = 0o077
+
+    def prepare(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.chmod(0o700)
+        # NOTE: files written before the umask was set (an older stack folder) lose
+        # their group and other bits too.
+        for folder, dirs, files in os.walk(self.root):
+            for name in dirs + files:
+                path = Path(folder) / name
+                if not path.is_symlink():
+                    path.chmod(path.stat().st_mode & 0o700)
 
     @property
     def port(self) -> int:
@@ -555,13 +635,26 @@ class PrefectServer(HttpProcessService):
         return [sys.executable, "-m", "prefect", "server", "start", "--no-prompt"]
 
     def answers(self) -> bool:
-        return _prefect_healthy(self.config.prefect_api_url)
+        return _prefect_healthy(self.config)
+
+    def health(self) -> Health:
+        found = super().health()
+        if found.running and not found.healthy and _prefect_open(self.config):
+            # NOTE: a server started before the stack had an auth string answers anyone.
+            detail = "answers without auth: restart it (make down && make up)"
+            return Health(self.name, self.address, True, False, found.pid, detail)
+        return found
 
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(
             {
                 "PREFECT_HOME": str(self.root),
+                "PREFECT_SERVER_API_AUTH_STRING": self.config.secrets.prefect_auth_string,
+                "PREFECT_API_AUTH_STRING": self.config.secrets.prefect_auth_string,
+                # NOTE: the UI calls the API from its own origin only; no other web page
+                # may (the default is `*`).
+                "PREFECT_SERVER_API_CORS_ALLOWED_ORIGINS": self.config.prefect_ui_url,
                 "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                 "PREFECT_SERVER_API_HOST": self.config.host,
                 "PREFECT_SERVER_API_PORT": str(self.config.prefect_port),
@@ -580,9 +673,27 @@ class PrefectServer(HttpProcessService):
         return env
 
 
-def _prefect_healthy(api_url: str) -> bool:
+def _prefect_healthy(config: StackConfig) -> bool:
+    # NOTE: `/health` answers without auth; an authenticated route also proves that the
+    # server takes this stack folder's auth string, and a refused anonymous one that it
+    # wants auth at all.
+    if _prefect_open(config):
+        return False
     try:
-        response = httpx.get(f"{api_url}/health", timeout=2)
+        response = httpx.get(
+            f"{config.prefect_api_url}/admin/version",
+            headers=config.prefect_api_headers(),
+            timeout=2,
+        )
+    except httpx.HTTPError:
+        return False
+    return response.status_code == 200
+
+
+def _prefect_open(config: StackConfig) -> bool:
+    """Whether the server answers an API request that carries no auth."""
+    try:
+        response = httpx.get(f"{config.prefect_api_url}/admin/version", timeout=2)
     except httpx.HTTPError:
         return False
     return response.status_code == 200

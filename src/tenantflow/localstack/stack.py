@@ -27,6 +27,7 @@ from tenantflow.localstack.services import (
     Service,
     StackError,
     port_is_open,
+    worker_user_ids,
 )
 from tenantflow.localstack.worker import LocalWorker, deploy
 
@@ -113,7 +114,11 @@ class Stack:
         return [service.health() for service in self.services()]
 
     def write_env_file(self) -> None:
-        """Write `.env` so `uv run prefect ...` and `tenantflow ...` find the stack."""
+        """Write `.env` so `uv run prefect ...` and `tenantflow ...` find the stack.
+
+        It holds the database URLs and the Prefect API's auth string, never the stack's
+        superuser password or JWT secret (those stay in the stack's secrets file).
+        """
         lines = [
             "# Written by `tenantflow stack up` for the local stack. Do not commit.",
             # NOTE: single quotes: values are taken literally (the seal key is JSON).
@@ -121,5 +126,13 @@ class Stack:
         ]
         path = self.config.env_file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        # NOTE: flow runs read `.env` from the project folder (tenantflow's and Prefect's
+        # settings do); when they run as the worker's OS user, its group may read it.
+        ids = worker_user_ids()
+        if ids is not None:
+            os.fchown(fd, -1, ids[1])
+            os.fchmod(fd, 0o640)
+        else:
+            os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write("\n".join(lines) + "\n")

@@ -1,7 +1,10 @@
 """The local stack's process worker, and the Prefect set-up it needs.
 
-* `LocalWorker` — `prefect worker start --pool tenantflow-process --type process` as a
-  stack service: a child process in its own session, log and pid files in the stack folder.
+* `LocalWorker` — `tenantflow worker --pool tenantflow-process` (Prefect's process worker,
+  with job variables unable to change what runs: `tenantflow.worker`) as a stack service:
+  a child process in its own session, log and pid files in the stack folder. Started by
+  root, it runs as the unprivileged `tenantflow` OS user, which can read the project and
+  the venv but not the stack's secrets file nor the Prefect server's folder.
 * `bootstrap(config)` — the work pool and the `tenantflow-db` limit on the stack's server.
 * `deploy(config)` — every deployment of `prefect.yaml` onto the stack's server.
 
@@ -38,14 +41,16 @@ from tenantflow.deployments import (
 )
 from tenantflow.deployments import bootstrap as bootstrap_prefect
 from tenantflow.deployments import deploy as deploy_prefect
-from tenantflow.localstack.config import StackConfig
+from tenantflow.localstack.config import WORKER_USER, StackConfig
 from tenantflow.localstack.services import (
     Health,
     StackError,
     _read_pid,
     _wait,
+    grant_traversal,
     pid_alive,
     spawn_detached,
+    worker_user_ids,
 )
 from tenantflow.settings import Settings, SettingsError, load_settings
 
@@ -90,6 +95,7 @@ def bootstrap(config: StackConfig) -> BootstrapResult:
             flow_slots=settings.db_flow_slots,
             project_dir=config.project_dir,
             api_url=config.prefect_api_url,
+            auth_string=config.secrets.prefect_auth_string,
         )
     except BootstrapError as error:
         raise StackError(f"Prefect bootstrap failed: {error}") from None
@@ -154,6 +160,15 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+def _drop_to(uid: int, gid: int) -> None:
+    """In the worker's child, before exec: become the worker's OS user for good."""
+    _default_sigint()
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+    os.umask(0o077)
+
+
 # --------------------------------------------------------------------------- service
 
 
@@ -199,13 +214,18 @@ class LocalWorker:
         pid = _read_pid(self.pidfile)
         return pid if pid_alive(pid) else None
 
+    @property
+    def home(self) -> Path:
+        """The worker's PREFECT_HOME and HOME: the worker's OS user's own."""
+        return self.root / "home"
+
     def environment(self) -> dict[str, str]:
         env = dict(os.environ)
         env.update(self.config.environment())
         env.update(
             {
                 "PREFECT_API_URL": self.api_url,
-                "PREFECT_HOME": str(self.root / "home"),
+                "PREFECT_HOME": str(self.home),
                 "PREFECT_WORKER_QUERY_SECONDS": "2",
                 "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                 "PREFECT_LOGGING_LEVEL": "INFO",
@@ -223,7 +243,7 @@ class LocalWorker:
             # NOTE: the worker is started with --no-create-pool-if-not-found, so a typo
             # never creates a stray pool with Prefect's default template.
             bootstrap(self.config)
-        self.root.mkdir(parents=True, exist_ok=True)
+        ids = self._prepare_folders()
         # NOTE: runs left Running by a worker that died (a reboot, a kill -9) would block
         # their deployment's concurrency slot for ever; settle them before serving again.
         if crashed := self._crash_orphaned_runs():
@@ -232,26 +252,23 @@ class LocalWorker:
         argv = [
             sys.executable,
             "-m",
-            "prefect",
+            "tenantflow.cli",
             "worker",
-            "start",
             "--pool",
             self.pool,
-            "--type",
-            "process",
             "--name",
             self.worker_name,
-            "--no-create-pool-if-not-found",
-            "--install-policy",
-            "never",
         ]
+        env = self.environment()
+        if ids is not None:
+            env.update({"HOME": str(self.home), "USER": WORKER_USER, "LOGNAME": WORKER_USER})
         process = spawn_detached(
             argv,
             cwd=self.root,
-            env=self.environment(),
+            env=env,
             logfile=self.logfile,
             pidfile=self.pidfile,
-            preexec_fn=_default_sigint,
+            preexec_fn=_default_sigint if ids is None else lambda: _drop_to(*ids),
         )
 
         def registered() -> bool:
@@ -272,6 +289,33 @@ class LocalWorker:
             self.stop()
             raise
         return True
+
+    def _prepare_folders(self) -> tuple[int, int] | None:
+        """The worker's folders; as root, the worker's OS user ids (None otherwise).
+
+        As root: the worker's OS user may traverse to the project folder (flows/, read by
+        every flow run) and to the interpreter's venv, owns its home (PREFECT_HOME), and
+        reads the project's `.env` through its group (`Stack.write_env_file`).
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        ids = worker_user_ids()
+        if ids is None:
+            return None
+        self.root.chmod(0o711)
+        os.chown(self.home, *ids)
+        self.home.chmod(0o700)
+        # NOTE: the venv's interpreter may be a link into a private folder (pyenv under
+        # /root): the real interpreter and its standard library must be reachable too.
+        for path in (
+            self.root,
+            self.config.project_dir / "flows",
+            Path(sys.prefix) / "bin" / "python",
+            Path(os.path.realpath(sys.executable)),
+            Path(sys.base_prefix) / "lib" / "python",
+        ):
+            grant_traversal(path)
+        return ids
 
     def stop(self) -> bool:
         pid = self.pid()
@@ -319,7 +363,12 @@ class LocalWorker:
     # ----------------------------------------------------------------------- API
 
     def _post(self, path: str, body: dict[str, Any]) -> Any:
-        response = httpx.post(f"{self.api_url}{path}", json=body, timeout=5)
+        response = httpx.post(
+            f"{self.api_url}{path}",
+            json=body,
+            headers=self.config.prefect_api_headers(),
+            timeout=5,
+        )
         response.raise_for_status()
         return response.json()
 

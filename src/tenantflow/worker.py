@@ -1,0 +1,174 @@
+"""The tenantflow process worker: Prefect's process worker, with what runs locked.
+
+Whoever can reach the Prefect API can create flow runs with any job variables, and
+Prefect's process worker takes `command`, `env` and `working_dir` from them (and from the
+work pool's template and the deployment): a run could start any program with the
+worker's credentials, or change the worker's settings (say `SUPABASE_JWT_SECRET`). This
+worker ignores all three, for every flow run, whoever set them: the flow-run process
+always runs Prefect's engine (`python -m prefect.engine` with the worker's interpreter),
+in a temporary folder, with the worker's own environment plus the per-run variables
+Prefect itself adds (`PREFECT__FLOW_RUN_ID` and the like).
+
+The process pool's base job template (`base_job_template()`) has no such variables and
+refuses unknown ones (`additionalProperties: false`), so the Prefect server already
+answers 422 to a run that asks for them; the worker holds even when the pool's template
+has been changed through the API.
+
+`tenantflow worker --pool NAME` starts it, as `prefect worker start` would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from typing import TYPE_CHECKING, Any, Self
+from uuid import UUID
+
+import anyio.abc
+from prefect.utilities.processutils import command_to_string, get_sys_executable
+from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
+from pydantic import model_validator
+
+if TYPE_CHECKING:
+    from prefect.client.schemas.objects import Flow as APIFlow
+    from prefect.client.schemas.objects import FlowRun, WorkPool
+    from prefect.client.schemas.responses import DeploymentResponse
+
+__all__ = [
+    "LOCKED_VARIABLES",
+    "TenantflowJobConfiguration",
+    "TenantflowProcessWorker",
+    "base_job_template",
+    "engine_command",
+    "run_worker",
+]
+
+#: Job variables a flow run, a deployment or a work pool may not set on this worker.
+LOCKED_VARIABLES = ("command", "env", "working_dir")
+
+
+def engine_command() -> str:
+    """Prefect's engine, with the worker's own interpreter."""
+    return command_to_string([get_sys_executable(), "-m", "prefect.engine"])
+
+
+class TenantflowJobConfiguration(ProcessJobConfiguration):
+    """A process job configuration whose command, environment and folder are the worker's."""
+
+    @model_validator(mode="after")
+    def _drop_locked_values(self) -> Self:
+        # NOTE: whatever the template and the job variables rendered into these fields is
+        # dropped as soon as the configuration exists; `prepare_for_flow_run` fills them.
+        self.command = None
+        self.env = {}
+        self.working_dir = None
+        return self
+
+    def prepare_for_flow_run(
+        self,
+        flow_run: FlowRun,
+        deployment: DeploymentResponse | None = None,
+        flow: APIFlow | None = None,
+        work_pool: WorkPool | None = None,
+        worker_name: str | None = None,
+        worker_id: UUID | None = None,
+    ) -> None:
+        self.command = None
+        self.env = {}
+        self.working_dir = None
+        # Prefect's own: the worker's settings, PREFECT__FLOW_RUN_ID and attribution
+        # variables, on top of the worker's os.environ.
+        super().prepare_for_flow_run(
+            flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
+        )
+        self.command = engine_command()
+        self.working_dir = None
+        # NOTE: an explicit command makes Prefect start exactly it, instead of resolving a
+        # launcher from the flow run's workspace.
+        self._command_configured = True
+
+
+class TenantflowProcessWorker(ProcessWorker):
+    """Prefect's process worker (type `process`) with `TenantflowJobConfiguration`."""
+
+    job_configuration = TenantflowJobConfiguration
+    _description = (
+        "tenantflow's process worker: flow runs are Prefect's engine with the worker's own "
+        "environment; job variables cannot change the command, environment or folder."
+    )
+    _display_name = "tenantflow process"
+
+    @classmethod
+    def __dispatch_key__(cls) -> str:
+        # NOTE: Prefect keys its registry of worker classes by type; ours keeps the type
+        # `process` (the pools' type) without replacing Prefect's own class there.
+        return "tenantflow-process"
+
+    @classmethod
+    def get_default_base_job_template(cls) -> dict[str, Any]:
+        return base_job_template()
+
+    async def run(
+        self,
+        flow_run: FlowRun,
+        configuration: ProcessJobConfiguration,
+        task_status: anyio.abc.TaskStatus[int] | None = None,
+    ) -> ProcessWorkerResult:
+        locked = (
+            isinstance(configuration, TenantflowJobConfiguration)
+            and configuration.command == engine_command()
+            and configuration.working_dir is None
+        )
+        if not locked:
+            raise RuntimeError(
+                "refusing to start a flow run whose job configuration was not prepared by "
+                "the tenantflow worker"
+            )
+        return await super().run(flow_run, configuration, task_status)
+
+
+def base_job_template() -> dict[str, Any]:
+    """The process pool's base job template: Prefect's, without the locked variables.
+
+    `additionalProperties: false` makes the Prefect server refuse (422) a deployment or a
+    flow run whose job variables name anything else, `command` and `env` included.
+    """
+    template = ProcessWorker.get_default_base_job_template()
+    for key in LOCKED_VARIABLES:
+        template["job_configuration"].pop(key, None)
+        template["variables"]["properties"].pop(key, None)
+    template["variables"]["additionalProperties"] = False
+    return template
+
+
+async def _serve(pool: str, name: str | None, limit: int | None) -> None:
+    from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
+    from prefect.utilities.processutils import setup_signal_handlers_worker
+
+    def say(*objects: Any, **_: Any) -> None:
+        sys.stdout.write(" ".join(str(item) for item in objects) + "\n")
+        sys.stdout.flush()
+
+    # NOTE: as `prefect worker start`: the first SIGTERM becomes a SIGINT (stop polling,
+    # cancel the worker's task), a second one a SIGKILL.
+    setup_signal_handlers_worker(os.getpid(), "the tenantflow process worker", say)
+    worker = TenantflowProcessWorker(
+        name=name,
+        work_pool_name=pool,
+        limit=limit,
+        prefetch_seconds=PREFECT_WORKER_PREFETCH_SECONDS.value(),
+        heartbeat_interval_seconds=int(PREFECT_WORKER_HEARTBEAT_SECONDS.value()),
+        # NOTE: a typo never creates a stray pool with a default template.
+        create_pool_if_not_found=False,
+    )
+    try:
+        await worker.start(run_once=False, with_healthcheck=False, printer=say)
+    except asyncio.CancelledError:
+        say(f"Worker {worker.name!r} stopped!")
+
+
+def run_worker(pool: str, *, name: str | None = None, limit: int | None = None) -> int:
+    """Serve `pool` until SIGTERM or SIGINT; the exit code."""
+    asyncio.run(_serve(pool, name, limit))
+    return 0
