@@ -6,8 +6,16 @@ work pool's template and the deployment): a run could start any program with the
 worker's credentials, or change the worker's settings (say `SUPABASE_JWT_SECRET`). This
 worker ignores all three, for every flow run, whoever set them: the flow-run process
 always runs Prefect's engine (`python -m prefect.engine` with the worker's interpreter),
-in a temporary folder, with the worker's own environment plus the per-run variables
+in the project's folder, with the worker's own environment plus the per-run variables
 Prefect itself adds (`PREFECT__FLOW_RUN_ID` and the like).
+
+Nor does it run what a deployment says through the API: deployments, their entrypoints
+and their pull steps can be created or changed by whoever reaches the API, and pull steps
+are code (`run_shell_script`). The worker looks the run's deployment up by name in its
+own copy of the project's `prefect.yaml` (in `TENANTFLOW_PROJECT_DIR`) and starts the
+engine in that folder on the entrypoint declared there (`PREFECT__FLOW_ENTRYPOINT`, which
+makes Prefect load the flow without any pull step). A run of a deployment the project
+does not declare is refused before any process starts, and ends Crashed saying so.
 
 The process pool's base job template (`base_job_template()`) has no such variables and
 refuses unknown ones (`additionalProperties: false`), so the Prefect server already
@@ -22,13 +30,16 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
 
 import anyio.abc
 from prefect.utilities.processutils import command_to_string, get_sys_executable
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
-from pydantic import model_validator
+from pydantic import PrivateAttr, model_validator
+
+from tenantflow.deployments import PROJECT_DIR_ENV, DeployError, declared_deployment
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -36,6 +47,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.responses import DeploymentResponse
 
 __all__ = [
+    "ENTRYPOINT_ENV",
     "LOCKED_VARIABLES",
     "TenantflowJobConfiguration",
     "TenantflowProcessWorker",
@@ -46,6 +58,8 @@ __all__ = [
 
 #: Job variables a flow run, a deployment or a work pool may not set on this worker.
 LOCKED_VARIABLES = ("command", "env", "working_dir")
+#: Prefect's engine loads the flow from this entrypoint, skipping the deployment's pull steps.
+ENTRYPOINT_ENV = "PREFECT__FLOW_ENTRYPOINT"
 
 
 def engine_command() -> str:
@@ -53,8 +67,36 @@ def engine_command() -> str:
     return command_to_string([get_sys_executable(), "-m", "prefect.engine"])
 
 
+def _declared_entrypoint(deployment: DeploymentResponse | None) -> tuple[Path, str]:
+    """The project folder and the entrypoint `prefect.yaml` declares for `deployment`.
+
+    Raises:
+        RuntimeError: no project folder, or a deployment the project does not declare.
+    """
+    folder = os.environ.get(PROJECT_DIR_ENV)
+    if not folder:
+        raise RuntimeError(
+            f"{PROJECT_DIR_ENV} is not set in the worker's environment: the worker runs only "
+            "the deployments that folder's prefect.yaml declares"
+        )
+    project = Path(folder).resolve()
+    name = deployment.name if deployment is not None else None
+    try:
+        declared = declared_deployment(name, project) if name else None
+    except DeployError as error:
+        raise RuntimeError(str(error)) from None
+    if declared is None:
+        raise RuntimeError(
+            f"deployment {name!r} is not declared in {project / 'prefect.yaml'}: this worker "
+            "runs only the project's own deployments"
+        )
+    return project, declared.entrypoint
+
+
 class TenantflowJobConfiguration(ProcessJobConfiguration):
     """A process job configuration whose command, environment and folder are the worker's."""
+
+    _refusal: str | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _drop_locked_values(self) -> Self:
@@ -83,10 +125,16 @@ class TenantflowJobConfiguration(ProcessJobConfiguration):
             flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
         self.command = engine_command()
-        self.working_dir = None
         # NOTE: an explicit command makes Prefect start exactly it, instead of resolving a
         # launcher from the flow run's workspace.
         self._command_configured = True
+        try:
+            project, entrypoint = _declared_entrypoint(deployment)
+        except RuntimeError as refusal:
+            self._refusal = str(refusal)
+            return
+        self.working_dir = project
+        self.env[ENTRYPOINT_ENV] = entrypoint
 
 
 class TenantflowProcessWorker(ProcessWorker):
@@ -115,10 +163,13 @@ class TenantflowProcessWorker(ProcessWorker):
         configuration: ProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
+        if isinstance(configuration, TenantflowJobConfiguration) and configuration._refusal:
+            raise RuntimeError(configuration._refusal)
         locked = (
             isinstance(configuration, TenantflowJobConfiguration)
             and configuration.command == engine_command()
-            and configuration.working_dir is None
+            and configuration.working_dir is not None
+            and ENTRYPOINT_ENV in configuration.env
         )
         if not locked:
             raise RuntimeError(

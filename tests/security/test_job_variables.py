@@ -4,31 +4,32 @@ The server refuses a deployment run asking for `command` or `env` (the pool's te
 names no such variable and refuses unknown ones). Two ways still store such job
 variables: `POST /flow_runs/` with a work pool (the server does not validate job
 variables there) and a pool template widened through the API. Runs made both ways go
-through the stack's worker, and a probe flow reports what its process saw: Prefect's
-engine command, none of the injected environment, the worker's OS user.
+through the stack's worker carrying the attack itself (a command, and a JWT secret of
+the attacker's that would make a self-signed token verify); the worker runs the declared
+flow with its own environment, and the guard refuses the token. A deployment made
+through the API (its own entrypoint and pull steps) never starts at all.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
-import os
-import pwd
 import tempfile
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from uuid import UUID
 
 import httpx
+import jwt
 import pytest
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.client.schemas.filters import (
-    ArtifactFilter,
-    ArtifactFilterFlowRunId,
     DeploymentFilter,
     DeploymentFilterId,
 )
@@ -39,30 +40,22 @@ from tenantflow.deployments import WORK_POOLS
 from tenantflow.localstack import Stack
 from tenantflow.localstack.services import grant_traversal
 from tenantflow.worker import LOCKED_VARIABLES
+from tests.tenancy.conftest import World, world
+
+__all__ = ["world"]
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 POOL = WORK_POOLS["process"]
-FLOW = '''"""Reports what the flow-run process sees, for the job-variable tests."""
-import json
-import os
+FLOW = '''"""A flow no run may ever start: its deployment is not the project's."""
 from pathlib import Path
 
 from prefect import flow
-from prefect.artifacts import create_markdown_artifact
 
 
 @flow(name="tenantflow-lock-probe", persist_result=False)
 def probe(marker: str) -> None:
-    argv = [p.decode() for p in Path("/proc/self/cmdline").read_bytes().split(b"\\0") if p]
-    seen = {
-        "argv": argv,
-        "uid": os.getuid(),
-        "euid": os.geteuid(),
-        "marker_in_env": any(marker in f"{k}={v}" for k, v in os.environ.items()),
-        "jwt_secret_set": "SUPABASE_JWT_SECRET" in os.environ,
-    }
-    create_markdown_artifact(markdown=json.dumps(seen), key="lock-probe")
+    Path("/tmp", marker).touch()
 '''
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 
@@ -74,13 +67,6 @@ class Probe:
     marker: str
     marker_file: Path
 
-    def hostile(self) -> dict[str, Any]:
-        return {
-            "command": f"touch {self.marker_file}",
-            "env": {"SUPABASE_JWT_SECRET": self.marker, "TENANTFLOW_INJECTED": self.marker},
-            "working_dir": str(self.marker_file.parent),
-        }
-
 
 @pytest.fixture
 async def probe(stack: Stack, tmp_path: Path) -> AsyncIterator[Probe]:
@@ -91,7 +77,7 @@ async def probe(stack: Stack, tmp_path: Path) -> AsyncIterator[Probe]:
     # The worker's OS user must reach the flow (pytest's folders are private to root).
     grant_traversal(project / "flows")
     marker = f"tenantflow-marker-{uuid.uuid4().hex[:12]}"
-    # NOTE: where the worker's OS user could write, had the command run.
+    # NOTE: where the worker's OS user could write, had anything of this deployment run.
     marker_file = Path(tempfile.gettempdir()) / marker
     async with get_client() as client:
         flow_id = await client.create_flow_from_name("tenantflow-lock-probe")
@@ -135,29 +121,6 @@ async def _finish(client: PrefectClient, run_id: UUID) -> Any:
             await asyncio.sleep(0.5)
 
 
-async def _seen(client: PrefectClient, run_id: UUID) -> dict[str, Any]:
-    artifacts = await client.read_artifacts(
-        artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
-    )
-    (artifact,) = [a for a in artifacts if a.key == "lock-probe"]
-    seen: dict[str, Any] = json.loads(str(artifact.data))
-    return seen
-
-
-def _assert_locked(seen: dict[str, Any], probe: Probe, stack: Stack) -> None:
-    python = str(stack.config.project_dir / ".venv" / "bin" / "python")
-    assert seen["argv"][1:] == ["-m", "prefect.engine"], seen["argv"]
-    assert Path(seen["argv"][0]).resolve() == Path(python).resolve()
-    assert seen["marker_in_env"] is False
-    assert seen["jwt_secret_set"] is False
-    if os.geteuid() == 0:
-        worker_uid = pwd.getpwnam("tenantflow").pw_uid
-        assert (seen["uid"], seen["euid"]) == (worker_uid, worker_uid)
-    else:
-        assert seen["uid"] == os.getuid()
-    assert not probe.marker_file.exists()
-
-
 async def test_the_server_refuses_command_and_env(stack: Stack, probe: Probe) -> None:
     async with get_client() as client:
         for variables in (
@@ -187,21 +150,75 @@ async def test_the_server_refuses_command_and_env(stack: Stack, probe: Probe) ->
     assert not probe.marker_file.exists()
 
 
-async def test_stored_hostile_job_variables_do_not_reach_the_flow_run(
+async def test_a_deployment_the_project_does_not_declare_never_starts(
     stack: Stack, probe: Probe
 ) -> None:
-    hostile = probe.hostile()
+    """Deployments (entrypoint, pull steps) can be made through the API; the worker runs
+    only what its own prefect.yaml declares, and refuses before starting a process."""
     async with get_client() as client:
+        run = await client.create_flow_run_from_deployment(
+            probe.deployment_id, parameters={"marker": probe.marker}
+        )
+        done = await _finish(client, run.id)
+    assert done.state_type == StateType.CRASHED, done.state
+    assert "is not declared" in (done.state.message or "")
+    assert done.infrastructure_pid is None
+    assert not probe.marker_file.exists()
+
+
+def _self_signed_member_token(stack: Stack, world: World, secret: str) -> str:
+    """What an attacker who could set SUPABASE_JWT_SECRET on the worker would send."""
+    now = int(time.time())
+    claims = {
+        "iss": f"{stack.config.supabase_url}/auth/v1",
+        "aud": "authenticated",
+        "role": "authenticated",
+        "sub": str(world.users["member_a"]),
+        "iat": now,
+        "exp": now + 600,
+        "session_id": str(uuid.uuid4()),
+    }
+    return jwt.encode(claims, secret, algorithm="HS256")
+
+
+async def test_stored_hostile_job_variables_do_not_reach_the_flow_run(
+    stack: Stack, world: World, tmp_path: Path
+) -> None:
+    """The attack itself: a run that sets `command` and `SUPABASE_JWT_SECRET` on the worker.
+
+    Had the environment reached the flow, the self-signed token would verify and the
+    report would complete; had the command run, the marker file would exist.
+    """
+    secret = uuid.uuid4().hex * 2
+    marker_file = Path(tempfile.gettempdir()) / f"tenantflow-marker-{uuid.uuid4().hex[:12]}"
+    hostile = {
+        "command": f"touch {marker_file}",
+        "env": {"SUPABASE_JWT_SECRET": secret, "AUTH_STRICT": "false"},
+        "working_dir": str(tmp_path),
+    }
+    today = datetime.now(UTC).date()
+
+    def parameters() -> dict[str, Any]:
+        token = _self_signed_member_token(stack, world, secret)
+        return {
+            "client_id": str(world.clients["a"]),
+            "period_start": str(today),
+            "period_end": str(today),
+            "access_token": world.seal(token, flow="client-report", clients=["a"]),
+        }
+
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name("client-report/client-report")
         # 1. POST /flow_runs/ with a work pool stores job variables unvalidated.
         async with httpx.AsyncClient(timeout=10) as http:
             created = await http.post(
                 f"{stack.config.prefect_api_url}/flow_runs/",
                 json={
-                    "flow_id": str(probe.flow_id),
-                    "deployment_id": str(probe.deployment_id),
+                    "flow_id": str(deployment.flow_id),
+                    "deployment_id": str(deployment.id),
                     "work_pool_name": POOL,
                     "work_queue_name": "default",
-                    "parameters": {"marker": probe.marker},
+                    "parameters": parameters(),
                     "job_variables": hostile,
                     "state": {"type": "SCHEDULED", "name": "Scheduled"},
                 },
@@ -210,9 +227,7 @@ async def test_stored_hostile_job_variables_do_not_reach_the_flow_run(
         assert created.status_code == 201, created.text
         stored = UUID(created.json()["id"])
         assert (await client.read_flow_run(stored)).job_variables == hostile
-        done = await _finish(client, stored)
-        assert done.state_type == StateType.COMPLETED, done.state
-        _assert_locked(await _seen(client, stored), probe, stack)
+        runs = [stored]
 
         # 2. The pool's template widened through the API: the server now takes them.
         pool = await client.read_work_pool(POOL)
@@ -225,12 +240,21 @@ async def test_stored_hostile_job_variables_do_not_reach_the_flow_run(
         try:
             await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=widened))
             run = await client.create_flow_run_from_deployment(
-                probe.deployment_id, parameters={"marker": probe.marker}, job_variables=hostile
+                deployment.id, parameters=parameters(), job_variables=hostile
             )
-            done = await _finish(client, run.id)
-            assert done.state_type == StateType.COMPLETED, done.state
-            _assert_locked(await _seen(client, run.id), probe, stack)
+            runs.append(run.id)
+            finished = [await _finish(client, run_id) for run_id in runs]
         finally:
             await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=original))
         assert (await client.read_work_pool(POOL)).base_job_template == original
-    assert not probe.marker_file.exists()
+    for done in finished:
+        # The worker ran the declared flow, whose guard refused the forged token.
+        assert done.state_type == StateType.FAILED, done.state
+        assert "access token refused" in (done.state.message or ""), done.state.message
+    assert not marker_file.exists()
+    reports = await world.sql(
+        "fetchval",
+        "SELECT count(*) FROM public.client_reports WHERE flow_run_id = ANY($1::uuid[])",
+        runs,
+    )
+    assert reports == 0
