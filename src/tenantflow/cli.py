@@ -144,7 +144,9 @@ def _token(args: argparse.Namespace) -> int:
 
     config = Stack().config
     if not args.plain and not args.flow:
-        log.error("--flow is needed: a sealed token is good for one run of one flow")
+        sys.stderr.write(
+            "error: --flow is needed: a sealed token is good for one run of one flow\n"
+        )
         return 2
     try:
         if args.plain:
@@ -165,7 +167,7 @@ def _token(args: argparse.Namespace) -> int:
                 )
             )
     except (UnknownUser, ValueError) as error:
-        log.error("error: %s", error)
+        sys.stderr.write(f"error: {error}\n")
         return 1
     sys.stdout.write(value + "\n")
     return 0

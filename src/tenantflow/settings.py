@@ -208,8 +208,9 @@ _SEAL_PRIVATE_KEYS_HELP = (
 _SEAL_DEFAULT_TTL_HELP = "Lifetime in seconds `tenantflow seal` gives a sealed token."
 
 
-class Settings(BaseSettings):
-    """Everything the worker reads from its environment."""
+class SealSettings(BaseSettings):
+    """The sealed-token settings: all that `tenantflow seal` and `seal-key` need, so they
+    run without the database settings (on a laptop that seals a token, say)."""
 
     model_config = SettingsConfigDict(
         env_file=".env",
@@ -218,6 +219,21 @@ class Settings(BaseSettings):
         hide_input_in_errors=True,
         validate_default=True,
     )
+
+    seal_private_keys: SealPrivateKeys = Field(default=None, description=_SEAL_PRIVATE_KEYS_HELP)
+    seal_max_ttl_s: int = Field(
+        default=3600,
+        ge=60,
+        le=86400,
+        description="Longest lifetime (exp - iat) a sealed access token may have, in seconds.",
+    )
+    seal_default_ttl_s: int = Field(
+        default=900, ge=60, le=86400, description=_SEAL_DEFAULT_TTL_HELP
+    )
+
+
+class Settings(SealSettings):
+    """Everything the worker reads from its environment."""
 
     database_url: DatabaseUrl = Field(
         description="Transaction-pooler URL used by flows and tasks (Supabase: port 6543)."
@@ -274,17 +290,6 @@ class Settings(BaseSettings):
         gt=0,
         le=60,
         description="Timeout of each request to Supabase Auth (JWKS and /auth/v1/user).",
-    )
-
-    seal_private_keys: SealPrivateKeys = Field(default=None, description=_SEAL_PRIVATE_KEYS_HELP)
-    seal_max_ttl_s: int = Field(
-        default=3600,
-        ge=60,
-        le=86400,
-        description="Longest lifetime (exp - iat) a sealed access token may have, in seconds.",
-    )
-    seal_default_ttl_s: int = Field(
-        default=900, ge=60, le=86400, description=_SEAL_DEFAULT_TTL_HELP
     )
 
     db_pool_mode: Literal["queue", "null"] = Field(
@@ -363,24 +368,6 @@ class Settings(BaseSettings):
                 "(the transaction pooler); migrations must use the session pooler"
             )
         return self
-
-
-class SealSettings(BaseSettings):
-    """Only what `tenantflow seal` and `seal-key` need, so they run without the database
-    settings (on a laptop that seals a token, say). Same sources and rules as `Settings`."""
-
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        hide_input_in_errors=True,
-        validate_default=True,
-    )
-
-    seal_private_keys: SealPrivateKeys = Field(default=None, description=_SEAL_PRIVATE_KEYS_HELP)
-    seal_default_ttl_s: int = Field(
-        default=900, ge=60, le=86400, description=_SEAL_DEFAULT_TTL_HELP
-    )
 
 
 def _format_errors(error: ValidationError) -> str:

@@ -21,6 +21,7 @@ from tenantflow.localstack.auth_server import (
     mint_access_token,
     set_operator,
 )
+from tenantflow.sealing import SealWrongFlow, open_sealed_token
 from tenantflow.settings import Settings
 from tests.auth.support import StackUser, claims_of
 
@@ -223,7 +224,9 @@ def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_cli_prints_only_a_verifiable_token(
     stack: Stack, settings: Settings, user: StackUser
 ) -> None:
-    result = _cli(stack, "token", "--email", user.email, "--operator", "--expires-in", "600")
+    result = _cli(
+        stack, "token", "--email", user.email, "--operator", "--plain", "--expires-in", "600"
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
     token = result.stdout.strip()
@@ -232,7 +235,35 @@ async def test_cli_prints_only_a_verifiable_token(
     assert verified.token_grants_operator
     assert (verified.expires_at - verified.issued_at).total_seconds() == 600
 
-    missing = _cli(stack, "token", "--email", f"nobody-{uuid.uuid4().hex}@example.test")
+    missing = _cli(stack, "token", "--email", f"nobody-{uuid.uuid4().hex}@example.test", "--plain")
     assert missing.returncode == 1
     assert missing.stdout == ""
     assert "no user" in missing.stderr
+
+
+async def test_cli_seals_for_one_flow_and_its_clients(
+    stack: Stack, settings: Settings, user: StackUser
+) -> None:
+    client = uuid.uuid4()
+    result = _cli(
+        stack, "token", "--email", user.email, "--flow", "client-report", "--client", str(client)
+    )
+    assert result.returncode == 0, result.stderr
+    sealed = result.stdout.strip()
+    assert result.stdout.count("\n") == 1 and sealed.count(".") == 4
+    opened = open_sealed_token(
+        sealed,
+        stack.config.secrets.seal_private_key,
+        flow="client-report",
+        client_ids=[client],
+    )
+    assert (opened.expires_at - opened.issued_at).total_seconds() == 900
+    verified = await verify_access_token(opened.token, settings=settings)
+    assert verified.sub == user.id
+    with pytest.raises(SealWrongFlow):
+        open_sealed_token(
+            sealed, stack.config.secrets.seal_private_key, flow="migrate", client_ids=[client]
+        )
+    unsealed = _cli(stack, "token", "--email", user.email)
+    assert unsealed.returncode == 2 and unsealed.stdout == ""
+    assert "--flow is needed" in unsealed.stderr

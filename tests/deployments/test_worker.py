@@ -1,8 +1,7 @@
 """The local stack's process worker as a service: start, run, stop without stuck runs.
 
 A second worker on a pool of its own (so the stack's worker and other tests' runs are never
-touched), serving a throwaway flow from a temporary project folder, reached through the
-same pull step as the real deployments.
+touched), serving a throwaway flow that a temporary project folder's prefect.yaml declares.
 """
 
 from __future__ import annotations
@@ -59,6 +58,10 @@ async def deployment(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[str, U
     (tmp_path / "project" / "flows").mkdir(parents=True)
     (tmp_path / "project" / "flows" / "sleepy.py").write_text(FLOW)
     pool = f"tenantflow-worker-test-{uuid.uuid4().hex[:8]}"
+    # NOTE: the worker runs only the deployments its project's prefect.yaml declares.
+    (tmp_path / "project" / "prefect.yaml").write_text(
+        f"deployments:\n  - name: {pool}\n    entrypoint: flows/sleepy.py:sleepy\n"
+    )
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))
         flow_id = await client.create_flow_from_name("tenantflow-worker-test")
@@ -121,7 +124,7 @@ async def test_worker_runs_flows_and_stops_without_stuck_runs(
         assert not await asyncio.to_thread(worker.start), "a second start is a no-op"
 
         async with get_client() as client:
-            # A run reaches Completed through the pull step into the project folder.
+            # A run reaches Completed, its flow loaded from the project folder.
             created = time.monotonic()
             quick = await client.create_flow_run_from_deployment(
                 deployment_id, parameters={"seconds": 0}

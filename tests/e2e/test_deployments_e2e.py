@@ -221,8 +221,9 @@ async def test_the_migrate_deployment_cannot_downgrade(world: World) -> None:
         except PrefectHTTPStatusError as refused:
             assert refused.response.status_code in (409, 422)
         else:
+            # The flow has no such parameter: the run cannot even start its flow.
             final = await _final(run.id)
-            assert final.state.type.value == "FAILED", final.state.message
+            assert final.state.type.value in {"FAILED", "CRASHED"}, final.state.message
     version = await world.sql("fetchval", "SELECT version_num FROM public.alembic_version")
     assert version == script_directory().get_current_head()
     assert await world.sql("fetchval", "SELECT to_regclass('public.clients') IS NOT NULL")

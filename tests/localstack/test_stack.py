@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dotenv import dotenv_values
 
 from tenantflow.localstack import Stack, StackConfig
 from tenantflow.localstack.services import pid_alive, port_is_open
@@ -71,9 +72,11 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     pids = {part.name: part.pid for part in first}
     assert all(pids.values())
     assert all(port_is_open(config.host, port) for port in ports)
-    env_file = (config.project_dir / ".env").read_text()
-    assert f"DATABASE_URL={config.database_url}" in env_file
-    assert f":{config.session_pooler_port}/" in env_file
+    env_file = dotenv_values(config.project_dir / ".env")
+    assert env_file["DATABASE_URL"] == config.database_url
+    assert f":{config.session_pooler_port}/" in str(env_file["MIGRATION_DATABASE_URL"])
+    # The seal key is JSON: it must come back whole.
+    assert env_file["SEAL_PRIVATE_KEYS"] == config.secrets.seal_private_key
     env_stat = (config.project_dir / ".env").stat()
     if os.geteuid() == 0:
         # Flow runs run as the worker's OS user, which reads it through its group.
