@@ -99,9 +99,12 @@ SealedAccessToken = Annotated[
         # NOTE: in the JSON schema only (which the server enforces when a run is created):
         # a pattern that pydantic checked in the flow would make Prefect log the refused
         # value; the guard refuses it instead, without repeating it.
+        # `format: password` gives the run form a one-line box: the value is ciphertext,
+        # but about 2 KB without a space, which a text area spreads across the page.
         json_schema_extra={
             "pattern": r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){4}$",
             "maxLength": 16384,
+            "format": "password",
         },
         description=(
             "A sealed access token: `tenantflow seal --flow FLOW --client CLIENT_ID` "

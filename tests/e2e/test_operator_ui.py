@@ -324,8 +324,10 @@ async def test_operator_runs_a_client_report_from_the_ui(
         await _field(page, schema, "client_id").fill(str(ACME.id))
         await _fill_date(_field(page, schema, "period_start"), period_start)
         await _fill_date(_field(page, schema, "period_end"), period_end)
-        # NOTE: the sealed token, as `make up` prints it: ciphertext, so a plain text box.
-        await _field(page, schema, "access_token").fill(sealed)
+        # The sealed token, as `make up` prints it, in a one-line box.
+        token_box = _field(page, schema, "access_token")
+        assert await token_box.get_attribute("type") == "password"
+        await token_box.fill(sealed)
         await evidence.shot("01-custom-run-form")
 
     async with evidence.step("submit"):
