@@ -9,13 +9,15 @@ store the report in one transaction, publish markdown and table artifacts.
 from __future__ import annotations
 
 from datetime import date
+from functools import partial
 from uuid import UUID
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
+from tenantflow.batches import run_for_clients
 from tenantflow.budget import database_slots
-from tenantflow.reports import ReportPeriod, build_client_report, render_markdown
+from tenantflow.reports import ReportFailed, ReportPeriod, build_client_report, render_markdown
 from tenantflow.tenancy import SealedAccessToken, authorize_run, redact_token_on_failure
 
 
@@ -53,7 +55,12 @@ async def client_report(
         client_ids=[client_id],
     )
     async with database_slots(1):
-        report = await build_client_report(ctx, period)
+        [outcome] = await run_for_clients(
+            [ctx], partial(build_client_report, period=period), name="client-report"
+        )
+    if outcome.value is None:
+        raise ReportFailed(f"the report of {ctx.label} failed: {outcome.error}")
+    report = outcome.value
     logger.info("report %s: %d events for %s", report.report_id, report.events, ctx.label)
     await acreate_markdown_artifact(
         render_markdown(report),

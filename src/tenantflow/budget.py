@@ -25,7 +25,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 # NOTE: a flow run's local gate: as many tenant transactions at once as it holds slots.
-# Tenant tasks are awaited on the flow's own loop, where this semaphore lives.
+# Tenant work is awaited on the flow's own loop, where this semaphore lives.
 _GATE: ContextVar[asyncio.Semaphore | None] = ContextVar("tenantflow_db_gate", default=None)
 
 

@@ -15,11 +15,12 @@ from sqlalchemy import text
 from tenantflow.db import set_local
 from tenantflow.rollup import day_bounds
 from tenantflow.settings import get_settings
-from tenantflow.tenancy import TenantContext, tenant_session, tenant_task
+from tenantflow.tenancy import TenantContext, tenant_session
 
 __all__ = [
     "ClientReport",
     "DailyTotals",
+    "ReportFailed",
     "ReportPeriod",
     "build_client_report",
     "markdown_text",
@@ -30,6 +31,10 @@ __all__ = [
 #: Reports cover days from here to tomorrow (UTC): no event is older, and a day far in
 #: the future would only overflow date arithmetic.
 EARLIEST_DAY = date(2000, 1, 1)
+
+
+class ReportFailed(RuntimeError):
+    """The report could not be built (the reason is safe to show)."""
 
 
 class ReportPeriod(BaseModel):
@@ -108,7 +113,6 @@ _STORE = text(
 )
 
 
-@tenant_task(name="client-report")
 async def build_client_report(ctx: TenantContext, period: ReportPeriod) -> ClientReport:
     """Read the client's events as the user (RLS applies) and store the report, atomically."""
     start, _ = day_bounds(period.start)

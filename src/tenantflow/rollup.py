@@ -2,30 +2,31 @@
 
 from __future__ import annotations
 
+import json
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
-from typing import cast
+from functools import partial
 
 from prefect.artifacts import (
+    acreate_markdown_artifact,
     acreate_progress_artifact,
     acreate_table_artifact,
     aupdate_progress_artifact,
 )
-from prefect.client.schemas.objects import State
 from sqlalchemy import text
 
-from tenantflow.budget import gather_bounded
-from tenantflow.db import describe_error
-from tenantflow.tenancy import TenantContext, tenant_session, tenant_task
+from tenantflow.batches import ClientOutcome, run_for_clients
+from tenantflow.tenancy import TenantContext, tenant_session
 
 __all__ = [
     "ClientRollup",
     "RollupFailed",
     "RollupOutcome",
     "day_bounds",
+    "failed_clients_markdown",
     "publish_rollup",
     "raise_if_any_failed",
     "roll_up_clients",
@@ -73,9 +74,8 @@ def day_bounds(day: date) -> tuple[datetime, datetime]:
     return start, start + timedelta(days=1)
 
 
-@tenant_task(name="rollup-client")
 async def rollup_client(ctx: TenantContext, day: date) -> ClientRollup:
-    """Upsert one client's metrics of `day` (UTC) from its events."""
+    """Upsert one client's metrics of `day` (UTC) from its events, in one transaction."""
     started = time.perf_counter()
     start, end = day_bounds(day)
     async with tenant_session(ctx) as session:
@@ -115,20 +115,23 @@ class RollupOutcome:
             "outcome": "ok" if self.ok else f"failed: {self.error}",
         }
 
+    @classmethod
+    def of(cls, outcome: ClientOutcome[ClientRollup]) -> RollupOutcome:
+        client_id, name = str(outcome.client_id), outcome.client_name
+        if outcome.value is None:
+            return cls(client_id, name, False, seconds=outcome.seconds, error=outcome.error)
+        rolled = outcome.value
+        return cls(client_id, name, True, rolled.events, rolled.revenue, outcome.seconds)
+
 
 class RollupFailed(RuntimeError):
     """Some clients could not be rolled up; the others were."""
 
 
-#: Task runs in flight at once. Their transactions are bounded by the run's database
-#: slots (`tenant_session`); this only bounds memory and the Prefect API's load.
-TASK_RUNS_IN_FLIGHT = 50
-
-
 async def roll_up_clients(contexts: Sequence[TenantContext], day: date) -> list[RollupOutcome]:
-    """Run `rollup_client` for every context, awaited on this loop.
+    """Roll every client up, in batches of task runs; a progress artifact follows along.
 
-    One client failing does not stop the others; a progress artifact follows along.
+    One client failing does not stop the others (`tenantflow.batches`).
     """
     total = len(contexts)
     progress = await acreate_progress_artifact(
@@ -136,38 +139,22 @@ async def roll_up_clients(contexts: Sequence[TenantContext], day: date) -> list[
         key="nightly-rollup-progress",
         description=f"Rolling up {total} client(s) for {day}",
     )
-    step = max(1, total // 20)
     done = 0
 
-    async def one(ctx: TenantContext) -> RollupOutcome:
+    async def advance(outcomes: Sequence[ClientOutcome[ClientRollup]]) -> None:
         nonlocal done
-        # NOTE: awaited on this loop (not .submit/.map): ~10x cheaper, one engine per loop.
-        state = await cast(
-            "Awaitable[State[ClientRollup]]", rollup_client(ctx, day, return_state=True)
-        )
-        outcome = await state.aresult(raise_on_failure=False)
-        done += 1
-        if done % step == 0 or done == total:
-            await aupdate_progress_artifact(progress, 100.0 * done / total)
-        if isinstance(outcome, ClientRollup):
-            return RollupOutcome(
-                outcome.client_id,
-                outcome.client_name,
-                True,
-                outcome.events,
-                outcome.revenue,
-                outcome.seconds,
-            )
-        error = outcome if isinstance(outcome, BaseException) else RuntimeError(str(outcome))
-        return RollupOutcome(
-            str(ctx.client_id), ctx.client_name, False, error=describe_error(error)
-        )
+        done += len(outcomes)
+        await aupdate_progress_artifact(progress, 100.0 * done / max(total, 1))
 
-    return list(await gather_bounded(one, contexts, TASK_RUNS_IN_FLIGHT))
+    outcomes = await run_for_clients(
+        contexts, partial(rollup_client, day=day), name="rollup", on_batch_done=advance
+    )
+    return [RollupOutcome.of(outcome) for outcome in outcomes]
 
 
 async def publish_rollup(day: date, outcomes: Sequence[RollupOutcome]) -> None:
-    """The end-of-run table artifact: client, events, revenue, duration, outcome."""
+    """The end-of-run artifacts: a table (client, events, revenue, duration, outcome), and
+    for failures, the failed client ids ready to paste into a new run's `client_ids`."""
     failed = [o for o in outcomes if not o.ok]
     await acreate_table_artifact(
         [o.row() for o in outcomes],
@@ -175,6 +162,23 @@ async def publish_rollup(day: date, outcomes: Sequence[RollupOutcome]) -> None:
         description=(
             f"Nightly rollup of {day}: {len(outcomes) - len(failed)} ok, {len(failed)} failed"
         ),
+    )
+    if failed:
+        await acreate_markdown_artifact(
+            failed_clients_markdown(day, failed),
+            key="nightly-rollup-failed-clients",
+            description=f"{len(failed)} client(s) of {day} to roll up again",
+        )
+
+
+def failed_clients_markdown(day: date, failed: Sequence[RollupOutcome]) -> str:
+    """The failed client ids as the `client_ids` parameter of a new run takes them."""
+    ids = json.dumps([o.client_id for o in failed])
+    return (
+        f"# {len(failed)} client(s) failed on {day}\n\n"
+        "To roll up only these again, start `nightly-rollup` with `day` "
+        f"`{day}` and this `client_ids` (paste it into the form's JSON view):\n\n"
+        f"```json\n{ids}\n```\n"
     )
 
 

@@ -19,7 +19,9 @@ Format: a JWE in compact serialization (five base64url segments)::
 - `kid` names the worker key the value was sealed to; the workers may hold several keys
   (`SEAL_PRIVATE_KEYS`, newest first) so keys can be rotated without breaking values in flight;
 - the payload binds the token to one flow, to the client ids of the run (`null`: every
-  active client, for service sweeps) and to a short lifetime (`iat`..`exp`);
+  active client, for service sweeps; more than `CLIENT_LIST_LIMIT` ids as
+  `{"sha256": <hex of the sorted ids, one a line>, "count": n}`, so the value stays small)
+  and to a short lifetime (`iat`..`exp`);
 - `jti` is returned as `OpenedSeal.seal_id`, so the caller can refuse a second use.
 
 `open_sealed_token()` checks, in this order: size, shape, header, decryption, payload schema,
@@ -32,6 +34,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import hmac
 import json
 import re
 import secrets
@@ -48,6 +52,7 @@ from pydantic import SecretStr
 
 __all__ = [
     "ALGORITHM",
+    "CLIENT_LIST_LIMIT",
     "CONTENT_TYPE",
     "ENCRYPTION",
     "MAX_SEALED_BYTES",
@@ -83,6 +88,9 @@ MAX_TTL_S = 86_400
 _MAX_KEYS_BYTES = 64 * 1024
 _MAX_KEYS = 16
 _MAX_FLOW_CHARS = 200
+#: Up to this many client ids are sealed as a list; a longer list (a rerun of many failed
+#: clients, say) is sealed as the SHA-256 of the sorted ids, so the value stays small.
+CLIENT_LIST_LIMIT = 20
 
 # NOTE: the registry is the allow-list joserfc enforces itself; the header check below refuses
 # everything else first, so a second line of defence, not the only one.
@@ -380,6 +388,16 @@ def _client_strings(client_ids: Sequence[UUID | str] | None) -> list[str] | None
     return sorted(parsed)
 
 
+def _clients_digest(clients: Sequence[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(clients)).encode()).hexdigest()
+
+
+def _sealed_clients(clients: list[str] | None) -> list[str] | dict[str, Any] | None:
+    if clients is None or len(clients) <= CLIENT_LIST_LIMIT:
+        return clients
+    return {"sha256": _clients_digest(clients), "count": len(clients)}
+
+
 def seal_access_token(
     token: str,
     public_key: str | Mapping[str, Any],
@@ -418,7 +436,7 @@ def seal_access_token(
         raise ValueError(f"flow must be at most {_MAX_FLOW_CHARS} characters")
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_TTL_S:
         raise ValueError(f"ttl_s must be a whole number of seconds from 1 to {MAX_TTL_S}")
-    clients = _client_strings(client_ids)
+    clients = _sealed_clients(_client_strings(client_ids))
     key, kid = _parse_public_key(public_key)
     issued = int(time.time() if now is None else now)
     payload = {
@@ -546,7 +564,18 @@ def _check_payload(plaintext: bytes) -> dict[str, Any]:
     if payload["exp"] <= payload["iat"]:
         raise SealMalformed("the sealed payload's `exp` is not after its `iat`")
     clients = payload["clients"]
-    if clients is not None:
+    if isinstance(clients, dict):
+        digest, count = clients.get("sha256"), clients.get("count")
+        if (
+            set(clients) != {"sha256", "count"}
+            or not isinstance(digest, str)
+            or not re.fullmatch(r"[0-9a-f]{64}", digest)
+            or not isinstance(count, int)
+            or isinstance(count, bool)
+            or count <= CLIENT_LIST_LIMIT
+        ):
+            raise SealMalformed("the sealed payload's `clients` digest is malformed")
+    elif clients is not None:
         if not isinstance(clients, list) or not clients:
             raise SealMalformed("the sealed payload's `clients` must be null or a non-empty list")
         try:
@@ -579,9 +608,11 @@ def _check_time(payload: Mapping[str, Any], now: float, leeway_s: float, max_ttl
         )
 
 
-def _render_clients(clients: Sequence[UUID] | None) -> str:
+def _render_clients(clients: Sequence[UUID] | Mapping[str, Any] | None) -> str:
     if clients is None:
         return "every active client"
+    if isinstance(clients, Mapping):
+        return f"{clients['count']} clients (sealed by their digest)"
     shown = ", ".join(str(client) for client in sorted(clients, key=str)[:5])
     return f"{shown}, ... ({len(clients)} clients)" if len(clients) > 5 else shown
 
@@ -597,22 +628,31 @@ def _run_clients(client_ids: Sequence[UUID]) -> set[UUID]:
 
 def _check_binding(
     payload: Mapping[str, Any], flow: str, client_ids: Sequence[UUID] | None
-) -> None:
+) -> tuple[UUID, ...] | None:
+    """Check flow and clients; return the clients the seal was verified for."""
     if payload["flow"] != flow:
         raise SealWrongFlow(
             f"the token was sealed for flow {_short(payload['flow'], 80)}, "
             f"but this run is flow {_short(flow, 80)}; seal it for this flow"
         )
-    sealed: tuple[UUID, ...] | None = payload["clients"]
+    sealed: tuple[UUID, ...] | dict[str, Any] | None = payload["clients"]
     wanted = None if client_ids is None else _run_clients(client_ids)
-    if (sealed is None) != (wanted is None) or (
-        sealed is not None and wanted is not None and set(sealed) != wanted
-    ):
+    if isinstance(sealed, dict):
+        matches = wanted is not None and (
+            len(wanted) == sealed["count"]
+            and hmac.compare_digest(_clients_digest([str(c) for c in wanted]), sealed["sha256"])
+        )
+    else:
+        matches = (sealed is None and wanted is None) or (
+            sealed is not None and wanted is not None and set(sealed) == wanted
+        )
+    if not matches:
         raise SealWrongClients(
             f"the token was sealed for {_render_clients(sealed)}, but this run is for "
             f"{_render_clients(None if wanted is None else tuple(wanted))}; "
             "seal it for this run's clients"
         )
+    return None if wanted is None else tuple(sorted(wanted, key=str))
 
 
 def open_sealed_token(
@@ -647,12 +687,12 @@ def open_sealed_token(
     kid = _check_header(value)
     payload = _check_payload(_decrypt(value, kid, private_keys))
     _check_time(payload, time.time() if now is None else now, leeway_s, max_ttl_s)
-    _check_binding(payload, flow, client_ids)
+    clients = _check_binding(payload, flow, client_ids)
     return OpenedSeal(
         token=SecretStr(payload["tok"]),
         seal_id=payload["jti"],
         flow=payload["flow"],
-        client_ids=payload["clients"],
+        client_ids=clients,
         issued_at=_utc(payload["iat"]),
         expires_at=_utc(payload["exp"]),
     )

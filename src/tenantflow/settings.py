@@ -346,6 +346,27 @@ class Settings(SealSettings):
         gt=0,
         description="Seconds a flow run waits for database slots before failing.",
     )
+    tenant_batch_size: int = Field(
+        default=200,
+        ge=1,
+        le=5000,
+        description=(
+            "Clients per task run in a sweep: each batch is one Prefect task run (the "
+            "clients in it are still one transaction each)."
+        ),
+    )
+    tenant_client_retries: int = Field(
+        default=3,
+        ge=0,
+        le=20,
+        description="Retries of one client's transient database faults (backoff, jitter).",
+    )
+    tenant_client_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=3600,
+        description="Seconds one client's work may take, its retries included.",
+    )
     report_max_days: int = Field(
         default=366, ge=1, le=3660, description="Longest period a client report may cover."
     )

@@ -3,12 +3,13 @@
 A flow that touches client data calls `authorize_run()` first. It opens the run's
 sealed access token, settles the run's **actor**, checks it against the flow's mode and
 the clients asked for, writes every decision to `audit_log`, and hands back one
-`TenantContext` per client. Tenant tasks (`@tenant_task`) refuse to run without one, and
-`tenant_session(ctx)` is their only way to a database session: for a user it carries
-the verified claims and `SET LOCAL ROLE authenticated`, so row-level security checks the
-membership a second time inside Postgres; for the scheduler and operators it runs as
-`service_role`. The guard's own reads and writes run as `service_role` too: the workers'
-login role can do nothing by itself (docs/security.md).
+`TenantContext` per client. Tenant work (`tenantflow.batches`) takes those contexts;
+`tenant_session(ctx)`, which refuses anything else, is its only way to a database
+session: for a user it carries the verified claims and `SET LOCAL ROLE authenticated`,
+so row-level security checks the membership a second time inside Postgres; for the
+scheduler and operators it runs as `service_role`. The guard's own reads and writes run
+as `service_role` too: the workers' login role can do nothing by itself
+(docs/security.md).
 
 | actor | how it is recognised |
 |---|---|
@@ -31,22 +32,18 @@ reason.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Annotated, Any, Concatenate, Final, Literal, ParamSpec, TypeVar
+from typing import Annotated, Any, Final, Literal, ParamSpec, TypeVar
 from uuid import UUID
 
-from prefect import Task, get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun, State, TaskRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
-from prefect.tasks import exponential_backoff
 from pydantic import Field, SecretStr
 from sqlalchemy import bindparam, text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -54,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from tenantflow.auth import AuthError, VerifiedClaims, app_metadata_grants_operator
 from tenantflow.auth import verify_access_token as _verify_access_token
 from tenantflow.budget import transaction_slot
-from tenantflow.db import is_transient_database_error, unit_of_work
+from tenantflow.db import unit_of_work
 from tenantflow.deployments import DeployError, declared_deployment
 from tenantflow.schema import MEMBER_ROLES
 from tenantflow.sealing import (
@@ -78,7 +75,6 @@ __all__ = [
     "redact_token_on_failure",
     "require_membership",
     "tenant_session",
-    "tenant_task",
 ]
 
 log = logging.getLogger("tenantflow.tenancy")
@@ -679,49 +675,3 @@ async def tenant_session(
         unit_of_work(local_settings=local, role=role, settings=settings) as session,
     ):
         yield session
-
-
-async def _retry_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry only transient database faults: never auth, validation or logic errors."""
-    outcome = await state.aresult(raise_on_failure=False)
-    return isinstance(outcome, BaseException) and is_transient_database_error(outcome)
-
-
-def tenant_task(
-    *, name: str, retries: int = 3, timeout_seconds: float = 300
-) -> Callable[
-    [Callable[Concatenate[TenantContext, P], Awaitable[R]]],
-    Task[Concatenate[TenantContext, P], Coroutine[Any, Any, R]],
-]:
-    """Make an async function of `(ctx: TenantContext, ...)` a tenant task.
-
-    The task refuses to run without a guard-issued context, is named after its client,
-    never persists or caches its result (it may hold client data), and retries only
-    transient database faults, with exponential backoff and jitter.
-    """
-
-    def decorate(
-        fn: Callable[Concatenate[TenantContext, P], Awaitable[R]],
-    ) -> Task[Concatenate[TenantContext, P], Coroutine[Any, Any, R]]:
-        @functools.wraps(fn)
-        async def guarded(ctx: TenantContext, *args: P.args, **kwargs: P.kwargs) -> R:
-            if not isinstance(ctx, TenantContext) or ctx.seal is not _SEAL:
-                raise AccessDenied(f"tenant task {name} needs a TenantContext from the guard")
-            get_run_logger().debug("%s for %s as %s", name, ctx.label, ctx.actor.describe())
-            return await fn(ctx, *args, **kwargs)
-
-        return task(
-            name=name,
-            task_run_name=f"{name}[{{ctx.client_name}}]",
-            persist_result=False,
-            cache_policy=NO_CACHE,
-            retries=retries,
-            retry_delay_seconds=exponential_backoff(backoff_factor=2),
-            retry_jitter_factor=0.5,
-            retry_condition_fn=_retry_transient,
-            timeout_seconds=timeout_seconds,
-            # NOTE: no tags: every tagged task run asks the API for tag concurrency slots
-            # (measured: several times slower, and 503s under load). The name says the client.
-        )(guarded)
-
-    return decorate

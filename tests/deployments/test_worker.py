@@ -24,7 +24,7 @@ from prefect.client.schemas.objects import StateType
 from prefect.states import Running
 
 from tenantflow.localstack import Stack
-from tenantflow.localstack.services import pid_alive
+from tenantflow.localstack.services import grant_traversal, pid_alive
 from tenantflow.localstack.worker import LocalWorker
 from tests.processes import processes_using
 
@@ -57,6 +57,8 @@ async def deployment(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[str, U
     """A pool of its own and a deployment of the sleepy flow on it."""
     (tmp_path / "project" / "flows").mkdir(parents=True)
     (tmp_path / "project" / "flows" / "sleepy.py").write_text(FLOW)
+    # The worker's OS user starts flow runs in the project folder (pytest's are private).
+    grant_traversal(tmp_path / "project" / "flows")
     pool = f"tenantflow-worker-test-{uuid.uuid4().hex[:8]}"
     # NOTE: the worker runs only the deployments its project's prefect.yaml declares.
     (tmp_path / "project" / "prefect.yaml").write_text(

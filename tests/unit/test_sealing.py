@@ -12,6 +12,7 @@ import re
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -23,6 +24,7 @@ from joserfc.jwk import ECKey
 
 from tenantflow import sealing
 from tenantflow.sealing import (
+    CLIENT_LIST_LIMIT,
     NotSealed,
     OpenedSeal,
     SealError,
@@ -639,3 +641,26 @@ def test_cli_generate_public_seal_end_to_end(tmp_path: Path) -> None:
     assert to_private.returncode == 2 and to_private.stdout == ""
     assert "private key" in to_private.stderr and "Traceback" not in to_private.stderr
     assert json.loads(private)["d"] not in to_private.stderr
+
+
+def test_a_long_client_list_is_sealed_by_its_digest_and_bound_all_the_same() -> None:
+    private = generate_private_key()
+    clients = [uuid.uuid4() for _ in range(CLIENT_LIST_LIMIT * 50)]
+    sealed = seal_access_token(
+        "header.payload.signature", public_key(private), flow="f", client_ids=clients
+    )
+    assert len(sealed) < 2000  # a list of a thousand ids would be ~50 KB
+    opened = open_sealed_token(sealed, private, flow="f", client_ids=list(reversed(clients)))
+    assert opened.client_ids == tuple(sorted(clients, key=str))
+    for other in (clients[:-1], [*clients[:-1], uuid.uuid4()], None):
+        with pytest.raises(SealWrongClients, match="sealed by their digest"):
+            open_sealed_token(sealed, private, flow="f", client_ids=other)
+    short = seal_access_token(
+        "header.payload.signature",
+        public_key(private),
+        flow="f",
+        client_ids=clients[:CLIENT_LIST_LIMIT],
+    )
+    assert open_sealed_token(
+        short, private, flow="f", client_ids=clients[:CLIENT_LIST_LIMIT]
+    ).client_ids == tuple(sorted(clients[:CLIENT_LIST_LIMIT], key=str))

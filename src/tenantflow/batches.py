@@ -1,0 +1,200 @@
+"""Tenant work in batches: one Prefect task run per batch of clients, one transaction each.
+
+A Prefect task run costs far more than a client's transaction (its events, its states,
+the server's work to record them), so a sweep over thousands of clients records one task
+run per *batch* (`TENANT_BATCH_SIZE` clients) instead of one per client. Inside a batch
+every client is still on its own:
+
+* its own transaction, with its own claims and role (`tenant_session(ctx)` in the work);
+* its own outcome: one client failing or timing out never fails the batch's others;
+* its own retries: transient database faults (`is_transient_database_error`) are retried
+  for that client, with exponential backoff and jitter, never the whole batch;
+* the flow run's database slots bound how many transactions run at once, whatever the
+  batch size (the gate lives in `tenant_session`).
+
+`run_for_clients()` is the building block every flow uses: a sweep of many clients and a
+report of one are the same call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar, cast
+from uuid import UUID
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import State
+
+from tenantflow.budget import gather_bounded
+from tenantflow.db import describe_error, is_transient_database_error
+from tenantflow.settings import get_settings
+from tenantflow.tenancy import TenantContext
+
+__all__ = ["BATCHES_IN_FLIGHT", "ClientOutcome", "ClientWork", "run_for_clients"]
+
+R = TypeVar("R")
+
+#: The work for one client: called with the guard's context, it opens its own
+#: `tenant_session(ctx)` (one transaction) and returns what the flow reports.
+ClientWork = Callable[[TenantContext], Awaitable[R]]
+
+#: Batches awaited at once. Their transactions are bounded by the run's database slots;
+#: this keeps progress steady (batches finish one after another, not all at the end).
+BATCHES_IN_FLIGHT = 2
+_BACKOFF_START_S = 0.5
+_BACKOFF_CAP_S = 8.0
+
+
+@dataclass(frozen=True)
+class ClientOutcome(Generic[R]):
+    """What happened to one client: its value, or why it failed (safe to show)."""
+
+    client_id: UUID
+    client_name: str
+    value: R | None = None
+    error: str | None = None
+    seconds: float = 0.0
+    attempts: int = 1
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def label(self) -> str:
+        return f"{self.client_name} ({self.client_id})"
+
+
+def _backoff(attempt: int) -> float:
+    """Seconds before retry number `attempt` (1, 2, ...): exponential, capped, jittered."""
+    delay: float = min(_BACKOFF_CAP_S, _BACKOFF_START_S * 2.0 ** (attempt - 1))
+    return delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not secrecy
+
+
+async def _one_client(
+    ctx: TenantContext, work: ClientWork[R], *, retries: int, timeout_s: float
+) -> ClientOutcome[R]:
+    started = time.perf_counter()
+    attempt = 0
+    while True:
+        attempt += 1
+        deadline = asyncio.timeout(timeout_s)
+        try:
+            async with deadline:
+                value = await work(ctx)
+        except Exception as error:
+            if deadline.expired():
+                reason = f"timed out after {timeout_s:g}s"
+            elif attempt <= retries and is_transient_database_error(error):
+                await asyncio.sleep(_backoff(attempt))
+                continue
+            else:
+                reason = describe_error(error)
+            return ClientOutcome(
+                ctx.client_id,
+                ctx.client_name,
+                error=reason,
+                seconds=time.perf_counter() - started,
+                attempts=attempt,
+            )
+        return ClientOutcome(
+            ctx.client_id,
+            ctx.client_name,
+            value=value,
+            seconds=time.perf_counter() - started,
+            attempts=attempt,
+        )
+
+
+@task(
+    name="tenant-batch",
+    task_run_name="{name}[{label}]",
+    persist_result=False,
+    cache_policy=NO_CACHE,
+    retries=0,
+)
+async def _batch(
+    name: str,
+    label: str,
+    contexts: Sequence[TenantContext],
+    work: ClientWork[Any],
+    retries: int,
+    timeout_s: float,
+) -> list[ClientOutcome[Any]]:
+    """One task run for a batch of clients; every client on its own, all at once within the
+    run's database slots. Never raises for a client's failure.
+
+    NOTE: no result is persisted or cached (it may hold client data), and no tags: each
+    tagged task run asks the API for tag concurrency slots.
+    """
+    return list(
+        await asyncio.gather(
+            *(_one_client(ctx, work, retries=retries, timeout_s=timeout_s) for ctx in contexts)
+        )
+    )
+
+
+def _batch_failed(contexts: Sequence[TenantContext], state: State[Any]) -> list[ClientOutcome[Any]]:
+    reason = f"its batch failed: {state.message or state.name}"
+    return [ClientOutcome(c.client_id, c.client_name, error=reason[:300]) for c in contexts]
+
+
+async def run_for_clients(
+    contexts: Sequence[TenantContext],
+    work: ClientWork[R],
+    *,
+    name: str,
+    batch_size: int | None = None,
+    retries: int | None = None,
+    timeout_s: float | None = None,
+    on_batch_done: Callable[[Sequence[ClientOutcome[R]]], Awaitable[None]] | None = None,
+) -> list[ClientOutcome[R]]:
+    """Run `work` for every client, in batches of task runs, awaited on this event loop.
+
+    Args:
+        contexts: the guard's contexts, one per client.
+        work: what to do for one client (one transaction through `tenant_session`).
+        name: the task runs' name, e.g. `rollup` gives `rollup[3/50]`.
+        batch_size: clients per task run (default `TENANT_BATCH_SIZE`).
+        retries: retries of a client's transient database faults (`TENANT_CLIENT_RETRIES`).
+        timeout_s: time one client may take, retries included (`TENANT_CLIENT_TIMEOUT_S`).
+        on_batch_done: awaited with each batch's outcomes as it finishes (progress).
+
+    Returns:
+        One outcome per context, in the contexts' order.
+    """
+    settings = get_settings()
+    size = batch_size or settings.tenant_batch_size
+    retries = settings.tenant_client_retries if retries is None else retries
+    timeout_s = timeout_s or settings.tenant_client_timeout_s
+    batches = [list(contexts[i : i + size]) for i in range(0, len(contexts), size)]
+
+    async def one(numbered: tuple[int, list[TenantContext]]) -> list[ClientOutcome[R]]:
+        index, batch = numbered
+        # NOTE: awaited on this loop (not .submit/.map): far cheaper, one engine per loop.
+        state = await cast(
+            "Awaitable[State[list[ClientOutcome[R]]]]",
+            _batch(
+                name,
+                f"{index + 1}/{len(batches)}",
+                batch,
+                work,
+                retries,
+                timeout_s,
+                return_state=True,
+            ),
+        )
+        outcomes = await state.aresult(raise_on_failure=False)
+        if not isinstance(outcomes, list):
+            outcomes = _batch_failed(batch, state)
+        if on_batch_done is not None:
+            await on_batch_done(outcomes)
+        return outcomes
+
+    done = await gather_bounded(one, list(enumerate(batches)), BATCHES_IN_FLIGHT)
+    return [outcome for batch in done for outcome in batch]

@@ -1,0 +1,214 @@
+"""Batched tenant work: a task run per batch, a transaction and an outcome per client."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterId,
+)
+
+from flows.nightly_rollup import nightly_rollup
+from tenantflow.db import dispose_engines
+from tests.tenancy.conftest import World
+
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("db_limit")]
+
+CLIENTS = 2000
+BATCH = 200
+
+
+@pytest.fixture(autouse=True)
+async def _dispose() -> AsyncIterator[None]:
+    yield
+    await dispose_engines()
+
+
+@pytest.fixture
+async def many_clients(world: World) -> AsyncIterator[list[uuid.UUID]]:
+    """Active clients with a few events each today (a distinct count per client)."""
+    tag = uuid.uuid4().hex[:8]
+    ids = [uuid.uuid4() for _ in range(CLIENTS)]
+    now = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+    conn = await world.admin()
+    try:
+        await conn.copy_records_to_table(
+            "clients",
+            schema_name="public",
+            columns=["id", "name"],
+            records=[(i, f"batch-{tag}-{n:04d}") for n, i in enumerate(ids)],
+        )
+        await conn.copy_records_to_table(
+            "client_events",
+            schema_name="public",
+            columns=["client_id", "occurred_at", "kind", "amount"],
+            records=[
+                (client, now - timedelta(minutes=k), "purchase", n % 7 + k)
+                for n, client in enumerate(ids)
+                for k in range(n % 4)
+            ],
+        )
+    finally:
+        await conn.close()
+    yield ids
+    conn = await world.admin()
+    try:
+        await conn.execute("DELETE FROM public.clients WHERE id = ANY($1::uuid[])", ids)
+    finally:
+        await conn.close()
+
+
+async def _metrics(world: World, clients: list[uuid.UUID]) -> dict[uuid.UUID, tuple]:
+    rows = await world.sql(
+        "fetch",
+        "SELECT client_id, events, revenue, computed_at FROM public.client_daily_metrics "
+        "WHERE client_id = ANY($1::uuid[]) AND day = $2",
+        clients,
+        datetime.now(UTC).date(),
+    )
+    return {row["client_id"]: (row["events"], row["revenue"], row["computed_at"]) for row in rows}
+
+
+async def _task_runs(run_id: uuid.UUID) -> list:
+    async with get_client() as client:
+        return await client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200
+        )
+
+
+async def test_a_sweep_runs_a_task_run_per_batch_and_every_client_once(
+    world: World, many_clients: list[uuid.UUID], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tenantflow.settings import get_settings
+
+    monkeypatch.setenv("TENANT_BATCH_SIZE", str(BATCH))
+    get_settings.cache_clear()
+    today = datetime.now(UTC).date()
+    clients = [*many_clients, world.clients["a"]]
+
+    async def sweep() -> tuple[dict, uuid.UUID]:
+        sealed = await world.sealed("operator", flow="nightly-rollup", clients=None, operator=True)
+        state = await nightly_rollup(day=today, access_token=sealed, return_state=True)
+        assert state.is_completed(), state.message
+        run_id = state.state_details.flow_run_id
+        assert run_id is not None
+        return await state.aresult(), run_id
+
+    try:
+        result, run_id = await sweep()
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    first = await _metrics(world, clients)
+    expected = await world.day_totals(clients, today)
+    assert {c: (e, r) for c, (e, r, _) in first.items()} == expected
+    assert result["clients"] >= len(clients)
+
+    task_runs = await _task_runs(run_id)
+    batches = [t for t in task_runs if t.name.startswith("rollup[")]
+    assert len(batches) == -(-result["clients"] // BATCH)
+    assert len(task_runs) <= result["clients"] / 100 + 10
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    table = json.loads(str(next(a for a in artifacts if a.key == "nightly-rollup").data))
+    rows = {row["client"].rsplit("(", 1)[1].rstrip(")"): row for row in table}
+    assert all(rows[str(c)]["outcome"] == "ok" for c in clients)
+    assert rows[str(many_clients[5])]["events"] == expected[many_clients[5]][0]
+    assert "nightly-rollup-failed-clients" not in {a.key for a in artifacts}
+
+    # A second run of the same day changes no figure.
+    await sweep()
+    second = await _metrics(world, clients)
+    assert {c: v[:2] for c, v in second.items()} == {c: v[:2] for c, v in first.items()}
+
+
+async def test_a_transient_fault_is_retried_for_that_client_alone(world: World) -> None:
+    """The first upsert of client `a` fails with a serialization failure (40001): that
+    client is retried and completes; `b` never notices."""
+    flaky, fine = world.clients["a"], world.clients["b"]
+    name = f"tf_test_flaky_{uuid.uuid4().hex[:8]}"
+    conn = await world.admin()
+    try:
+        await conn.execute(f"CREATE SEQUENCE public.{name}_calls")
+        await conn.execute(f"GRANT USAGE ON SEQUENCE public.{name}_calls TO service_role")
+        await conn.execute(
+            f"CREATE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN IF NEW.client_id = '{flaky}' THEN "
+            f"IF nextval('public.{name}_calls') = 1 THEN "
+            "RAISE EXCEPTION 'injected serialization failure' USING ERRCODE = '40001'; "
+            "END IF; END IF; RETURN NEW; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {name} BEFORE INSERT ON public.client_daily_metrics "
+            f"FOR EACH ROW EXECUTE FUNCTION public.{name}()"
+        )
+        state = await nightly_rollup(
+            day=datetime.now(UTC).date(),
+            client_ids=[flaky, fine],
+            access_token=await world.sealed(
+                "operator", flow="nightly-rollup", clients=["a", "b"], operator=True
+            ),
+            return_state=True,
+        )
+        calls = await conn.fetchval(f"SELECT last_value FROM public.{name}_calls")
+    finally:
+        await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON public.client_daily_metrics")
+        await conn.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
+        await conn.execute(f"DROP SEQUENCE IF EXISTS public.{name}_calls")
+        await conn.close()
+    assert state.is_completed(), state.message
+    assert calls == 2  # the failed attempt, then the retry
+    metrics = await _metrics(world, [flaky, fine])
+    expected = await world.day_totals([flaky, fine], datetime.now(UTC).date())
+    assert {c: (e, r) for c, (e, r, _) in metrics.items()} == expected
+
+
+async def test_failed_clients_are_named_and_listed_for_a_rerun(world: World) -> None:
+    failing, fine = world.clients["a"], world.clients["b"]
+    name = f"tf_test_fail_{uuid.uuid4().hex[:8]}"
+    conn = await world.admin()
+    try:
+        await conn.execute(
+            f"CREATE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN IF NEW.client_id = '{failing}' THEN "
+            "RAISE EXCEPTION 'refused by a test trigger'; END IF; RETURN NEW; END $$"
+        )
+        await conn.execute(
+            f"CREATE TRIGGER {name} BEFORE INSERT ON public.client_daily_metrics "
+            f"FOR EACH ROW EXECUTE FUNCTION public.{name}()"
+        )
+        state = await nightly_rollup(
+            day=datetime.now(UTC).date(),
+            client_ids=[failing, fine],
+            access_token=await world.sealed(
+                "operator", flow="nightly-rollup", clients=["a", "b"], operator=True
+            ),
+            return_state=True,
+        )
+    finally:
+        await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON public.client_daily_metrics")
+        await conn.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
+        await conn.close()
+    assert state.is_failed() and str(failing) in state.message
+    run_id = state.state_details.flow_run_id
+    assert run_id is not None
+    async with get_client() as client:
+        artifacts = await client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
+        )
+    listed = str(next(a for a in artifacts if a.key == "nightly-rollup-failed-clients").data)
+    pasted = json.loads(listed.split("```json\n", 1)[1].split("\n```", 1)[0])
+    assert pasted == [str(failing)]
+    # One batch held both clients: the batch task itself completed.
+    [batch] = [t for t in await _task_runs(run_id) if t.name.startswith("rollup[")]
+    assert batch.state.is_completed()
