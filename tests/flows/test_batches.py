@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -77,11 +78,18 @@ async def _metrics(world: World, clients: list[uuid.UUID]) -> dict[uuid.UUID, tu
     return {row["client_id"]: (row["events"], row["revenue"], row["computed_at"]) for row in rows}
 
 
-async def _task_runs(run_id: uuid.UUID) -> list:
+async def _task_runs(run_id: uuid.UUID, at_least: int = 1) -> list:
+    """The run's task runs, once the server has recorded them (it does so from events,
+    a moment after the run)."""
     async with get_client() as client:
-        return await client.read_task_runs(
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200
-        )
+        for _ in range(150):
+            runs = await client.read_task_runs(
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[run_id])), limit=200
+            )
+            if len(runs) >= at_least and all(r.state and r.state.is_final() for r in runs):
+                return runs
+            await asyncio.sleep(0.2)
+    return runs
 
 
 async def test_a_sweep_runs_a_task_run_per_batch_and_every_client_once(
@@ -112,9 +120,10 @@ async def test_a_sweep_runs_a_task_run_per_batch_and_every_client_once(
     assert {c: (e, r) for c, (e, r, _) in first.items()} == expected
     assert result["clients"] >= len(clients)
 
-    task_runs = await _task_runs(run_id)
+    expected_batches = -(-result["clients"] // BATCH)
+    task_runs = await _task_runs(run_id, at_least=expected_batches)
     batches = [t for t in task_runs if t.name.startswith("rollup[")]
-    assert len(batches) == -(-result["clients"] // BATCH)
+    assert len(batches) == expected_batches
     assert len(task_runs) <= result["clients"] / 100 + 10
     async with get_client() as client:
         artifacts = await client.read_artifacts(
