@@ -2,8 +2,10 @@
 
 Service mode: a run created by the project's own schedule (as `prefect.yaml` declares
 it) needs no token; any other run needs an operator's sealed access token. Steps:
-authorize, take database slots, roll up each client on this event loop within the
-slots, publish the table, and fail naming the clients that failed (the others are kept).
+authorize; then either roll the clients up here, in batches, within this run's database
+slots, or, for more than `TENANT_SHARD_SIZE` clients, in shard runs through the work
+pool (holding no slots while they run); publish the tables, and fail naming the clients
+that failed (the others are kept).
 """
 
 from __future__ import annotations
@@ -14,9 +16,22 @@ from uuid import UUID
 from prefect import flow, get_run_logger
 
 from tenantflow.budget import database_slots
-from tenantflow.rollup import publish_rollup, raise_if_any_failed, roll_up_clients, yesterday_utc
+from tenantflow.rollup import (
+    RollupOutcome,
+    publish_rollup,
+    publish_shards,
+    raise_if_any_failed,
+    roll_up_clients,
+    yesterday_utc,
+)
 from tenantflow.settings import get_settings
-from tenantflow.tenancy import SealedAccessToken, authorize_run, redact_token_on_failure
+from tenantflow.shards import run_in_shards
+from tenantflow.tenancy import (
+    SealedAccessToken,
+    authorize_run,
+    current_flow_run_id,
+    redact_token_on_failure,
+)
 
 
 @flow(
@@ -42,6 +57,7 @@ async def nightly_rollup(
             `--client` ids as this run, or none for every client). Scheduled runs need none.
     """
     logger = get_run_logger()
+    settings = get_settings()
     day = day or yesterday_utc()
     contexts = await authorize_run(
         action="nightly-rollup",
@@ -49,7 +65,19 @@ async def nightly_rollup(
         access_token=access_token,
         client_ids=client_ids,
     )
-    async with database_slots(get_settings().db_flow_slots) as slots:
+    outcomes: list[RollupOutcome]
+    if len(contexts) > settings.tenant_shard_size:
+        logger.info(
+            "rolling up %d client(s) for %s in shards of %d",
+            len(contexts),
+            day,
+            settings.tenant_shard_size,
+        )
+        shards = await run_in_shards(contexts, day, parent_run_id=current_flow_run_id())
+        failed = await publish_shards(day, shards)
+        raise_if_any_failed(failed, total=len(contexts))
+        return {"clients": len(contexts), "events": sum(s.events for s in shards)}
+    async with database_slots(settings.db_flow_slots) as slots:
         logger.info("rolling up %d client(s) for %s, %d at a time", len(contexts), day, slots)
         outcomes = await roll_up_clients(contexts, day)
     await publish_rollup(day, outcomes)

@@ -19,6 +19,7 @@ from prefect.artifacts import (
 from sqlalchemy import text
 
 from tenantflow.batches import ClientOutcome, run_for_clients
+from tenantflow.shards import ShardOutcome
 from tenantflow.tenancy import TenantContext, tenant_session
 
 __all__ = [
@@ -28,6 +29,7 @@ __all__ = [
     "day_bounds",
     "failed_clients_markdown",
     "publish_rollup",
+    "publish_shards",
     "raise_if_any_failed",
     "roll_up_clients",
     "rollup_client",
@@ -171,6 +173,37 @@ async def publish_rollup(day: date, outcomes: Sequence[RollupOutcome]) -> None:
         )
 
 
+async def publish_shards(day: date, shards: Sequence[ShardOutcome]) -> list[RollupOutcome]:
+    """A sharded sweep's artifacts: a table with a row per shard (each shard run has the
+    per-client table), and the failed client ids; returns the failed clients' outcomes."""
+    failed = [
+        RollupOutcome(
+            str(ctx.client_id),
+            ctx.client_name,
+            False,
+            error=f"failed in shard {shard.label} (runs: {', '.join(map(str, shard.runs))})",
+        )
+        for shard in shards
+        for ctx in shard.failed
+    ]
+    clients = sum(shard.clients for shard in shards)
+    await acreate_table_artifact(
+        [shard.row() for shard in shards],
+        key="nightly-rollup",
+        description=(
+            f"Nightly rollup of {day} in {len(shards)} shards: {clients - len(failed)} ok, "
+            f"{len(failed)} failed; each shard run's own table has a row per client"
+        ),
+    )
+    if failed:
+        await acreate_markdown_artifact(
+            failed_clients_markdown(day, failed),
+            key="nightly-rollup-failed-clients",
+            description=f"{len(failed)} client(s) of {day} to roll up again",
+        )
+    return failed
+
+
 def failed_clients_markdown(day: date, failed: Sequence[RollupOutcome]) -> str:
     """The failed client ids as the `client_ids` parameter of a new run takes them."""
     ids = json.dumps([o.client_id for o in failed])
@@ -182,9 +215,12 @@ def failed_clients_markdown(day: date, failed: Sequence[RollupOutcome]) -> str:
     )
 
 
-def raise_if_any_failed(outcomes: Sequence[RollupOutcome]) -> None:
+def raise_if_any_failed(outcomes: Sequence[RollupOutcome], *, total: int | None = None) -> None:
+    """Fail the run naming the failed clients (the first 20); `total` when `outcomes` holds
+    the failures only (a sharded sweep)."""
     failed = [o for o in outcomes if not o.ok]
     if failed:
         names = ", ".join(f"{o.client_name} ({o.client_id})" for o in failed[:20])
         more = f" and {len(failed) - 20} more" if len(failed) > 20 else ""
-        raise RollupFailed(f"{len(failed)} of {len(outcomes)} client(s) failed: {names}{more}")
+        of = len(outcomes) if total is None else total
+        raise RollupFailed(f"{len(failed)} of {of} client(s) failed: {names}{more}")

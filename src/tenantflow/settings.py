@@ -367,6 +367,27 @@ class Settings(SealSettings):
         le=3600,
         description="Seconds one client's work may take, its retries included.",
     )
+    tenant_shard_size: int = Field(
+        default=5000,
+        ge=10,
+        le=1_000_000,
+        description=(
+            "A sweep of more clients than this runs in shards: child flow runs through the "
+            "work pool, any worker taking any shard."
+        ),
+    )
+    tenant_shards_in_flight: int = Field(
+        default=4, ge=1, le=100, description="Shard runs a sweep keeps going at once."
+    )
+    tenant_shard_attempts: int = Field(
+        default=2,
+        ge=1,
+        le=10,
+        description=(
+            "Runs a shard gets in all: one that crashes or fails is retried alone (with its "
+            "failed clients only, when it got as far as recording them)."
+        ),
+    )
     report_max_days: int = Field(
         default=366, ge=1, le=3660, description="Longest period a client report may cover."
     )
