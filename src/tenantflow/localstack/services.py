@@ -368,17 +368,45 @@ class Postgres:
                 "log_line_prefix = '%m [%p] %q%u@%d '\n"
             )
 
-    def _restrict_prefect_role(self) -> None:
+    def _restrict_prefect_role(self) -> bool:
         """Let the `prefect` login reach database `prefect` only (pg_hba.conf, first match).
 
         NOTE: in pg_hba.conf rather than by revoking CONNECT on `postgres` from PUBLIC,
         which would also change what every other role of the Supabase-like cluster may do.
-        Done before the server starts, so older stack folders get it on their next start.
+        Returns whether the file changed (a running cluster must then reload it).
         """
         hba = self.data / "pg_hba.conf"
         text = hba.read_text()
-        if _HBA_MARKER not in text:
-            hba.write_text(_HBA_RULES + text)
+        if _HBA_MARKER in text:
+            return False
+        hba.write_text(_HBA_RULES + text)
+        return True
+
+    def ensure_prefect_database(self) -> None:
+        """The Prefect server's database and login on a running cluster (idempotent).
+
+        NOTE: for a cluster started before the stack had them (an older stack folder that
+        was not restarted); a fresh start creates them in `_bootstrap` already.
+        """
+        if self.pid() is None:
+            raise StackError(
+                "the Prefect server keeps its data in the stack's PostgreSQL, which is not "
+                "running (or set TENANTFLOW_PREFECT_DATABASE=sqlite)"
+            )
+        reload = self._restrict_prefect_role()
+
+        async def ensure() -> None:
+            parts = self.config.connect_parts(self.config.pg_port, admin=True)
+            conn = await asyncpg.connect(**parts)
+            try:
+                await conn.execute("SET pg_stat_statements.track_utility = off")
+                if reload:
+                    await conn.execute("SELECT pg_reload_conf()")
+                await self._bootstrap_prefect(conn)
+            finally:
+                await conn.close()
+
+        asyncio.run(ensure())
 
     def start(self) -> bool:
         if self.pid() is not None:
@@ -691,6 +719,8 @@ class PrefectServer(HttpProcessService):
     umask = 0o077
 
     def prepare(self) -> None:
+        if self.config.prefect_database == "postgres":
+            Postgres(self.config).ensure_prefect_database()
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         # NOTE: files written before the umask was set (an older stack folder) lose
