@@ -96,6 +96,9 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     for part in first:
         assert part.name in status.stdout and part.address in status.stdout
     assert "DOWN" not in status.stdout
+    assert "ok (PostgreSQL)" in next(
+        line for line in status.stdout.splitlines() if "prefect-server" in line
+    )
     assert config.secrets.postgres_password not in again.stdout + status.stdout
 
     down = _cli(second_stack, "down")

@@ -1,8 +1,9 @@
 """What other OS users, the worker's included, can read of the stack.
 
-The Prefect server's folder and database are root's only; when the stack runs as root the
-worker (and so every flow run) is the unprivileged `tenantflow` user, which reads the
-project and `.env` but neither the stack's secrets file nor the Prefect server's folder.
+The Prefect server's folder (and SQLite database, when it uses one) is root's only; when
+the stack runs as root the worker (and so every flow run) is the unprivileged `tenantflow`
+user, which reads the project and `.env` but neither the stack's secrets file nor the
+Prefect server's folder.
 """
 
 from __future__ import annotations
@@ -47,10 +48,14 @@ def _as_worker_user(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_the_prefect_servers_files_are_root_only(stack: Stack) -> None:
     home = stack.config.prefect_home
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
-    database = home / "prefect.db"
-    assert database.is_file()
     files = [p for p in home.rglob("*") if p.is_file()]
-    assert database in files
+    assert home / "server.log" in files
+    database = home / "prefect.db"
+    if stack.config.prefect_database == "sqlite":
+        assert database in files
+    else:
+        # Its data is in the cluster's database `prefect`, not in this folder.
+        assert database not in files
     loose = {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files if p.stat().st_mode & 0o077}
     assert loose == {}
     assert stat.S_IMODE(stack.config.secrets_file.stat().st_mode) == 0o600

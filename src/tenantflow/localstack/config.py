@@ -14,6 +14,8 @@ import secrets
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
+from urllib.parse import quote
 
 import jwt
 
@@ -30,6 +32,13 @@ WORKER_DB_ROLE = "tenantflow_worker"
 WORKER_USER = "tenantflow"
 #: The user name of the Prefect API's basic auth (the password is per stack folder).
 PREFECT_API_USER = "tenantflow"
+#: The Prefect server's own database in the stack's cluster, and its login (the owner of
+#: that database and nothing else).
+PREFECT_DB_NAME = "prefect"
+PREFECT_DB_ROLE = "prefect"
+
+PrefectDatabase = Literal["postgres", "sqlite"]
+PREFECT_DATABASES: tuple[PrefectDatabase, ...] = ("postgres", "sqlite")
 
 
 # NOTE: the same payloads as the Supabase CLI's demo keys: legacy API keys are HS256 JWTs
@@ -57,6 +66,8 @@ class StackSecrets:
     #: The workers' key for sealed access tokens (a private EC P-256 JWK, JSON).
     seal_private_key: str
     prefect_auth_string: str
+    #: The password of the Prefect server's database role `prefect`.
+    prefect_db_password: str
 
     @property
     def anon_key(self) -> str:
@@ -79,6 +90,7 @@ class StackSecrets:
             "jwt_secret",
             "seal_private_key",
             "prefect_auth_string",
+            "prefect_db_password",
         )
         if path.exists():
             data = json.loads(path.read_text())
@@ -98,6 +110,7 @@ class StackSecrets:
                 seal_private_key=data.get("seal_private_key") or generate_private_key(),
                 prefect_auth_string=data.get("prefect_auth_string")
                 or f"{PREFECT_API_USER}:{secrets.token_urlsafe(24)}",
+                prefect_db_password=data.get("prefect_db_password") or secrets.token_urlsafe(24),
             )
             temporary = path.with_suffix(".tmp")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -110,6 +123,16 @@ class StackSecrets:
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
+
+
+def _prefect_database() -> PrefectDatabase:
+    value = (os.environ.get("TENANTFLOW_PREFECT_DATABASE") or "postgres").strip().lower()
+    for choice in PREFECT_DATABASES:
+        if value == choice:
+            return choice
+    raise ValueError(
+        f"TENANTFLOW_PREFECT_DATABASE must be one of {', '.join(PREFECT_DATABASES)}, not {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -126,6 +149,9 @@ class StackConfig:
     pooler_pool_size: int = 20
     host: str = "127.0.0.1"
     database: str = "postgres"
+    #: Where the stack's Prefect server keeps its data: its own database in the stack's
+    #: PostgreSQL (the default, as a production server would), or SQLite in its folder.
+    prefect_database: PrefectDatabase = "postgres"
 
     @classmethod
     def from_env(cls, project_dir: Path | None = None) -> StackConfig:
@@ -141,6 +167,7 @@ class StackConfig:
             session_pooler_port=_env_int("TENANTFLOW_SESSION_POOLER_PORT", 54329),
             auth_port=_env_int("TENANTFLOW_AUTH_PORT", 54321),
             prefect_port=_env_int("TENANTFLOW_PREFECT_PORT", 4200),
+            prefect_database=_prefect_database(),
         )
 
     @property
@@ -211,8 +238,24 @@ class StackConfig:
 
     @property
     def prefect_home(self) -> Path:
-        """The Prefect server's folder (its SQLite database): root's only, mode 0700."""
+        """The Prefect server's folder (its SQLite database, if any): root's only, 0700."""
         return self.stack_dir / "prefect"
+
+    @property
+    def prefect_database_url(self) -> str:
+        """The Prefect server's database: SQLite in its folder, or PostgreSQL directly.
+
+        NOTE: never through PgBouncer: the server keeps session state and prepared
+        statements on its connections. The URL holds the `prefect` role's password: it goes
+        into the server's own environment only, never into `.env` or any output.
+        """
+        if self.prefect_database == "sqlite":
+            return f"sqlite+aiosqlite:///{self.prefect_home / 'prefect.db'}"
+        password = quote(self.secrets.prefect_db_password, safe="")
+        return (
+            f"postgresql+asyncpg://{PREFECT_DB_ROLE}:{password}"
+            f"@{self.host}:{self.pg_port}/{PREFECT_DB_NAME}"
+        )
 
     def prefect_api_headers(self) -> dict[str, str]:
         """The basic-auth header the stack's Prefect API wants on every request."""
@@ -229,6 +272,7 @@ class StackConfig:
             "TENANTFLOW_SESSION_POOLER_PORT": str(self.session_pooler_port),
             "TENANTFLOW_AUTH_PORT": str(self.auth_port),
             "TENANTFLOW_PREFECT_PORT": str(self.prefect_port),
+            "TENANTFLOW_PREFECT_DATABASE": self.prefect_database,
         }
 
     def environment(self) -> dict[str, str]:

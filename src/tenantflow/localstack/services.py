@@ -1,5 +1,8 @@
 """The processes of the local stack: PostgreSQL 15, two PgBouncers, a Prefect server.
 
+The Prefect server keeps its data in its own database `prefect` of the same PostgreSQL
+cluster, as its own login `prefect` (or, when asked, in SQLite in its folder).
+
 PostgreSQL and PgBouncer refuse to run as root, so when the stack is started by root
 their processes run as the unprivileged `postgres` OS user (created by Debian's
 PostgreSQL packages) and own their folders. The process worker runs flow runs, whose
@@ -31,9 +34,17 @@ from typing import Literal, Protocol
 import asyncpg
 import httpx
 
-from tenantflow.localstack.config import SERVICE_USER, WORKER_DB_ROLE, WORKER_USER, StackConfig
+from tenantflow.localstack.config import (
+    PREFECT_DB_NAME,
+    PREFECT_DB_ROLE,
+    SERVICE_USER,
+    WORKER_DB_ROLE,
+    WORKER_USER,
+    StackConfig,
+)
 
 __all__ = [
+    "PREFECT_RETENTION",
     "Health",
     "HttpProcessService",
     "PgBouncer",
@@ -53,6 +64,19 @@ __all__ = [
 log = logging.getLogger("tenantflow.stack")
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+#: Prepended to the cluster's pg_hba.conf (first match wins): the Prefect server's login
+#: reaches its own database only, over TCP.
+_HBA_MARKER = "# tenantflow: the Prefect server's role logs in to its own database only"
+_HBA_RULES = (
+    f"{_HBA_MARKER}\n"
+    f"host    {PREFECT_DB_NAME}    {PREFECT_DB_ROLE}    127.0.0.1/32    scram-sha-256\n"
+    f"host    all    {PREFECT_DB_ROLE}    all    reject\n"
+    f"local   all    {PREFECT_DB_ROLE}    reject\n\n"
+)
+#: What Prefect's PostgreSQL migrations create (`CREATE EXTENSION IF NOT EXISTS`); created
+#: beforehand by the superuser, so the `prefect` role needs no more than its database.
+PREFECT_DB_EXTENSIONS = ("pg_trgm",)
 
 
 class StackError(RuntimeError):
@@ -344,12 +368,53 @@ class Postgres:
                 "log_line_prefix = '%m [%p] %q%u@%d '\n"
             )
 
+    def _restrict_prefect_role(self) -> bool:
+        """Let the `prefect` login reach database `prefect` only (pg_hba.conf, first match).
+
+        NOTE: in pg_hba.conf rather than by revoking CONNECT on `postgres` from PUBLIC,
+        which would also change what every other role of the Supabase-like cluster may do.
+        Returns whether the file changed (a running cluster must then reload it).
+        """
+        hba = self.data / "pg_hba.conf"
+        text = hba.read_text()
+        if _HBA_MARKER in text:
+            return False
+        hba.write_text(_HBA_RULES + text)
+        return True
+
+    def ensure_prefect_database(self) -> None:
+        """The Prefect server's database and login on a running cluster (idempotent).
+
+        NOTE: for a cluster started before the stack had them (an older stack folder that
+        was not restarted); a fresh start creates them in `_bootstrap` already.
+        """
+        if self.pid() is None:
+            raise StackError(
+                "the Prefect server keeps its data in the stack's PostgreSQL, which is not "
+                "running (or set TENANTFLOW_PREFECT_DATABASE=sqlite)"
+            )
+        reload = self._restrict_prefect_role()
+
+        async def ensure() -> None:
+            parts = self.config.connect_parts(self.config.pg_port, admin=True)
+            conn = await asyncpg.connect(**parts)
+            try:
+                await conn.execute("SET pg_stat_statements.track_utility = off")
+                if reload:
+                    await conn.execute("SELECT pg_reload_conf()")
+                await self._bootstrap_prefect(conn)
+            finally:
+                await conn.close()
+
+        asyncio.run(ensure())
+
     def start(self) -> bool:
         if self.pid() is not None:
             return False
         _require_free(self.config.host, self.config.pg_port, "postgres", "TENANTFLOW_PG_PORT")
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
+        self._restrict_prefect_role()
         _service_dir(self.sockets)
         _run(
             _as_service_user(
@@ -375,6 +440,9 @@ class Postgres:
         sql = resources.files("tenantflow.localstack").joinpath("supabase_bootstrap.sql")
         conn = await asyncpg.connect(**self.config.connect_parts(self.config.pg_port, admin=True))
         try:
+            # NOTE: pg_stat_statements keeps utility statements' text as sent, passwords
+            # included; none of this session's statements is worth tracking.
+            await conn.execute("SET pg_stat_statements.track_utility = off")
             await conn.execute(sql.read_text())
             # NOTE: ALTER ROLE ... PASSWORD takes no bind parameters; quote it server-side.
             secrets = self.config.secrets
@@ -386,8 +454,44 @@ class Postgres:
             if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", WORKER_DB_ROLE):
                 await conn.execute(f"CREATE ROLE {WORKER_DB_ROLE} NOINHERIT")
             await conn.execute(f"ALTER ROLE {WORKER_DB_ROLE} LOGIN PASSWORD {literal}")
+            await self._bootstrap_prefect(conn)
+            # Older stack folders tracked them: forget those entries.
+            if await conn.fetchval("SELECT to_regclass('public.pg_stat_statements')"):
+                await conn.execute(
+                    "SELECT pg_stat_statements_reset(userid, dbid, queryid) "
+                    "FROM pg_stat_statements WHERE query ILIKE '%PASSWORD%'"
+                )
         finally:
             await conn.close()
+
+    async def _bootstrap_prefect(self, conn: asyncpg.Connection) -> None:
+        """The Prefect server's database and login (idempotent), as the superuser.
+
+        The role owns its database and nothing else: no superuser, CREATEROLE, CREATEDB,
+        BYPASSRLS or replication; pg_hba.conf keeps it out of every other database, and
+        only it (and superusers) may connect to `prefect`.
+        """
+        literal = await conn.fetchval(
+            "SELECT quote_literal($1)", self.config.secrets.prefect_db_password
+        )
+        if not await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", PREFECT_DB_ROLE):
+            await conn.execute(f"CREATE ROLE {PREFECT_DB_ROLE}")
+        await conn.execute(
+            f"ALTER ROLE {PREFECT_DB_ROLE} LOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB "
+            f"NOBYPASSRLS NOREPLICATION INHERIT PASSWORD {literal}"
+        )
+        if not await conn.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", PREFECT_DB_NAME):
+            # NOTE: CREATE DATABASE cannot run in a transaction; one statement is not in one.
+            await conn.execute(f"CREATE DATABASE {PREFECT_DB_NAME} OWNER {PREFECT_DB_ROLE}")
+        await conn.execute(f"ALTER DATABASE {PREFECT_DB_NAME} OWNER TO {PREFECT_DB_ROLE}")
+        await conn.execute(f"REVOKE ALL ON DATABASE {PREFECT_DB_NAME} FROM PUBLIC")
+        parts = self.config.connect_parts(self.config.pg_port, admin=True)
+        prefect = await asyncpg.connect(**{**parts, "database": PREFECT_DB_NAME})
+        try:
+            for extension in PREFECT_DB_EXTENSIONS:
+                await prefect.execute(f"CREATE EXTENSION IF NOT EXISTS {extension}")
+        finally:
+            await prefect.close()
 
     async def scram_secret(self, role: str = "postgres") -> str:
         conn = await asyncpg.connect(**self.config.connect_parts(self.config.pg_port, admin=True))
@@ -597,11 +701,13 @@ def _set_umask(mask: int) -> None:
 
 
 class PrefectServer(HttpProcessService):
-    """`prefect server start` with its home (SQLite database) in the stack folder.
+    """`prefect server start`, its home in the stack folder, its data in PostgreSQL.
 
+    The data lives in the database `prefect` of the stack's cluster, reached directly as
+    the role `prefect` (`TENANTFLOW_PREFECT_DATABASE=sqlite`: in SQLite in its home).
     Whoever reaches the API can start flow runs, so it wants basic auth (the stack's
     `prefect_auth_string`; `/api/health` alone answers without), answers CORS for its own
-    UI only, and keeps its folder and database files from other OS users (0700, umask 077).
+    UI only, and keeps its folder and files from other OS users (0700, umask 077).
     """
 
     name = "prefect-server"
@@ -613,6 +719,8 @@ class PrefectServer(HttpProcessService):
     umask = 0o077
 
     def prepare(self) -> None:
+        if self.config.prefect_database == "postgres":
+            Postgres(self.config).ensure_prefect_database()
         self.root.mkdir(parents=True, exist_ok=True)
         self.root.chmod(0o700)
         # NOTE: files written before the umask was set (an older stack folder) lose
@@ -637,19 +745,34 @@ class PrefectServer(HttpProcessService):
     def answers(self) -> bool:
         return _prefect_healthy(self.config)
 
+    @property
+    def database_kind(self) -> str:
+        return "PostgreSQL" if self.config.prefect_database == "postgres" else "SQLite"
+
     def health(self) -> Health:
         found = super().health()
         if found.running and not found.healthy and _prefect_open(self.config):
             # NOTE: a server started before the stack had an auth string answers anyone.
             detail = "answers without auth: restart it (make down && make up)"
             return Health(self.name, self.address, True, False, found.pid, detail)
+        if found.healthy:
+            return Health(self.name, self.address, True, True, found.pid, self.database_kind)
         return found
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # NOTE: no database setting of ours may come from the caller's environment (a
+        # developer's shell pointing Prefect at another database).
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("PREFECT_SERVER_DATABASE_", "PREFECT_API_DATABASE_"))
+        }
         env.update(
             {
                 "PREFECT_HOME": str(self.root),
+                # NOTE: holds the `prefect` role's password: this process's environment
+                # only (readable by its own OS user alone), never printed.
+                "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.config.prefect_database_url,
                 "PREFECT_SERVER_API_AUTH_STRING": self.config.secrets.prefect_auth_string,
                 "PREFECT_API_AUTH_STRING": self.config.secrets.prefect_auth_string,
                 # NOTE: the UI calls the API from its own origin only; no other web page
@@ -668,9 +791,25 @@ class PrefectServer(HttpProcessService):
                 "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_READ_BATCH_SIZE": "100",
                 "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_BATCH_SIZE": "200",
                 "PREFECT_SERVER_SERVICES_TRIGGERS_READ_BATCH_SIZE": "100",
+                **PREFECT_RETENTION,
             }
         )
         return env
+
+
+#: Retention on the stack's Prefect server.
+#: NOTE: every nightly sweep adds flow runs, thousands of task runs, their logs and events;
+#: without these the Prefect database grows without bound. Prefect's vacuum service
+#: deletes events after the events retention period (its default: events only), and
+#: with `flow_runs` enabled also finished top-level flow runs whose end is older than its
+#: own retention period, with their task runs, logs and artifacts (and, daily, orphans).
+PREFECT_RETENTION = {
+    # NOTE: ISO 8601 durations: the events setting takes no plain seconds.
+    "PREFECT_SERVER_EVENTS_RETENTION_PERIOD": "P7D",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_ENABLED": "events,flow_runs",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_RETENTION_PERIOD": "P14D",
+    "PREFECT_SERVER_SERVICES_DB_VACUUM_LOOP_SECONDS": "3600",
+}
 
 
 def _prefect_healthy(config: StackConfig) -> bool:
