@@ -19,7 +19,7 @@ from prefect.concurrency.asyncio import concurrency
 
 from tenantflow.settings import Settings, get_settings
 
-__all__ = ["database_slots", "gather_bounded", "transaction_slot"]
+__all__ = ["database_slots", "gather_bounded", "one_transaction_slot", "transaction_slot"]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -55,6 +55,28 @@ async def transaction_slot() -> AsyncIterator[None]:
         yield
         return
     async with gate:
+        yield
+
+
+@asynccontextmanager
+async def one_transaction_slot(*, settings: Settings | None = None) -> AsyncIterator[None]:
+    """A slot for one transaction outside a run's tenant work (the guard's own).
+
+    Inside `database_slots` it is one of the run's slots; otherwise one slot of the global
+    limit, held only while the transaction lasts. So the budget counts every transaction
+    of the workers, and a run that is refused never held more than one slot, briefly.
+    """
+    if _GATE.get() is not None:
+        async with transaction_slot():
+            yield
+        return
+    settings = settings or get_settings()
+    async with concurrency(
+        settings.db_concurrency_limit,
+        occupy=1,
+        strict=True,
+        timeout_seconds=settings.db_slot_timeout_s,
+    ):
         yield
 
 

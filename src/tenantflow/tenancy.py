@@ -51,7 +51,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from tenantflow.auth import AuthError, VerifiedClaims, app_metadata_grants_operator
 from tenantflow.auth import verify_access_token as _verify_access_token
-from tenantflow.budget import transaction_slot
+from tenantflow.budget import one_transaction_slot, transaction_slot
 from tenantflow.db import unit_of_work
 from tenantflow.deployments import DeployError, declared_deployment
 from tenantflow.schema import MEMBER_ROLES
@@ -173,17 +173,23 @@ class TenantContext:
 # --------------------------------------------------------------------------- audit
 
 
-def _guard_unit(settings: Settings) -> Any:
-    """A transaction for the guard's own reads and writes, as `service_role`.
+@asynccontextmanager
+async def _guard_unit(settings: Settings) -> AsyncIterator[AsyncSession]:
+    """A transaction for the guard's own reads and writes, as `service_role`, within the
+    database budget (one slot while it lasts).
 
     NOTE: the workers' login role is NOINHERIT and owns nothing; every statement runs
     under a role switched to inside the transaction.
     """
-    return unit_of_work(
-        local_settings={"request.jwt.claims": SERVICE_CLAIMS},
-        role=SERVICE_ROLE,
-        settings=settings,
-    )
+    async with (
+        one_transaction_slot(settings=settings),
+        unit_of_work(
+            local_settings={"request.jwt.claims": SERVICE_CLAIMS},
+            role=SERVICE_ROLE,
+            settings=settings,
+        ) as session,
+    ):
+        yield session
 
 
 async def _audit(

@@ -251,7 +251,10 @@ async def test_deploy_creates_every_deployment_once(stack: Stack) -> None:
     first = await asyncio.to_thread(_cli, stack, "deploy")
     cli_seconds = time.monotonic() - started
     assert first.returncode == 0, first.stdout + first.stderr
-    assert "deployed nightly-rollup, nightly-rollup-shard, client-report, migrate onto work pool" in first.stdout
+    assert (
+        "deployed nightly-rollup, nightly-rollup-shard, client-report, migrate onto work pool"
+        in first.stdout
+    )
     assert stack.config.secrets.postgres_password not in first.stdout + first.stderr
     # Deploying again changes nothing: no duplicate schedule, same ids.
     again = await asyncio.to_thread(deploy, stack.config)

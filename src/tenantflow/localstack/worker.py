@@ -189,9 +189,11 @@ class LocalWorker:
         worker_name: str = WORKER_NAME,
         root: Path | None = None,
         drain_seconds: float | None = None,
+        limit: int | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
+        self.limit = limit
         self.worker_name = worker_name
         self.root = root or config.stack_dir / "worker"
         self.pidfile = self.root / "worker.pid"
@@ -258,6 +260,7 @@ class LocalWorker:
             self.pool,
             "--name",
             self.worker_name,
+            *(["--limit", str(self.limit)] if self.limit else []),
         ]
         env = self.environment()
         if ids is not None:
