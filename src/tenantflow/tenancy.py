@@ -717,7 +717,7 @@ async def delegate_shard(
                 "INSERT INTO tenantflow_private.shard_grants (child_run_id, parent_run_id, "
                 "flow, day, client_ids, actor_kind, actor_id, shard, expires_at) "
                 "VALUES (:child, :parent, :flow, :day, CAST(:clients AS uuid[]), :kind, "
-                ":actor_id, :shard, now() + CAST(:lifetime AS interval))"
+                ":actor_id, :shard, now() + :lifetime)"
             ),
             {
                 "child": child_run_id,
@@ -728,7 +728,7 @@ async def delegate_shard(
                 "kind": actor.kind.value,
                 "actor_id": actor.user_id,
                 "shard": shard,
-                "lifetime": f"{int(SHARD_GRANT_LIFETIME.total_seconds())} seconds",
+                "lifetime": SHARD_GRANT_LIFETIME,
             },
         )
 
