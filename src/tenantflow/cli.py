@@ -61,6 +61,7 @@ def _demo(stack: Stack) -> bool:
         "  nightly-rollup/nightly-rollup   02:15 UTC daily; by hand: an operator's sealed token\n"
         "  client-report/client-report     client_id, period, and a member's sealed token\n"
         "  migrate/migrate                 schema upgrades / dry runs (operators)\n"
+        "  noop/noop                       does nothing: the worker's floor (make bench)\n"
         "\nSealed access tokens to paste into the run forms (each is good for one run within "
         "an hour;\n`tenantflow token --email E --flow F [--client ID]` seals more):\n"
         "  client-report, client_id:  %s   (%s, where %s is owner)\n"
