@@ -194,11 +194,51 @@ async def limit_rate(
     return len(clients) / elapsed
 
 
+async def unit_of_work_rate(
+    settings: Settings, clients: Sequence[uuid.UUID], day: date
+) -> tuple[float, float]:
+    """Clients per second, and CPU ms per client of this process, of tenantflow's own
+    `unit_of_work` doing the same statements, `DB_FLOW_SLOTS` at a time, without Prefect:
+    how much of the gap to the limit is the database layer rather than the orchestration."""
+    from tenantflow.db import dispose_engines, unit_of_work
+
+    start, end = day_bounds(day)
+    queue = iter(clients)
+
+    async def drain() -> None:
+        for client in queue:
+            async with unit_of_work(
+                local_settings={"request.jwt.claims": SERVICE_CLAIMS},
+                role=SERVICE_ROLE,
+                settings=settings,
+            ) as session:
+                await session.execute(
+                    _UPSERT,
+                    {
+                        "client_id": client,
+                        "day": day,
+                        "start": start,
+                        "end": end,
+                        "lock_key": f"{client}:{day.isoformat()}",
+                    },
+                )
+
+    try:
+        cpu, started = time.process_time(), time.perf_counter()
+        await asyncio.gather(*(drain() for _ in range(settings.db_flow_slots)))
+        elapsed, cpu = time.perf_counter() - started, time.process_time() - cpu
+    finally:
+        await dispose_engines()
+    return len(clients) / elapsed, 1000 * cpu / len(clients)
+
+
 @dataclass(frozen=True)
 class SweepResult:
     size: int
     clients: int
     limit_rate: float
+    limit_cpu_ms: float
+    uow_rates: dict[str, tuple[float, float]]
     limit_peak: Peak
     run: TimedRun
     peak: Peak
@@ -238,8 +278,26 @@ async def sweep(config: StackConfig, settings: Settings, size: int, day: date) -
     try:
         await _forget_day(config, day)
         async with sample_connections(config) as limit_peak:
+            cpu = time.process_time()
             limit = await limit_rate(config, settings, clients, day)
-        say(f"  limit (raw asyncpg, {settings.db_flow_slots} at a time): {limit:,.0f} clients/s")
+            limit_cpu_ms = 1000 * (time.process_time() - cpu) / len(clients)
+        say(
+            f"  limit (raw asyncpg, {settings.db_flow_slots} at a time): {limit:,.0f} clients/s, "
+            f"{limit_cpu_ms:.2f} CPU ms per client"
+        )
+        uow_rates = {}
+        for ping in (True, False):
+            await _forget_day(config, day)
+            with_ping = settings.model_copy(update={"db_pool_pre_ping": ping})
+            uow_rates[f"pre-ping {'on' if ping else 'off'}"] = await unit_of_work_rate(
+                with_ping, clients, day
+            )
+        say(
+            "  tenantflow unit_of_work, no Prefect: "
+            + "; ".join(
+                f"{k} {r:,.0f} clients/s, {c:.2f} CPU ms" for k, (r, c) in uow_rates.items()
+            )
+        )
         await _forget_day(config, day)
         before = await prefect_database_bytes(config)
         token = await sealed_token(config, DEMO_OPERATOR, flow="nightly-rollup", client_ids=None)
@@ -256,6 +314,8 @@ async def sweep(config: StackConfig, settings: Settings, size: int, day: date) -
             size=size,
             clients=len(clients),
             limit_rate=limit,
+            limit_cpu_ms=limit_cpu_ms,
+            uow_rates=uow_rates,
             limit_peak=limit_peak,
             run=run,
             peak=peak,
@@ -301,6 +361,15 @@ def sweep_rows(results: list[SweepResult], settings: Settings) -> list[Row]:
                 r.operator_rate >= 0.5 * r.limit_rate,
             )
         )
+        for label, (rate, cpu) in r.uow_rates.items():
+            rows.append(
+                Row(
+                    f"unit_of_work without Prefect, {label}, {n} (clients/s; CPU ms/client)",
+                    f"{rate:,.0f}; {cpu:.2f}",
+                    f"{r.limit_rate:,.0f}; {r.limit_cpu_ms:.2f} (raw asyncpg)",
+                    ratio(rate, r.limit_rate),
+                )
+            )
         bound = r.clients / 100 + 10
         rows.append(
             Row(
