@@ -1,4 +1,6 @@
-"""`make bench`: throughput through the poolers and cost of task styles, as ratios.
+"""`make bench`: the tenant sweep against its limit, the guard's cost, an operator's wait,
+throughput through the poolers and the cost of task styles; as ratios, into
+`bench/results.md`.
 
 Each figure is printed against a baseline measured in the same run on the same
 machine, so the numbers compare designs rather than machines. Nothing is asserted.
@@ -10,28 +12,34 @@ import asyncio
 import functools
 import os
 import statistics
-import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from prefect import flow, task
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from bench.guard import guard_rows
+from bench.latency import latency_rows
+from bench.sweep import SIZES, SweepResult, remove_clients, sweep, sweep_rows
+from bench.table import Row, ratio, say, write
+from bench.table import render as render_table
 from tenantflow.db import build_transaction_engine, dispose_engines, session_scope, unit_of_work
+from tenantflow.deployments import deployment_names
 from tenantflow.localstack import Stack
+from tenantflow.localstack.worker import deploy
 from tenantflow.settings import get_settings, load_settings
 
 TRANSACTIONS = int(os.environ.get("BENCH_TRANSACTIONS", "2000"))
 CONCURRENCY = 10
 TASKS = int(os.environ.get("BENCH_TASKS", "200"))
 ROUNDS = 3
-
-
-def say(line: str) -> None:
-    sys.stdout.write(line + "\n")
-    sys.stdout.flush()
+#: The day the sweeps roll up: long before the demo's events, so only the benchmark's
+#: clients have events on it.
+SWEEP_DAY_AGO = timedelta(days=60)
 
 
 async def _transactions_per_second(engine: AsyncEngine) -> float:
@@ -58,7 +66,7 @@ async def _median(make: Callable[[], AsyncEngine]) -> float:
     return statistics.median(results)
 
 
-async def pooler_throughput(stack: Stack) -> None:
+async def pooler_throughput(stack: Stack) -> list[Row]:
     say(
         f"\n## {TRANSACTIONS} transactions of 5 SELECTs, {CONCURRENCY} at a time (median of "
         f"{ROUNDS})"
@@ -68,6 +76,7 @@ async def pooler_throughput(stack: Stack) -> None:
         lambda: create_async_engine(direct, pool_size=CONCURRENCY, max_overflow=0)
     )
     say(f"baseline  direct to PostgreSQL, SQLAlchemy defaults   {baseline:8.0f} tx/s  1.00x")
+    rows = []
     for mode in ("queue", "null"):
         settings = load_settings(db_pool_mode=mode, db_pool_size=CONCURRENCY)
         rate = await _median(functools.partial(build_transaction_engine, settings))
@@ -75,6 +84,15 @@ async def pooler_throughput(stack: Stack) -> None:
             f"tenantflow transaction pooler, {mode:<5} pool           {rate:8.0f} tx/s  "
             f"{rate / baseline:.2f}x"
         )
+        rows.append(
+            Row(
+                f"transaction pooler, {mode} pool (tx/s of 5 SELECTs)",
+                f"{rate:,.0f}",
+                f"{baseline:,.0f} (direct)",
+                ratio(rate, baseline),
+            )
+        )
+    return rows
 
 
 @task(persist_result=False)
@@ -95,7 +113,7 @@ def _mapped() -> int:
     return sum(results)
 
 
-async def task_styles() -> None:
+async def task_styles() -> list[Row]:
     say(f"\n## {TASKS} tenant-style task runs, each one transaction")
 
     async def timed(run: Callable[[], Awaitable[object]]) -> float:
@@ -111,13 +129,46 @@ async def task_styles() -> None:
         f"          .map on the default task runner            {mapped:8.1f} task runs/s  "
         f"{mapped / awaited:.2f}x"
     )
+    return [
+        Row(
+            ".map on the default task runner (task runs/s)",
+            f"{mapped:.1f}",
+            f"{awaited:.1f} (awaited on the flow's loop)",
+            ratio(mapped, awaited),
+        )
+    ]
+
+
+async def sweeps(stack: Stack) -> list[Row]:
+    settings = get_settings()
+    day = datetime.now(UTC).date() - SWEEP_DAY_AGO
+    say(
+        f"\n## nightly-rollup through its deployment and the worker, against raw asyncpg "
+        f"(day {day}, DB_FLOW_SLOTS={settings.db_flow_slots}, "
+        f"TENANT_BATCH_SIZE={settings.tenant_batch_size})"
+    )
+    await remove_clients(stack.config)  # leftovers of an interrupted run
+    results: list[SweepResult] = []
+    for size in SIZES:
+        say(f"- {size:,} extra clients")
+        results.append(await sweep(stack.config, settings, size, day))
+    return sweep_rows(results, settings)
 
 
 async def run(stack: Stack) -> None:
+    started = time.perf_counter()
     say("# tenantflow benchmarks (ratios against the baseline of the same run)")
-    await pooler_throughput(stack)
-    await task_styles()
+    rows: list[Row] = []
+    rows += await sweeps(stack)
+    rows += await guard_rows(stack.config, get_settings())
+    rows += await latency_rows(stack.config)
+    rows += await pooler_throughput(stack)
+    rows += await task_styles()
     await dispose_engines()
+    seconds = time.perf_counter() - started
+    write(rows, [], seconds)
+    say("\n" + render_table(rows))
+    say(f"\n{len(rows)} measures in {seconds:.0f}s; written to bench/results.md")
 
 
 def main() -> None:
@@ -126,7 +177,18 @@ def main() -> None:
         stack.up()
     os.environ.update(stack.config.environment())
     get_settings.cache_clear()
-    asyncio.run(run(stack))
+    if "noop" not in deployment_names(stack.config.project_dir):
+        raise SystemExit("prefect.yaml declares no noop deployment")
+    # NOTE: deploy again, so the server knows every deployment prefect.yaml declares
+    # (a stack brought up before a deployment was added lacks it); idempotent.
+    deploy(stack.config)
+    with temporary_settings(
+        {
+            PREFECT_API_URL: stack.config.prefect_api_url,
+            PREFECT_API_AUTH_STRING: stack.config.secrets.prefect_auth_string,
+        }
+    ):
+        asyncio.run(run(stack))
 
 
 if __name__ == "__main__":

@@ -46,6 +46,8 @@ EXPECTED = {
         {"client_id", "period_start", "period_end", "access_token"},
     ),
     "migrate": ("flows/migrate.py:migrate", {"access_token", "revision", "dry_run"}),
+    # The worker's floor for `make bench`: no parameters, no client data.
+    "noop": ("flows/noop.py:noop", set()),
 }
 PULL: list[dict[str, Any]] = [{"tenantflow.deployments.set_project_directory": {}}]
 
@@ -92,6 +94,8 @@ def test_prefect_yaml_declares_every_deployment() -> None:
     assert deployments["migrate"]["concurrency_limit"] == one_at_a_time
     assert "concurrency_limit" not in deployments["client-report"]
     assert "schedules" not in deployments["client-report"]
+    assert deployments["noop"]["parameters"] == {}
+    assert "schedules" not in deployments["noop"]
 
 
 def test_pull_step_reads_the_folder_at_run_time(
@@ -251,10 +255,8 @@ async def test_deploy_creates_every_deployment_once(stack: Stack) -> None:
     first = await asyncio.to_thread(_cli, stack, "deploy")
     cli_seconds = time.monotonic() - started
     assert first.returncode == 0, first.stdout + first.stderr
-    assert (
-        "deployed nightly-rollup, nightly-rollup-shard, client-report, migrate onto work pool"
-        in first.stdout
-    )
+    deployed = "deployed nightly-rollup, nightly-rollup-shard, client-report, migrate, noop onto"
+    assert deployed in first.stdout
     assert stack.config.secrets.postgres_password not in first.stdout + first.stderr
     # Deploying again changes nothing: no duplicate schedule, same ids.
     again = await asyncio.to_thread(deploy, stack.config)

@@ -426,7 +426,13 @@ def test_entrypoints_load_after_the_pull_step(image: Image) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     found = json.loads(done.stdout.strip().splitlines()[-1])
     assert found["cwd"] == str(image.path("/app"))
-    assert found["flows"] == ["nightly-rollup", "client-report", "migrate"]
+    assert found["flows"] == [
+        "nightly-rollup",
+        "nightly-rollup-shard",
+        "client-report",
+        "migrate",
+        "noop",
+    ]
 
 
 @pytest.mark.slow

@@ -1,0 +1,17 @@
+"""`noop`: a flow that does nothing; it exists to measure the worker's floor.
+
+`make bench` times a `client-report` run through its deployment and the worker against a
+run of this flow through the same pool and worker, so the difference is what the report
+itself costs (the guard, the database, the artifacts), not the worker's own overhead
+(picking the run up, starting a process, loading Prefect). It takes no parameters and
+touches no client data, no database and no token.
+"""
+
+from __future__ import annotations
+
+from prefect import flow
+
+
+@flow(name="noop", retries=0, persist_result=False, log_prints=False, timeout_seconds=60)
+async def noop() -> None:
+    """Do nothing: the floor of a run through the deployment and the worker (`make bench`)."""
