@@ -30,8 +30,8 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 
-from tenantflow.budget import gather_bounded
-from tenantflow.db import describe_error, is_transient_database_error
+from tenantflow.budget import gather_bounded, held_slots
+from tenantflow.db import connection_lane, describe_error, is_transient_database_error
 from tenantflow.settings import get_settings
 from tenantflow.tenancy import TenantContext
 
@@ -43,9 +43,10 @@ R = TypeVar("R")
 #: `tenant_session(ctx)` (one transaction) and returns what the flow reports.
 ClientWork = Callable[[TenantContext], Awaitable[R]]
 
-#: Batches awaited at once. Their transactions are bounded by the run's database slots;
-#: this keeps progress steady (batches finish one after another, not all at the end).
-BATCHES_IN_FLIGHT = 2
+#: Batches awaited at once: one, whose lanes use every slot the run holds (a lane keeps
+#: its client connection between its transactions, so more lanes than slots would only
+#: hold connections waiting); progress moves batch by batch.
+BATCHES_IN_FLIGHT = 1
 _BACKOFF_START_S = 0.5
 _BACKOFF_CAP_S = 8.0
 
@@ -126,17 +127,26 @@ async def _batch(
     retries: int,
     timeout_s: float,
 ) -> list[ClientOutcome[Any]]:
-    """One task run for a batch of clients; every client on its own, all at once within the
-    run's database slots. Never raises for a client's failure.
+    """One task run for a batch of clients; every client on its own (its transaction, its
+    retries, its outcome), as many at once as the run holds database slots. Never raises
+    for a client's failure.
 
     NOTE: no result is persisted or cached (it may hold client data), and no tags: each
     tagged task run asks the API for tag concurrency slots.
     """
-    return list(
-        await asyncio.gather(
-            *(_one_client(ctx, work, retries=retries, timeout_s=timeout_s) for ctx in contexts)
-        )
-    )
+    outcomes: list[ClientOutcome[Any] | None] = [None] * len(contexts)
+    queue = iter(enumerate(contexts))
+
+    async def lane() -> None:
+        # NOTE: one connection per lane, clients one after another on it (each its own
+        # transaction): as many lanes as the run holds slots, so the gate rarely waits.
+        async with connection_lane():
+            for index, ctx in queue:
+                outcomes[index] = await _one_client(ctx, work, retries=retries, timeout_s=timeout_s)
+
+    lanes = min(len(contexts), held_slots() or get_settings().db_flow_slots)
+    await asyncio.gather(*(lane() for _ in range(lanes)))
+    return [outcome for outcome in outcomes if outcome is not None]
 
 
 def _batch_failed(contexts: Sequence[TenantContext], state: State[Any]) -> list[ClientOutcome[Any]]:

@@ -19,7 +19,13 @@ from prefect.concurrency.asyncio import concurrency
 
 from tenantflow.settings import Settings, get_settings
 
-__all__ = ["database_slots", "gather_bounded", "one_transaction_slot", "transaction_slot"]
+__all__ = [
+    "database_slots",
+    "gather_bounded",
+    "held_slots",
+    "one_transaction_slot",
+    "transaction_slot",
+]
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -27,6 +33,7 @@ R = TypeVar("R")
 # NOTE: a flow run's local gate: as many tenant transactions at once as it holds slots.
 # Tenant work is awaited on the flow's own loop, where this semaphore lives.
 _GATE: ContextVar[asyncio.Semaphore | None] = ContextVar("tenantflow_db_gate", default=None)
+_SLOTS: ContextVar[int | None] = ContextVar("tenantflow_db_slots", default=None)
 
 
 @asynccontextmanager
@@ -40,11 +47,17 @@ async def database_slots(wanted: int, *, settings: Settings | None = None) -> As
         strict=True,
         timeout_seconds=settings.db_slot_timeout_s,
     ):
-        token = _GATE.set(asyncio.Semaphore(slots))
+        token, count = _GATE.set(asyncio.Semaphore(slots)), _SLOTS.set(slots)
         try:
             yield slots
         finally:
+            _SLOTS.reset(count)
             _GATE.reset(token)
+
+
+def held_slots() -> int | None:
+    """How many slots the current flow run holds (None outside `database_slots`)."""
+    return _SLOTS.get()
 
 
 @asynccontextmanager

@@ -47,12 +47,11 @@ from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 from pydantic import Field, SecretStr
 from sqlalchemy import bindparam, text
-from sqlalchemy.ext.asyncio import AsyncSession
 
 from tenantflow.auth import AuthError, VerifiedClaims, app_metadata_grants_operator
 from tenantflow.auth import verify_access_token as _verify_access_token
 from tenantflow.budget import one_transaction_slot, transaction_slot
-from tenantflow.db import unit_of_work
+from tenantflow.db import Executor, unit_of_work
 from tenantflow.deployments import DeployError, declared_deployment
 from tenantflow.schema import MEMBER_ROLES
 from tenantflow.sealing import (
@@ -174,7 +173,7 @@ class TenantContext:
 
 
 @asynccontextmanager
-async def _guard_unit(settings: Settings) -> AsyncIterator[AsyncSession]:
+async def _guard_unit(settings: Settings) -> AsyncIterator[Executor]:
     """A transaction for the guard's own reads and writes, as `service_role`, within the
     database budget (one slot while it lasts).
 
@@ -419,7 +418,7 @@ class _Membership:
 
 
 async def require_membership(
-    session: AsyncSession, *, user_id: UUID, client_id: UUID, min_role: str | None = None
+    session: Executor, *, user_id: UUID, client_id: UUID, min_role: str | None = None
 ) -> _Membership:
     """An accepted membership of `user_id` in the active client `client_id`.
 
@@ -458,9 +457,7 @@ async def require_membership(
     return _Membership(name, role)
 
 
-async def _active_clients(
-    session: AsyncSession, client_ids: Sequence[UUID] | None
-) -> dict[UUID, str]:
+async def _active_clients(session: Executor, client_ids: Sequence[UUID] | None) -> dict[UUID, str]:
     if client_ids is None:
         rows = await session.execute(
             text("SELECT id, name FROM public.clients WHERE status = 'active' ORDER BY name, id")
@@ -886,7 +883,7 @@ async def read_shard_result(child_run_id: UUID, *, settings: Settings | None = N
 @asynccontextmanager
 async def tenant_session(
     ctx: TenantContext, *, settings: Settings | None = None
-) -> AsyncIterator[AsyncSession]:
+) -> AsyncIterator[Executor]:
     """The only way tenant tasks reach the database: one transaction under the actor's role.
 
     Users get `request.jwt.claims` (their verified claims) and `SET LOCAL ROLE
