@@ -24,6 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench.guard import guard_rows
 from bench.latency import latency_rows
+from bench.shards import shard_rows
 from bench.sweep import SIZES, SweepResult, remove_clients, sweep, sweep_rows
 from bench.table import Row, ratio, say, write
 from bench.table import render as render_table
@@ -160,6 +161,7 @@ async def run(stack: Stack) -> None:
     say("# tenantflow benchmarks (ratios against the baseline of the same run)")
     rows: list[Row] = []
     rows += await sweeps(stack)
+    rows += await shard_rows(stack)
     rows += await guard_rows(stack.config, get_settings())
     rows += await latency_rows(stack.config)
     rows += await pooler_throughput(stack)

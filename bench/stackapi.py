@@ -87,7 +87,7 @@ async def run_deployment_timed(
 async def task_run_count(
     flow_run_id: uuid.UUID, *, at_least: int = 1, settle_s: float = 3, within: float = 60
 ) -> int:
-    """How many task runs a flow run created (the API's count, no page limit).
+    """How many task runs a flow run and its child runs created (the API's count).
 
     The server records task runs from their events, a little after the flow run ends, so
     the count is read until it reaches `at_least` and stops changing for `settle_s` (or
@@ -97,9 +97,16 @@ async def task_run_count(
     deadline = loop.time() + within
     last, since = -1, loop.time()
     async with get_client() as client:
+        # NOTE: a sharded sweep's task runs are in its shard runs (child flow runs).
+        children = await client._client.post(
+            "/flow_runs/filter",
+            json={"flow_runs": {"parent_flow_run_id": {"any_": [str(flow_run_id)]}}},
+        )
+        children.raise_for_status()
+        runs = [str(flow_run_id), *(str(child["id"]) for child in children.json())]
         while True:
             response = await client._client.post(
-                "/task_runs/count", json={"flow_runs": {"id": {"any_": [str(flow_run_id)]}}}
+                "/task_runs/count", json={"flow_runs": {"id": {"any_": runs}}}
             )
             response.raise_for_status()
             count = int(response.json())
