@@ -3,6 +3,7 @@ server connections against the budget, and the time against one unsharded flow r
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from datetime import UTC, date, datetime, timedelta
@@ -61,12 +62,12 @@ async def shard_rows(stack: Stack) -> list[Row]:
         root=stack.config.stack_dir / "worker-bench",
     )
     try:
-        second.start()
+        await asyncio.to_thread(second.start)
         async with sample_connections(stack.config) as peak:
             seconds, _, children = await _sweep(stack, day, SHARD_SIZE)
         unsharded, _, _ = await _sweep(stack, day, 10 * SHARD_CLIENTS)
     finally:
-        second.stop()
+        await asyncio.to_thread(second.stop)
         removed = await remove_clients(stack.config)
         say(f"  removed the {removed} benchmark clients")
     workers: dict[str, list[str]] = {}
