@@ -1,5 +1,5 @@
 # syntax=docker/dockerfile:1
-# The tenantflow worker image (DESIGN.md §5): the locked runtime dependencies, the package
+# The tenantflow worker image: the locked runtime dependencies, the package
 # with its migrations, and flows/ + prefect.yaml in /app.
 #
 # As a *worker*: its command starts tenantflow's process worker on $TENANTFLOW_WORK_POOL (job

@@ -1,4 +1,4 @@
-"""Verification of Supabase access tokens (DESIGN.md §2): the first half of the tenant guard.
+"""Verification of Supabase access tokens: the first half of the tenant guard.
 
 `verify_access_token()` accepts a token only when every check below passes, in this order:
 
@@ -404,7 +404,7 @@ def _check_claims(
     allow_anonymous: bool,
     now: float,
 ) -> None:
-    """Every claim, checked here rather than by a library (DESIGN.md §2)."""
+    """Every claim, checked here rather than by a library."""
     role = payload.get("role")
     if role in API_KEY_ROLES and "sub" not in payload:
         raise ApiKeyUsedAsToken(

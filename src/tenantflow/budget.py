@@ -1,4 +1,4 @@
-"""The connection budget (DESIGN.md §1): tenant transactions within `tenantflow-db`.
+"""The connection budget: tenant transactions within `tenantflow-db`.
 
 A flow run takes its slots of the Prefect global concurrency limit once, for all of
 its database work, and runs its tenant tasks on its own event loop, at most that

@@ -1,6 +1,6 @@
 """The database layer: engines, the session pattern and transaction-local settings.
 
-Two endpoints, never mixed up (DESIGN.md §1):
+Two endpoints, never mixed up:
 
 * `transaction_engine()` — the transaction pooler (Supavisor 6543 / PgBouncer
   `pool_mode=transaction`). A server connection is ours only for the length of one

@@ -1,4 +1,4 @@
-"""What a Prefect installation needs beside `prefect.yaml` (DESIGN.md §5).
+"""What a Prefect installation needs beside `prefect.yaml`.
 
 * `bootstrap()` creates or updates, idempotently, the work pools and the global
   concurrency limit that caps tenant transactions (`tenantflow-db`). Run it before

@@ -1,7 +1,7 @@
 """Schema migrations: through the session pooler, one at a time, all or nothing.
 
 The `migrate` flow (`flows/migrate.py`) and `tenantflow migrate` call
-`run_migration()`. What it guarantees (DESIGN.md §1, §3; issue 3):
+`run_migration()`. What it guarantees:
 
 * **Session pooler only.** `MIGRATION_DATABASE_URL` is checked again here, before any
   connection: port 6543 (the transaction pooler) and the host:port of `DATABASE_URL`
@@ -12,7 +12,7 @@ The `migrate` flow (`flows/migrate.py`) and `tenantflow migrate` call
   polled until `migration_lock_timeout_s`) is held on the very connection Alembic
   migrates with, for the whole run. A second run waits, then fails with "another
   migration is running". Session-level locks are only sound through the session
-  pooler (FIELD-NOTES.md), which is one more reason for the check above.
+  pooler, which is one more reason for the check above.
 * **All or nothing.** The whole upgrade runs in one transaction (PostgreSQL has
   transactional DDL): a failure leaves the database at the revision it started from.
 * **Dry run** renders the SQL with Alembic's offline mode (no connection, no

@@ -1,4 +1,4 @@
-"""The database schema as SQLAlchemy Core tables (DESIGN.md §3).
+"""The database schema as SQLAlchemy Core tables.
 
 The Alembic migrations in `tenantflow.migrations` own the schema; these tables
 describe it for query code and for `alembic revision --autogenerate` (which compares

@@ -1,4 +1,4 @@
-"""Row-level security of the migrated schema, as DESIGN.md §2 runs tenant queries.
+"""Row-level security of the migrated schema, as the guard runs tenant queries.
 
 Each test works in one transaction through the transaction pooler on the stack's own
 database (at head) and rolls it back, so no row is left behind, not even in the

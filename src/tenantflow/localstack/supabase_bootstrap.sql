@@ -1,4 +1,4 @@
--- A minimal, Supabase-compatible bootstrap for the local stack (DESIGN.md §3).
+-- A minimal, Supabase-compatible bootstrap for the local stack.
 -- Runs as the cluster's superuser `supabase_admin`, before any migration. It creates
 -- only what Supabase itself provides to a project: the API roles, the `auth` schema
 -- with `auth.users` and the helpers `auth.uid()`, `auth.role()`, `auth.jwt()`, and the

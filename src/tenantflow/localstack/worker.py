@@ -8,7 +8,7 @@
 * `bootstrap(config)` — the work pool and the `tenantflow-db` limit on the stack's server.
 * `deploy(config)` — every deployment of `prefect.yaml` onto the stack's server.
 
-NOTE (FIELD-NOTES.md): a worker without PREFECT_API_URL silently starts a temporary server
+NOTE: a worker without PREFECT_API_URL silently starts a temporary server
 of its own, so the worker always gets the stack's URL. Its default poll interval (10 s)
 dominates a local run's latency, so it polls every 2 s. A worker that is stopped kills
 the flow runs it is executing and leaves them Running (or Submitting) for ever, so

@@ -4,7 +4,7 @@ Revision ID: a9a2422d43c3
 Revises: base
 Create Date: 2026-11-25 13:46:51.623416+00:00
 
-The tables of DESIGN.md §3, with every constraint and index named explicitly (the
+The tables of the schema, with every constraint and index named explicitly (the
 names `tenantflow.schema.NAMING_CONVENTION` gives), so this revision stays the same
 whatever later happens to the naming convention. Row-level security and grants come
 in the next revision; Supabase's `auth` schema and roles are never created here.

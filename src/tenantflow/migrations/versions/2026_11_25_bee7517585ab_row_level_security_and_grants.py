@@ -4,7 +4,7 @@ Revision ID: bee7517585ab
 Revises: a9a2422d43c3
 Create Date: 2026-11-25 13:46:53.263964+00:00
 
-Who may see what (DESIGN.md §2 and §3):
+Who may see what:
 
 * `authenticated` (a user's token, set by the worker with `SET LOCAL ROLE` and
   `request.jwt.claims`; also what Supabase's Data API runs a signed-in user's requests
