@@ -6,7 +6,7 @@ import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -35,36 +35,9 @@ async def _dispose() -> AsyncIterator[None]:
 
 @pytest.fixture
 async def many_clients(world: World) -> AsyncIterator[list[uuid.UUID]]:
-    """Active clients with a few events each today (a distinct count per client)."""
-    tag = uuid.uuid4().hex[:8]
-    ids = [uuid.uuid4() for _ in range(CLIENTS)]
-    now = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
-    conn = await world.admin()
-    try:
-        await conn.copy_records_to_table(
-            "clients",
-            schema_name="public",
-            columns=["id", "name"],
-            records=[(i, f"batch-{tag}-{n:04d}") for n, i in enumerate(ids)],
-        )
-        await conn.copy_records_to_table(
-            "client_events",
-            schema_name="public",
-            columns=["client_id", "occurred_at", "kind", "amount"],
-            records=[
-                (client, now - timedelta(minutes=k), "purchase", n % 7 + k)
-                for n, client in enumerate(ids)
-                for k in range(n % 4)
-            ],
-        )
-    finally:
-        await conn.close()
+    ids = await world.add_clients(CLIENTS, prefix="batch")
     yield ids
-    conn = await world.admin()
-    try:
-        await conn.execute("DELETE FROM public.clients WHERE id = ANY($1::uuid[])", ids)
-    finally:
-        await conn.close()
+    await world.remove_clients(ids)
 
 
 async def _metrics(world: World, clients: list[uuid.UUID]) -> dict[uuid.UUID, tuple]:

@@ -29,24 +29,9 @@ _SERVER_CONNECTIONS = (
 
 @pytest.fixture
 async def thousand_clients(world: World) -> AsyncIterator[list[uuid.UUID]]:
-    conn = await world.admin()
-    tag = uuid.uuid4().hex[:8]
-    try:
-        ids = [uuid.uuid4() for _ in range(CLIENTS)]
-        await conn.copy_records_to_table(
-            "clients",
-            schema_name="public",
-            columns=["id", "name"],
-            records=[(i, f"budget-{tag}-{n:04d}") for n, i in enumerate(ids)],
-        )
-    finally:
-        await conn.close()
+    ids = await world.add_clients(CLIENTS, prefix="budget", events=False)
     yield ids
-    conn = await world.admin()
-    try:
-        await conn.execute("DELETE FROM public.clients WHERE id = ANY($1::uuid[])", ids)
-    finally:
-        await conn.close()
+    await world.remove_clients(ids)
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -46,35 +46,9 @@ async def _dispose() -> AsyncIterator[None]:
 
 @pytest.fixture
 async def sweep_clients(world: World) -> AsyncIterator[list[uuid.UUID]]:
-    tag = uuid.uuid4().hex[:8]
-    ids = [uuid.uuid4() for _ in range(CLIENTS)]
-    noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
-    conn = await world.admin()
-    try:
-        await conn.copy_records_to_table(
-            "clients",
-            schema_name="public",
-            columns=["id", "name"],
-            records=[(i, f"shard-{tag}-{n:04d}") for n, i in enumerate(ids)],
-        )
-        await conn.copy_records_to_table(
-            "client_events",
-            schema_name="public",
-            columns=["client_id", "occurred_at", "kind", "amount"],
-            records=[
-                (client, noon - timedelta(minutes=k), "purchase", k + 1)
-                for n, client in enumerate(ids)
-                for k in range(n % 3 + 1)
-            ],
-        )
-    finally:
-        await conn.close()
+    ids = await world.add_clients(CLIENTS, prefix="shard")
     yield ids
-    conn = await world.admin()
-    try:
-        await conn.execute("DELETE FROM public.clients WHERE id = ANY($1::uuid[])", ids)
-    finally:
-        await conn.close()
+    await world.remove_clients(ids)
 
 
 @pytest.fixture

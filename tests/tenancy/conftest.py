@@ -74,6 +74,38 @@ class World:
         )
         return {row[0]: (row[1], row[2]) for row in rows}
 
+    async def add_clients(self, count: int, *, prefix: str, events: bool = True) -> list[uuid.UUID]:
+        """`count` more active clients (named `prefix-<tag>-n`); with `events`, client n
+        gets n % 3 + 1 purchases around noon today (UTC). `remove_clients` deletes them."""
+        tag = uuid.uuid4().hex[:8]
+        ids = [uuid.uuid4() for _ in range(count)]
+        noon = datetime.now(UTC).replace(hour=12, minute=0, second=0, microsecond=0)
+        conn = await self.admin()
+        try:
+            await conn.copy_records_to_table(
+                "clients",
+                schema_name="public",
+                columns=["id", "name"],
+                records=[(i, f"{prefix}-{tag}-{n:05d}") for n, i in enumerate(ids)],
+            )
+            if events:
+                await conn.copy_records_to_table(
+                    "client_events",
+                    schema_name="public",
+                    columns=["client_id", "occurred_at", "kind", "amount"],
+                    records=[
+                        (client, noon - timedelta(minutes=k), "purchase", n % 7 + k + 1)
+                        for n, client in enumerate(ids)
+                        for k in range(n % 3 + 1)
+                    ],
+                )
+        finally:
+            await conn.close()
+        return ids
+
+    async def remove_clients(self, ids: list[uuid.UUID]) -> None:
+        await self.sql("execute", "DELETE FROM public.clients WHERE id = ANY($1::uuid[])", ids)
+
     async def sql(self, method: str, query: str, *args: Any) -> Any:
         """One statement as the cluster's superuser: `await world.sql("fetch", ...)`."""
         conn = await self.admin()
