@@ -8,7 +8,10 @@ every client is still on its own:
 * its own transaction, with its own claims and role (`tenant_session(ctx)` in the work);
 * its own outcome: one client failing or timing out never fails the batch's others;
 * its own retries: transient database faults (`is_transient_database_error`) are retried
-  for that client, with exponential backoff and jitter, never the whole batch;
+  for that client for `TENANT_RETRY_WINDOW_S` (long enough to outlast a database restart
+  or failover), with exponential backoff and jitter, never the whole batch; when the
+  database is unreachable for everyone, the run's clients wait on one probe (`_Outage`)
+  instead of each retrying, and resume once it answers;
 * the flow run's database slots bound how many transactions run at once, whatever the
   batch size (the gate lives in `tenant_session`).
 
@@ -31,7 +34,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import State
 
 from tenantflow.budget import gather_bounded, held_slots
-from tenantflow.db import connection_lane, describe_error, is_transient_database_error
+from tenantflow.db import (
+    connection_lane,
+    describe_error,
+    is_database_unreachable,
+    is_transient_database_error,
+    ping,
+)
 from tenantflow.settings import get_settings
 from tenantflow.tenancy import TenantContext
 
@@ -77,10 +86,45 @@ def _backoff(attempt: int) -> float:
     return delay * random.uniform(0.5, 1.5)  # noqa: S311 - jitter, not secrecy
 
 
+class _Outage:
+    """The database is down for everyone: one probe for the whole run, not one retry loop
+    per client. Clients that hit the outage wait for the same probe, then retry."""
+
+    def __init__(self) -> None:
+        self._probe: asyncio.Future[bool] | None = None
+
+    async def wait_until_back(self, deadline: float) -> bool:
+        """True once the database answers again; False if `deadline` passes first."""
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.ensure_future(self._probe_until(deadline))
+        return await asyncio.shield(self._probe)
+
+    @staticmethod
+    async def _probe_until(deadline: float) -> bool:
+        attempt = 0
+        while time.monotonic() < deadline:
+            attempt += 1
+            await asyncio.sleep(min(_backoff(attempt), max(0.0, deadline - time.monotonic())))
+            try:
+                await ping()
+            except Exception as error:
+                if not is_transient_database_error(error):
+                    return False
+                continue
+            return True
+        return False
+
+
 async def _one_client(
-    ctx: TenantContext, work: ClientWork[R], *, retries: int, timeout_s: float
+    ctx: TenantContext,
+    work: ClientWork[R],
+    *,
+    retry_window_s: float,
+    timeout_s: float,
+    outage: _Outage,
 ) -> ClientOutcome[R]:
     started = time.perf_counter()
+    retry_until = time.monotonic() + retry_window_s
     attempt = 0
     while True:
         attempt += 1
@@ -89,13 +133,20 @@ async def _one_client(
             async with deadline:
                 value = await work(ctx)
         except Exception as error:
+            reason = None
             if deadline.expired():
                 reason = f"timed out after {timeout_s:g}s"
-            elif attempt <= retries and is_transient_database_error(error):
+            elif not is_transient_database_error(error):
+                reason = describe_error(error)
+            elif time.monotonic() >= retry_until:
+                reason = f"still failing after {retry_window_s:g}s: {describe_error(error)}"
+            elif is_database_unreachable(error):
+                if await outage.wait_until_back(retry_until):
+                    continue
+                reason = f"database unreachable for {retry_window_s:g}s: {describe_error(error)}"
+            else:
                 await asyncio.sleep(_backoff(attempt))
                 continue
-            else:
-                reason = describe_error(error)
             return ClientOutcome(
                 ctx.client_id,
                 ctx.client_name,
@@ -124,8 +175,9 @@ async def _batch(
     label: str,
     contexts: Sequence[TenantContext],
     work: ClientWork[Any],
-    retries: int,
+    retry_window_s: float,
     timeout_s: float,
+    outage: _Outage,
 ) -> list[ClientOutcome[Any]]:
     """One task run for a batch of clients; every client on its own (its transaction, its
     retries, its outcome), as many at once as the run holds database slots. Never raises
@@ -142,7 +194,9 @@ async def _batch(
         # transaction): as many lanes as the run holds slots, so the gate rarely waits.
         async with connection_lane():
             for index, ctx in queue:
-                outcomes[index] = await _one_client(ctx, work, retries=retries, timeout_s=timeout_s)
+                outcomes[index] = await _one_client(
+                    ctx, work, retry_window_s=retry_window_s, timeout_s=timeout_s, outage=outage
+                )
 
     lanes = min(len(contexts), held_slots() or get_settings().db_flow_slots)
     await asyncio.gather(*(lane() for _ in range(lanes)))
@@ -160,7 +214,7 @@ async def run_for_clients(
     *,
     name: str,
     batch_size: int | None = None,
-    retries: int | None = None,
+    retry_window_s: float | None = None,
     timeout_s: float | None = None,
     on_batch_done: Callable[[Sequence[ClientOutcome[R]]], Awaitable[None]] | None = None,
 ) -> list[ClientOutcome[R]]:
@@ -171,8 +225,9 @@ async def run_for_clients(
         work: what to do for one client (one transaction through `tenant_session`).
         name: the task runs' name, e.g. `rollup` gives `rollup[3/50]`.
         batch_size: clients per task run (default `TENANT_BATCH_SIZE`).
-        retries: retries of a client's transient database faults (`TENANT_CLIENT_RETRIES`).
-        timeout_s: time one client may take, retries included (`TENANT_CLIENT_TIMEOUT_S`).
+        retry_window_s: how long a client's transient faults are retried
+            (`TENANT_RETRY_WINDOW_S`); an outage for everyone waits on one probe instead.
+        timeout_s: time one attempt of one client may take (`TENANT_CLIENT_TIMEOUT_S`).
         on_batch_done: awaited with each batch's outcomes as it finishes (progress).
 
     Returns:
@@ -180,7 +235,9 @@ async def run_for_clients(
     """
     settings = get_settings()
     size = batch_size or settings.tenant_batch_size
-    retries = settings.tenant_client_retries if retries is None else retries
+    if retry_window_s is None:
+        retry_window_s = settings.tenant_retry_window_s
+    outage = _Outage()
     timeout_s = timeout_s or settings.tenant_client_timeout_s
     batches = [list(contexts[i : i + size]) for i in range(0, len(contexts), size)]
 
@@ -194,8 +251,9 @@ async def run_for_clients(
                 f"{index + 1}/{len(batches)}",
                 batch,
                 work,
-                retries,
+                retry_window_s,
                 timeout_s,
+                outage,
                 return_state=True,
             ),
         )

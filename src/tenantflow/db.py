@@ -40,8 +40,10 @@ __all__ = [
     "connection_lane",
     "describe_error",
     "dispose_engines",
+    "is_database_unreachable",
     "is_transient_database_error",
     "migration_engine",
+    "ping",
     "session_scope",
     "set_local",
     "transaction_engine",
@@ -97,16 +99,41 @@ _TRANSIENT_SQLSTATES = frozenset(
 )
 
 
-def is_transient_database_error(error: BaseException) -> bool:
-    """Whether retrying the same unit of work may succeed (the retry policy of tasks)."""
+# NOTE: PgBouncer refuses logins for `server_login_retry` seconds after the server came
+# back ("server login has been failing, try again later"), with a protocol-level code.
+_POOLER_RETRY = re.compile(r"server login has been failing|server conn crashed", re.IGNORECASE)
+_OUTAGE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "08000", "08001", "08003", "08004"})
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    orig = error.orig if isinstance(error, sa_exc.DBAPIError) else error
+    return getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+
+
+def is_database_unreachable(error: BaseException) -> bool:
+    """Whether the database (or its pooler) is down for everyone, not just this unit:
+    lost or refused connections, a shutdown, the pooler's login-retry refusal."""
     if isinstance(error, sa_exc.TimeoutError):  # the client pool had no connection to give
         return True
-    if isinstance(error, sa_exc.DBAPIError):
-        if error.connection_invalidated:
-            return True
-        sqlstate = getattr(error.orig, "sqlstate", None) or getattr(error.orig, "pgcode", None)
-        return sqlstate in _TRANSIENT_SQLSTATES
-    return isinstance(error, ConnectionError | TimeoutError)
+    if isinstance(error, sa_exc.DBAPIError) and error.connection_invalidated:
+        return True
+    if _sqlstate(error) in _OUTAGE_SQLSTATES | {"08006"}:
+        return True
+    if _POOLER_RETRY.search(str(error)):
+        return True
+    return isinstance(error, ConnectionError | TimeoutError | OSError)
+
+
+def is_transient_database_error(error: BaseException) -> bool:
+    """Whether retrying the same unit of work may succeed (the retry policy of tasks)."""
+    return is_database_unreachable(error) or _sqlstate(error) in _TRANSIENT_SQLSTATES
+
+
+async def ping(settings: Settings | None = None) -> None:
+    """One `SELECT 1` through the transaction pooler on a fresh checkout; raises if down."""
+    engine = await transaction_engine(settings)
+    async with engine.connect() as connection:
+        await connection.execute(text("SELECT 1"))
 
 
 def describe_error(error: BaseException) -> str:

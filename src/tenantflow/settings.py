@@ -355,11 +355,16 @@ class Settings(SealSettings):
             "clients in it are still one transaction each)."
         ),
     )
-    tenant_client_retries: int = Field(
-        default=3,
+    tenant_retry_window_s: float = Field(
+        default=60.0,
         ge=0,
-        le=20,
-        description="Retries of one client's transient database faults (backoff, jitter).",
+        le=3600,
+        description=(
+            "How long one client's transient database faults are retried (backoff, jitter), "
+            "long enough to outlast a database restart or failover and the pooler's login "
+            "retry delay after it; 0: no retries. When the database is down for everyone "
+            "the sweep pauses on one probe instead."
+        ),
     )
     tenant_client_timeout_s: float = Field(
         default=120.0,
