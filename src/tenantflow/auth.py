@@ -45,12 +45,14 @@ import hmac
 import json
 import logging
 import math
+import os
 import re
 import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 from uuid import UUID
 
@@ -485,10 +487,18 @@ def jwks_url(settings: Settings) -> str:
     return f"{settings.supabase_url}/auth/v1/.well-known/jwks.json"
 
 
-def clear_jwks_cache() -> None:
-    """Forget every cached key set (tests; or after changing SUPABASE_URL)."""
+def clear_jwks_cache(settings: Settings | None = None) -> None:
+    """Forget every cached key set, in memory and in the cache folder of `settings`
+    (default: the process settings, if they load). For tests, or after a key rotation."""
     with _JWKS_LOCK:
         _JWKS.clear()
+    try:
+        folder = (settings or get_settings()).auth_jwks_cache_dir
+    except Exception:
+        return
+    if folder is not None:
+        for path in folder.glob("jwks-*.json"):
+            path.unlink(missing_ok=True)
 
 
 def _verification_key(jwk: Any) -> _VerificationKey | None:
@@ -517,6 +527,61 @@ def _verification_key(jwk: Any) -> _VerificationKey | None:
     return None
 
 
+def _disk_cache(settings: Settings) -> Path | None:
+    folder = settings.auth_jwks_cache_dir
+    if folder is None:
+        return None
+    digest = hashlib.sha256(jwks_url(settings).encode()).hexdigest()[:16]
+    return folder / f"jwks-{digest}.json"
+
+
+def _keys_of(document: Mapping[str, Any] | None) -> dict[str, _VerificationKey] | None:
+    keys = document.get("keys") if document is not None else None
+    if not isinstance(keys, list):
+        return None
+    parsed = [key for key in map(_verification_key, keys) if key is not None]
+    return {key.kid: key for key in parsed}
+
+
+def _load_disk_cache(settings: Settings) -> tuple[dict[str, _VerificationKey], float] | None:
+    """Keys another process of this worker fetched, with their age, if young enough.
+
+    NOTE: the key set is public; the file only spares Supabase Auth a fetch per flow-run
+    process, and keeps runs going while Auth is briefly unreachable. It is trusted no
+    longer than AUTH_JWKS_CACHE_S, like the memory cache.
+    """
+    path = _disk_cache(settings)
+    try:
+        if path is None or path.stat().st_size > _MAX_JWKS_BYTES:
+            return None
+        document = _json_object(path.read_bytes())
+    except OSError:
+        return None
+    fetched = document.get("fetched_at") if document is not None else None
+    if not isinstance(fetched, int | float):
+        return None
+    age = time.time() - fetched
+    keys = _keys_of(document)
+    if keys is None or not 0 <= age < settings.auth_jwks_cache_s:
+        return None
+    return keys, age
+
+
+def _save_disk_cache(settings: Settings, keys: list[Any]) -> None:
+    path = _disk_cache(settings)
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        temporary = path.with_suffix(f".{os.getpid()}.tmp")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump({"fetched_at": time.time(), "keys": keys}, handle)
+        os.replace(temporary, path)
+    except OSError as error:  # a read-only file system, say: memory only, then
+        log.debug("cannot keep the signing keys in %s: %s", path, type(error).__name__)
+
+
 async def _fetch_jwks(settings: Settings) -> dict[str, _VerificationKey]:
     url = jwks_url(settings)
     failure: str | None = None
@@ -536,12 +601,12 @@ async def _fetch_jwks(settings: Settings) -> dict[str, _VerificationKey]:
             f"fetching the signing keys from {url} answered HTTP {response.status_code}"
         )
     document = _json_object(response.content if len(response.content) <= _MAX_JWKS_BYTES else None)
-    keys = document.get("keys") if document is not None else None
-    if not isinstance(keys, list):
+    keys = _keys_of(document)
+    if keys is None or document is None:
         raise AuthServiceUnavailable(f"{url} did not answer a JWK set")
-    parsed = [key for key in map(_verification_key, keys) if key is not None]
-    log.info("fetched %d signing key(s) from %s", len(parsed), url)
-    return {key.kid: key for key in parsed}
+    log.info("fetched %d signing key(s) from %s", len(keys), url)
+    _save_disk_cache(settings, document["keys"])
+    return keys
 
 
 async def _signing_key(settings: Settings, kid: str) -> _VerificationKey:
@@ -554,6 +619,10 @@ async def _signing_key(settings: Settings, kid: str) -> _VerificationKey:
         now = time.monotonic()
         with _JWKS_LOCK:
             state = _JWKS.setdefault(url, _JwksState())
+            if state.keys is None and state.inflight is None:
+                cached = _load_disk_cache(settings)
+                if cached is not None:
+                    state.keys, state.fetched_at = cached[0], now - cached[1]
             wait = state.inflight
             if wait is None:
                 fresh = (

@@ -10,8 +10,10 @@ the parsed parts of a URL, never from the URL itself).
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
@@ -290,6 +292,16 @@ class Settings(SealSettings):
         gt=0,
         le=60,
         description="Timeout of each request to Supabase Auth (JWKS and /auth/v1/user).",
+    )
+    auth_jwks_cache_dir: Path | None = Field(
+        default_factory=lambda: (
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tenantflow"
+        ),
+        description=(
+            "Folder where the signing keys (public) are kept between flow-run processes, so a "
+            "run verifies tokens while Supabase Auth is briefly unreachable; never older than "
+            "AUTH_JWKS_CACHE_S. Empty: memory only."
+        ),
     )
 
     db_pool_mode: Literal["queue", "null"] = Field(

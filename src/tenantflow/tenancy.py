@@ -32,6 +32,7 @@ reason.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -48,7 +49,12 @@ from prefect.context import FlowRunContext
 from pydantic import Field, SecretStr
 from sqlalchemy import bindparam, text
 
-from tenantflow.auth import AuthError, VerifiedClaims, app_metadata_grants_operator
+from tenantflow.auth import (
+    AuthError,
+    AuthServiceUnavailable,
+    VerifiedClaims,
+    app_metadata_grants_operator,
+)
 from tenantflow.auth import verify_access_token as _verify_access_token
 from tenantflow.budget import one_transaction_slot, transaction_slot
 from tenantflow.db import Executor, unit_of_work
@@ -329,11 +335,36 @@ async def _operator_confirmed(settings: Settings, user_id: UUID) -> bool:
     return app_metadata_grants_operator(app_metadata)
 
 
+#: Attempts at a check that needs Supabase Auth while it is unreachable (1 + 2 + 4 s apart).
+AUTH_ATTEMPTS: Final = 4
+
+
+async def _verified(
+    settings: Settings, token: SecretStr, allow_anonymous: bool, *, strict: bool | None = None
+) -> VerifiedClaims:
+    """`verify_access_token`, retried a few times while Supabase Auth is unreachable (a
+    transient failure); every other refusal is final at once."""
+    for attempt in range(1, AUTH_ATTEMPTS):
+        try:
+            return await _verify_access_token(
+                token, settings=settings, allow_anonymous=allow_anonymous, strict=strict
+            )
+        except AuthServiceUnavailable:
+            await asyncio.sleep(2 ** (attempt - 1))
+    try:
+        return await _verify_access_token(
+            token, settings=settings, allow_anonymous=allow_anonymous, strict=strict
+        )
+    except AuthServiceUnavailable as error:
+        raise AuthServiceUnavailable(
+            f"{error.message} ({AUTH_ATTEMPTS} attempts over "
+            f"{2 ** (AUTH_ATTEMPTS - 1) - 1} s); start the run again later"
+        ) from None
+
+
 async def _verify_actor(settings: Settings, token: SecretStr, allow_anonymous: bool) -> Actor:
     try:
-        claims = await _verify_access_token(
-            token, settings=settings, allow_anonymous=allow_anonymous
-        )
+        claims = await _verified(settings, token, allow_anonymous)
     except AuthError as error:
         raise AccessDenied(f"access token refused: {error}") from None
     kind = ActorKind.USER
@@ -341,9 +372,7 @@ async def _verify_actor(settings: Settings, token: SecretStr, allow_anonymous: b
         # NOTE: an operator may act on every client: ask Supabase Auth too, so a
         # signed-out session or a deleted user cannot use a still-unexpired token.
         try:
-            claims = await _verify_access_token(
-                token, settings=settings, allow_anonymous=allow_anonymous, strict=True
-            )
+            claims = await _verified(settings, token, allow_anonymous, strict=True)
         except AuthError as error:
             raise AccessDenied(f"operator token refused: {error}") from None
         kind = ActorKind.OPERATOR
