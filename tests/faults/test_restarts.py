@@ -20,7 +20,7 @@ import pytest
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
 from tenantflow.localstack import Stack
-from tenantflow.localstack.services import PG_BIN, PgBouncer, Postgres
+from tenantflow.localstack.services import PG_BIN, PgBouncer, Postgres, PrefectServer
 from tests.tenancy.conftest import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]
@@ -125,3 +125,15 @@ async def test_postgres_restarted_immediately_mid_sweep(
 
     await _sweep_with_fault(world, sweep_clients, restart)
     assert (await asyncio.to_thread(postgres.health)).healthy
+
+
+async def test_the_prefect_server_restarted_mid_sweep(
+    world: World, stack: Stack, sweep_clients: list[uuid.UUID]
+) -> None:
+    server = PrefectServer(stack.config)
+
+    async def restart() -> None:
+        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(server.start)
+
+    await _sweep_with_fault(world, sweep_clients, restart)
