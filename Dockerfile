@@ -57,12 +57,19 @@ ENV VIRTUAL_ENV=/opt/venv \
     PYTHONDONTWRITEBYTECODE=1 \
     PREFECT_HOME=/home/tenantflow/.prefect \
     TENANTFLOW_PROJECT_DIR=/app \
-    TENANTFLOW_WORK_POOL=tenantflow-process
+    TENANTFLOW_WORK_POOL=tenantflow-process \
+    FLOW_HEARTBEAT_S=30 \
+    PREFECT_FLOWS_HEARTBEAT_FREQUENCY=30
 
 COPY --from=builder /opt/venv /opt/venv
 WORKDIR /app
 COPY flows/ ./flows/
 COPY prefect.yaml ./
+
+# Flow runs send a heartbeat event every 30 s, which the bootstrap's zombie automation
+# watches (ZOMBIE_AFTER_S): the tenantflow worker passes FLOW_HEARTBEAT_S on to its flow runs;
+# PREFECT_FLOWS_HEARTBEAT_FREQUENCY is for flow runs that Prefect's docker or kubernetes
+# worker starts in this image. Keep both below ZOMBIE_AFTER_S.
 
 # NOTE: numeric, so Kubernetes can check runAsNonRoot.
 USER ${UID}:${UID}

@@ -188,7 +188,14 @@ def _deploy(args: argparse.Namespace) -> int:
     """Bootstrap the Prefect installation, then `prefect --no-prompt deploy` everything."""
     from dotenv import dotenv_values
 
-    from tenantflow.deployments import WORK_POOLS, BootstrapError, DeployError, bootstrap, deploy
+    from tenantflow.deployments import (
+        WORK_POOLS,
+        Alerts,
+        BootstrapError,
+        DeployError,
+        bootstrap,
+        deploy,
+    )
     from tenantflow.settings import SettingsError, load_settings
 
     if args.image and args.pool_type == "process":
@@ -216,6 +223,7 @@ def _deploy(args: argparse.Namespace) -> int:
             # choose another image.
             image=args.image,
             auth_string=auth_string,
+            alerts=Alerts.from_settings(settings),
         )
         log.info("bootstrap: %s", result.summary())
         if args.bootstrap_only:

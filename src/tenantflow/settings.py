@@ -14,7 +14,7 @@ import os
 import re
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -23,6 +23,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -33,10 +34,12 @@ from sqlalchemy.exc import ArgumentError
 from tenantflow.sealing import SealError, key_ids
 
 __all__ = [
+    "FaultSettings",
     "SealSettings",
     "Settings",
     "SettingsError",
     "get_settings",
+    "load_fault_settings",
     "load_seal_settings",
     "redacted_url",
 ]
@@ -234,7 +237,83 @@ class SealSettings(BaseSettings):
     )
 
 
-class Settings(SealSettings):
+class FaultSettings(BaseSettings):
+    """Zombie detection and operator alerts: what the worker gives its flow runs (the
+    heartbeat) and what the deployments bootstrap writes into Prefect's automations. Light,
+    so the worker reads them without the database settings."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        hide_input_in_errors=True,
+        validate_default=True,
+    )
+
+    flow_heartbeat_s: int = Field(
+        default=30,
+        ge=30,
+        le=600,
+        description=(
+            "Seconds between a flow run's heartbeat events (given by the tenantflow worker to "
+            "every flow run as PREFECT_FLOWS_HEARTBEAT_FREQUENCY; Prefect's floor is 30)."
+        ),
+    )
+    zombie_after_s: int = Field(
+        default=90,
+        ge=10,
+        le=86400,
+        description=(
+            "A deployment's flow run that has sent no heartbeat (nor reached a final state) "
+            "for this many seconds is marked Crashed by the bootstrap's zombie automation. "
+            "Must exceed FLOW_HEARTBEAT_S; about three heartbeats is Prefect's advice."
+        ),
+    )
+    nightly_late_after_s: int = Field(
+        default=26 * 3600,
+        ge=10,
+        le=30 * 86400,
+        description=(
+            "Operators are alerted when no nightly-rollup run has completed for this many "
+            "seconds (the schedule is daily: 26 h leaves two hours of slack)."
+        ),
+    )
+    alert_webhook_url: SecretStr | None = Field(
+        default=None,
+        description=(
+            "Where operator alerts go: a URL that takes a JSON POST ({subject, body, source}); "
+            "it may carry a token, so it is kept secret (a Prefect block's secret value). "
+            "Unset: no alert automations."
+        ),
+    )
+
+    @field_validator("alert_webhook_url", mode="before")
+    @classmethod
+    def _webhook_blank_is_unset(cls, value: Any) -> Any:
+        return _blank_is_unset(value)
+
+    @field_validator("alert_webhook_url")
+    @classmethod
+    def _webhook_is_http(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None:
+            return None
+        parts = urlsplit(value.get_secret_value().strip())
+        if parts.scheme not in {"http", "https"} or not parts.hostname:
+            # NOTE: never repeat the value: it may hold a token.
+            raise ValueError("ALERT_WEBHOOK_URL must be an http(s) URL")
+        return SecretStr(value.get_secret_value().strip())
+
+    @model_validator(mode="after")
+    def _window_exceeds_heartbeat(self) -> Self:
+        if self.zombie_after_s <= self.flow_heartbeat_s:
+            raise ValueError(
+                f"ZOMBIE_AFTER_S={self.zombie_after_s} must exceed FLOW_HEARTBEAT_S="
+                f"{self.flow_heartbeat_s}, or every healthy flow run would be marked Crashed"
+            )
+        return self
+
+
+class Settings(SealSettings, FaultSettings):
     """Everything the worker reads from its environment."""
 
     database_url: DatabaseUrl = Field(
@@ -442,6 +521,14 @@ def load_settings(**overrides: Any) -> Settings:
     """Build settings from the environment (and `overrides`), raising `SettingsError`."""
     try:
         return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_format_errors(error)) from None
+
+
+def load_fault_settings(**overrides: Any) -> FaultSettings:
+    """Build `FaultSettings` from the environment (and `overrides`), raising `SettingsError`."""
+    try:
+        return FaultSettings(**overrides)
     except ValidationError as error:
         raise SettingsError(_format_errors(error)) from None
 

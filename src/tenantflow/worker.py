@@ -22,6 +22,11 @@ refuses unknown ones (`additionalProperties: false`), so the Prefect server alre
 answers 422 to a run that asks for them; the worker holds even when the pool's template
 has been changed through the API.
 
+Every flow run it starts sends Prefect's flow-run heartbeat every `FLOW_HEARTBEAT_S`
+seconds (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY` in the run's environment): the bootstrap's
+zombie automation marks Crashed a run whose heartbeats stop, when its process or machine
+dies with the worker.
+
 `tenantflow worker --pool NAME` starts it, as `prefect worker start` would.
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
@@ -40,6 +46,7 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 from pydantic import PrivateAttr, model_validator
 
 from tenantflow.deployments import PROJECT_DIR_ENV, DeployError, declared_deployment
+from tenantflow.settings import load_fault_settings
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -48,11 +55,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ENTRYPOINT_ENV",
+    "HEARTBEAT_ENV",
     "LOCKED_VARIABLES",
     "TenantflowJobConfiguration",
     "TenantflowProcessWorker",
     "base_job_template",
     "engine_command",
+    "flow_heartbeat_seconds",
     "run_worker",
 ]
 
@@ -60,6 +69,14 @@ __all__ = [
 LOCKED_VARIABLES = ("command", "env", "working_dir")
 #: Prefect's engine loads the flow from this entrypoint, skipping the deployment's pull steps.
 ENTRYPOINT_ENV = "PREFECT__FLOW_ENTRYPOINT"
+#: Prefect's engine sends a flow run's heartbeat event this often (seconds, at least 30).
+HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
+
+
+@lru_cache(maxsize=1)
+def flow_heartbeat_seconds() -> int:
+    """`FLOW_HEARTBEAT_S` of the worker's settings, read once."""
+    return load_fault_settings().flow_heartbeat_s
 
 
 def engine_command() -> str:
@@ -135,6 +152,7 @@ class TenantflowJobConfiguration(ProcessJobConfiguration):
             return
         self.working_dir = project
         self.env[ENTRYPOINT_ENV] = entrypoint
+        self.env[HEARTBEAT_ENV] = str(flow_heartbeat_seconds())
 
 
 class TenantflowProcessWorker(ProcessWorker):
@@ -204,6 +222,8 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
     # NOTE: as `prefect worker start`: the first SIGTERM becomes a SIGINT (stop polling,
     # cancel the worker's task), a second one a SIGKILL.
     setup_signal_handlers_worker(os.getpid(), "the tenantflow process worker", say)
+    # NOTE: read now, so bad settings stop the worker before it takes a run.
+    say(f"flow runs send a heartbeat every {flow_heartbeat_seconds()}s")
     worker = TenantflowProcessWorker(
         name=name,
         work_pool_name=pool,

@@ -34,6 +34,7 @@ import httpx
 from tenantflow.deployments import (
     PROJECT_DIR_ENV,
     WORK_POOLS,
+    Alerts,
     BootstrapError,
     BootstrapResult,
     DeployError,
@@ -96,6 +97,7 @@ def bootstrap(config: StackConfig) -> BootstrapResult:
             project_dir=config.project_dir,
             api_url=config.prefect_api_url,
             auth_string=config.secrets.prefect_auth_string,
+            alerts=Alerts.from_settings(settings),
         )
     except BootstrapError as error:
         raise StackError(f"Prefect bootstrap failed: {error}") from None
@@ -231,6 +233,9 @@ class LocalWorker:
                 "PREFECT_WORKER_QUERY_SECONDS": "2",
                 "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                 "PREFECT_LOGGING_LEVEL": "INFO",
+                # NOTE: the worker passes it on to every flow run as
+                # PREFECT_FLOWS_HEARTBEAT_FREQUENCY (the zombie automation's input).
+                "FLOW_HEARTBEAT_S": os.environ.get("FLOW_HEARTBEAT_S", "30"),
                 # NOTE: read by the pull step in each flow run (tenantflow.deployments).
                 PROJECT_DIR_ENV: str(self.config.project_dir),
                 "PYTHONUNBUFFERED": "1",
