@@ -14,7 +14,7 @@ import pytest
 from dotenv import dotenv_values
 
 from tenantflow.localstack import Stack, StackConfig
-from tenantflow.localstack.services import pid_alive, port_is_open
+from tenantflow.localstack.services import DURABILITY_SETTINGS, pid_alive, port_is_open
 from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -43,6 +43,8 @@ def second_stack(tmp_path: Path) -> Iterator[Stack]:
         session_pooler_port=session,
         auth_port=auth,
         prefect_port=prefect,
+        # NOTE: deleted with tmp_path; faster without fsync, never the developer's stack.
+        throwaway=True,
     )
     stack = Stack(config)
     yield stack
@@ -106,6 +108,12 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     assert not any(port_is_open(config.host, port) for port in ports)
     assert processes_using(config.stack_dir) == []
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
+
+    # The throwaway cluster, and it alone, trades durability for speed.
+    conf = (config.stack_dir / "postgres" / "data" / "postgresql.conf").read_text()
+    assert "throwaway" in conf
+    for name in DURABILITY_SETTINGS:
+        assert f"{name} = off" in conf
 
     after = _cli(second_stack, "status")
     assert after.returncode == 3
