@@ -127,5 +127,6 @@ def test_a_taken_port_is_reported_clearly(second_stack: Stack) -> None:
         blocker.listen()
         result = _cli(second_stack, "up", "--services-only")
     assert result.returncode == 2
-    assert f"port {second_stack.config.pg_port}" in result.stdout
-    assert "TENANTFLOW_PG_PORT" in result.stdout
+    assert f"port {second_stack.config.pg_port}" in result.stderr
+    assert "TENANTFLOW_PG_PORT" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1
