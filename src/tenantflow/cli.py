@@ -89,13 +89,29 @@ def _stack(args: argparse.Namespace) -> int:
     stack = Stack()
     started = time.monotonic()
     if args.action == "up":
-        rows = stack.up(services_only=args.services_only)
+        setup = False if args.services_only else (True if args.main_job else None)
+        rows = stack.up(setup=setup)
         log.info("\n%s\n\n%s", _table(rows), _addresses(stack))
         healthy = all(row.healthy for row in rows)
-        if healthy and not args.services_only and not args.no_demo_run:
+        if healthy and args.main_job and not args.no_demo_run:
             healthy = _demo(stack)
-        log.info("\nstack up in %.1fs", time.monotonic() - started)
+        log.info(
+            "\nstarted: %s; one-shot steps (migrate, demo data, deploy): %s",
+            ", ".join(stack.started) or "nothing (every part was up)",
+            "ran" if stack.ran_setup else "skipped (`--main-job` runs them)",
+        )
+        log.info("stack up in %.1fs", time.monotonic() - started)
         return 0 if healthy else 1
+    if args.action == "restart":
+        if not args.part:
+            names = ", ".join(service.name for service in stack.services())
+            raise StackError(f"which part? `tenantflow stack restart PART`, PART one of {names}")
+        row = stack.restart(args.part)
+        log.info("%s", _table([row]))
+        log.info("restarted %s in %.1fs", row.name, time.monotonic() - started)
+        return 0 if row.healthy else 1
+    if args.part:
+        raise StackError(f"`stack {args.action}` takes no part; `stack restart {args.part}` does")
     if args.action == "down":
         stack.down()
         log.info("stack down in %.1fs", time.monotonic() - started)
@@ -382,14 +398,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     commands = parser.add_subparsers(dest="command", required=True)
     stack = commands.add_parser("stack", help="the local stack")
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("action", choices=["up", "down", "status", "restart"])
+    stack.add_argument(
+        "part",
+        nargs="?",
+        help="restart: the part to stop and start again, as `stack status` names it",
+    )
+    stack.add_argument(
+        "--main-job",
+        action="store_true",
+        help="up: also migrate, load the demo data, deploy and run the main job once "
+        "(`make up`); without it only a new stack gets the one-shot steps",
+    )
     stack.add_argument(
         "--services-only",
         action="store_true",
-        help="up: start the services only (no migrations, demo data, deployments, demo run)",
+        help="up: start the services only, even on a new stack (no one-shot steps)",
     )
     stack.add_argument(
-        "--no-demo-run", action="store_true", help="up: skip the demo nightly-rollup run"
+        "--no-demo-run", action="store_true", help="up --main-job: skip the demo nightly-rollup run"
     )
     stack.set_defaults(handler=_stack)
     migrate = commands.add_parser(

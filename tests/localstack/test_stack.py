@@ -69,7 +69,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     ports = second_stack.ports()
     assert not any(port_is_open(config.host, port) for port in ports)
 
-    first = second_stack.up(services_only=True)
+    first = second_stack.up(setup=False)
     assert [part.name for part in first if not part.healthy] == []
     pids = {part.name: part.pid for part in first}
     assert all(pids.values())
@@ -91,6 +91,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already up") == len(first)
     assert f"http://127.0.0.1:{config.prefect_port}" in again.stdout
+    assert "started: nothing" in again.stdout
     assert {part.name: part.pid for part in second_stack.status()} == pids
 
     status = _cli(second_stack, "status")
