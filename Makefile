@@ -13,7 +13,7 @@ env:  ## install what is missing (uv, PostgreSQL 15, PgBouncer) and sync .venv
 	@bash scripts/bootstrap.sh
 
 up: env  ## bring the whole local stack up and print its addresses
-	@$(VENV)/tenantflow stack up
+	@$(VENV)/tenantflow stack up --main-job
 
 down:  ## stop everything the local stack started
 	@if [ -x $(VENV)/tenantflow ]; then $(VENV)/tenantflow stack down; fi

@@ -176,7 +176,7 @@ async def run(stack: Stack) -> None:
 def main() -> None:
     stack = Stack()
     if not all(part.healthy for part in stack.status()):
-        stack.up()
+        stack.up(setup=True)
     os.environ.update(stack.config.environment())
     get_settings.cache_clear()
     if "noop" not in deployment_names(stack.config.project_dir):

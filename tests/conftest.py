@@ -30,7 +30,7 @@ def stack() -> Iterator[Stack]:
     stack = Stack(CONFIG)
     started = not all(part.healthy for part in stack.status())
     if started:
-        stack.up()  # services, migrations, demo data, deployments (no demo run)
+        stack.up(setup=True)  # services, migrations, demo data, deployments (no demo run)
     get_settings.cache_clear()
     yield stack
     if started and not os.environ.get("TENANTFLOW_KEEP_STACK"):

@@ -6,14 +6,16 @@ import argparse
 import asyncio
 import logging
 import os
+import re
 import sys
 import time
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
-from tenantflow.localstack import Stack, StackError
+from tenantflow.localstack import Stack, StackConfig, StackError
 from tenantflow.localstack.services import Health
 
 if TYPE_CHECKING:
@@ -87,13 +89,29 @@ def _stack(args: argparse.Namespace) -> int:
     stack = Stack()
     started = time.monotonic()
     if args.action == "up":
-        rows = stack.up(services_only=args.services_only)
+        setup = False if args.services_only else (True if args.main_job else None)
+        rows = stack.up(setup=setup)
         log.info("\n%s\n\n%s", _table(rows), _addresses(stack))
         healthy = all(row.healthy for row in rows)
-        if healthy and not args.services_only and not args.no_demo_run:
+        if healthy and args.main_job and not args.no_demo_run:
             healthy = _demo(stack)
-        log.info("\nstack up in %.1fs", time.monotonic() - started)
+        log.info(
+            "\nstarted: %s; one-shot steps (migrate, demo data, deploy): %s",
+            ", ".join(stack.started) or "nothing (every part was up)",
+            "ran" if stack.ran_setup else "skipped (`--main-job` runs them)",
+        )
+        log.info("stack up in %.1fs", time.monotonic() - started)
         return 0 if healthy else 1
+    if args.action == "restart":
+        if not args.part:
+            names = ", ".join(service.name for service in stack.services())
+            raise StackError(f"which part? `tenantflow stack restart PART`, PART one of {names}")
+        row = stack.restart(args.part)
+        log.info("%s", _table([row]))
+        log.info("restarted %s in %.1fs", row.name, time.monotonic() - started)
+        return 0 if row.healthy else 1
+    if args.part:
+        raise StackError(f"`stack {args.action}` takes no part; `stack restart {args.part}` does")
     if args.action == "down":
         stack.down()
         log.info("stack down in %.1fs", time.monotonic() - started)
@@ -110,25 +128,18 @@ def _migrate(args: argparse.Namespace) -> int:
     for whoever holds the owner's credentials, and the only way to downgrade.
     """
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # NOTE: imported here so `tenantflow stack ...` stays free of Alembic.
-    from tenantflow.migrate import MigrationError, run_migration
-    from tenantflow.settings import SettingsError
+    # NOTE: imported here so `tenantflow stack ...` stays free of Alembic; its errors
+    # (MigrationError, SettingsError) are reported by `main()`.
+    from tenantflow.migrate import run_migration
 
     if args.downgrade_to and not args.dry_run and not args.yes:
-        log.error(
+        raise _CommandError(
             "a downgrade drops tables and their data: run it again with --yes to confirm "
             "(or --dry-run to see the SQL first)"
         )
-        return 2
-    try:
-        result = asyncio.run(
-            run_migration(
-                revision=args.revision, dry_run=args.dry_run, downgrade_to=args.downgrade_to
-            )
-        )
-    except (MigrationError, SettingsError) as error:
-        log.error("migration failed: %s", error)
-        return 1
+    result = asyncio.run(
+        run_migration(revision=args.revision, dry_run=args.dry_run, downgrade_to=args.downgrade_to)
+    )
     if result.dry_run and result.sql:
         log.info("%s", result.sql)
     log.info("%s", result.summary())
@@ -146,10 +157,7 @@ def _token(args: argparse.Namespace) -> int:
 
     config = Stack().config
     if not args.plain and not args.flow:
-        sys.stderr.write(
-            "error: --flow is needed: a sealed token is good for one run of one flow\n"
-        )
-        return 2
+        raise _CommandError("--flow is needed: a sealed token is good for one run of one flow")
     try:
         if args.plain:
             value = asyncio.run(
@@ -188,19 +196,13 @@ def _deploy(args: argparse.Namespace) -> int:
     """Bootstrap the Prefect installation, then `prefect --no-prompt deploy` everything."""
     from dotenv import dotenv_values
 
-    from tenantflow.deployments import (
-        WORK_POOLS,
-        Alerts,
-        BootstrapError,
-        DeployError,
-        bootstrap,
-        deploy,
-    )
-    from tenantflow.settings import SettingsError, load_settings
+    from tenantflow.deployments import WORK_POOLS, Alerts, bootstrap, deploy
+    from tenantflow.settings import load_settings
 
     if args.image and args.pool_type == "process":
-        log.error("--image is for docker and kubernetes pools; process workers run in place")
-        return 2
+        raise _CommandError(
+            "--image is for docker and kubernetes pools; process workers run in place"
+        )
     project = _project_dir()
     # NOTE: like pydantic-settings and Prefect, the environment wins over the project's .env.
     dotenv = {k: v for k, v in dotenv_values(project / ".env").items() if v is not None}
@@ -208,35 +210,33 @@ def _deploy(args: argparse.Namespace) -> int:
     api_url = os.environ.get("PREFECT_API_URL") or dotenv.get("PREFECT_API_URL")
     auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or dotenv.get("PREFECT_API_AUTH_STRING")
     if not api_url:
-        log.error("PREFECT_API_URL is not set (nor in %s): run `make up` or export it", project)
-        return 2
-    try:
-        settings = load_settings(_env_file=project / ".env")
-        result = bootstrap(
-            concurrency_limit=settings.db_concurrency_limit,
-            concurrency_slots=settings.db_concurrency_slots,
-            flow_slots=settings.db_flow_slots,
-            project_dir=project,
-            pool_types=[args.pool_type],
-            api_url=api_url,
-            # NOTE: baked into the pool's template, never a job variable: a flow run cannot
-            # choose another image.
-            image=args.image,
-            auth_string=auth_string,
-            alerts=Alerts.from_settings(settings),
+        raise _CommandError(
+            f"PREFECT_API_URL is not set (nor in {project / '.env'}): run `make up` or export it"
         )
-        log.info("bootstrap: %s", result.summary())
-        if args.bootstrap_only:
-            return 0
-        pool = None if args.pool_type == "process" else WORK_POOLS[args.pool_type]
-        deployed = deploy(
-            project_dir=project,
-            env={**env, "PREFECT_API_URL": api_url},
-            pool=pool,
-        )
-    except (SettingsError, BootstrapError, DeployError) as error:
-        log.error("deploy failed: %s", error)
-        return 1
+    # NOTE: SettingsError, BootstrapError and DeployError are reported by `main()`.
+    settings = load_settings(_env_file=project / ".env")
+    result = bootstrap(
+        concurrency_limit=settings.db_concurrency_limit,
+        concurrency_slots=settings.db_concurrency_slots,
+        flow_slots=settings.db_flow_slots,
+        project_dir=project,
+        pool_types=[args.pool_type],
+        api_url=api_url,
+        # NOTE: baked into the pool's template, never a job variable: a flow run cannot
+        # choose another image.
+        image=args.image,
+        auth_string=auth_string,
+        alerts=Alerts.from_settings(settings),
+    )
+    log.info("bootstrap: %s", result.summary())
+    if args.bootstrap_only:
+        return 0
+    pool = None if args.pool_type == "process" else WORK_POOLS[args.pool_type]
+    deployed = deploy(
+        project_dir=project,
+        env={**env, "PREFECT_API_URL": api_url},
+        pool=pool,
+    )
     log.info(
         "deployed %s onto work pool %s in %.1fs",
         ", ".join(deployed.deployments),
@@ -247,7 +247,7 @@ def _deploy(args: argparse.Namespace) -> int:
 
 
 class _CommandError(Exception):
-    """A seal command's refusal: one line for stderr, exit code 2."""
+    """A command's refusal: one line for stderr, exit code 2."""
 
 
 def _seal_settings() -> SealSettings:
@@ -277,7 +277,10 @@ def _seal_key(args: argparse.Namespace) -> int:
             return 0
         keys = _seal_settings().seal_private_keys
         if keys is None:
-            raise _CommandError("SEAL_PRIVATE_KEYS is not set (environment or .env)")
+            raise _CommandError(
+                "SEAL_PRIVATE_KEYS is not set (environment or .env): `make up` writes it to "
+                ".env for the local stack; elsewhere `tenantflow seal-key generate` makes one"
+            )
         sys.stdout.write(public_key(keys.get_secret_value(), args.kid) + "\n")
     except SealError as error:
         raise _CommandError(str(error)) from None
@@ -391,16 +394,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)
     parser = argparse.ArgumentParser(prog="tenantflow", description=__doc__)
+    parser.add_argument(
+        "--debug", action="store_true", help="on failure, show the traceback, not one line"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     stack = commands.add_parser("stack", help="the local stack")
-    stack.add_argument("action", choices=["up", "down", "status"])
+    stack.add_argument("action", choices=["up", "down", "status", "restart"])
+    stack.add_argument(
+        "part",
+        nargs="?",
+        help="restart: the part to stop and start again, as `stack status` names it",
+    )
+    stack.add_argument(
+        "--main-job",
+        action="store_true",
+        help="up: also migrate, load the demo data, deploy and run the main job once "
+        "(`make up`); without it only a new stack gets the one-shot steps",
+    )
     stack.add_argument(
         "--services-only",
         action="store_true",
-        help="up: start the services only (no migrations, demo data, deployments, demo run)",
+        help="up: start the services only, even on a new stack (no one-shot steps)",
     )
     stack.add_argument(
-        "--no-demo-run", action="store_true", help="up: skip the demo nightly-rollup run"
+        "--no-demo-run", action="store_true", help="up --main-job: skip the demo nightly-rollup run"
     )
     stack.set_defaults(handler=_stack)
     migrate = commands.add_parser(
@@ -469,16 +486,152 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--limit", type=int, metavar="N", help="at most N flow runs at once (no limit)"
     )
     worker.set_defaults(handler=_worker)
+    for command in commands.choices.values():
+        # NOTE: also after the command (`tenantflow migrate --debug`); SUPPRESS keeps a
+        # `--debug` given before it.
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         code: int = args.handler(args)
-    except StackError as error:
-        log.error("error: %s", error)
-        return 2
-    except _CommandError as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 2
+    except KeyboardInterrupt:
+        sys.stderr.write("interrupted\n")
+        return 130
+    except Exception as error:
+        # NOTE: every failure ends in one line on stderr (see _explain); --debug adds the
+        # traceback.
+        code = _fail(error, debug=args.debug)
     return code
+
+
+_STACK_HINT = "is the stack up? `make up` or `tenantflow stack status`"
+
+
+def _chain(error: BaseException) -> list[BaseException]:
+    """`error`, then what it wraps (causes, contexts, SQLAlchemy's `orig`, groups)."""
+    found: list[BaseException] = []
+    pending: list[BaseException] = [error]
+    while pending and len(found) < 20:
+        current = pending.pop(0)
+        if any(current is seen for seen in found):
+            continue
+        found.append(current)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        orig = getattr(current, "orig", None)
+        for inner in (current.__cause__, current.__context__, orig):
+            if isinstance(inner, BaseException):
+                pending.append(inner)
+    return found
+
+
+def _one_line(text: object) -> str:
+    return " ".join(str(text).split())
+
+
+def _part_at(host: str, port: int) -> str:
+    """The local stack's part that listens at host:port, if any (for the message)."""
+    try:
+        config = StackConfig.from_env()
+    except ValueError:
+        return ""
+    if host not in (config.host, "localhost"):
+        return ""
+    parts = {
+        config.pg_port: "PostgreSQL",
+        config.transaction_pooler_port: "the transaction pooler",
+        config.session_pooler_port: "the session pooler",
+        config.auth_port: "the Supabase Auth stand-in",
+        config.prefect_port: "the Prefect server",
+    }
+    return parts.get(port, "")
+
+
+def _http_explanation(error: BaseException) -> str | None:
+    import httpx
+
+    if not isinstance(error, httpx.HTTPError):
+        return None
+    try:
+        url = str(error.request.url)
+    except RuntimeError:
+        url = "the server"
+    if "/api/" in url:
+        url = url[: url.index("/api/") + len("/api")]
+    what = "the Prefect API" if "/api" in url and "/auth/" not in url else "the server"
+    if "/auth/v1" in url:
+        what = "Supabase Auth"
+    if isinstance(error, httpx.HTTPStatusError):
+        status = error.response.status_code
+        if status in (401, 403):
+            return (
+                f"{what} at {url} refused the credentials ({status}): check "
+                "PREFECT_API_AUTH_STRING (or the keys) in .env, or run `make up` to write it"
+            )
+        return f"{what} at {url} answered {status}: {_one_line(error.response.text)[:200]}"
+    if isinstance(error, httpx.TimeoutException):
+        return f"{what} at {url} did not answer in time: {_STACK_HINT}"
+    return f"{what} at {url} does not answer ({type(error).__name__}): {_STACK_HINT}"
+
+
+def _explain(error: BaseException) -> str | None:
+    """One sentence, with what to do, for the failures a command meets; None if unknown."""
+    import asyncpg
+
+    from tenantflow.settings import SettingsError
+
+    for current in _chain(error):
+        if isinstance(current, SettingsError):
+            return (
+                f"settings: {_one_line(current)}. Set them in the environment or in .env "
+                "(`make up` writes .env for the local stack)"
+            )
+        if isinstance(current, _CommandError | StackError):
+            return _one_line(current)
+        explained = _http_explanation(current)
+        if explained:
+            return explained
+        if isinstance(current, ConnectionRefusedError | ConnectionResetError):
+            match = re.search(r"\('?([\w.:-]+?)'?, (\d+)\)", str(current))
+            if match:
+                host, port = match.group(1), int(match.group(2))
+                part = _part_at(host, port)
+                where = f"{part} at {host}:{port}" if part else f"{host}:{port}"
+                return f"{where} does not answer (connection refused): {_STACK_HINT}"
+            return f"connection refused ({_one_line(current)}): {_STACK_HINT}"
+        if isinstance(
+            current, asyncpg.InvalidPasswordError | asyncpg.InvalidAuthorizationSpecificationError
+        ):
+            return (
+                f"the database refused the login ({_one_line(current)}): check the "
+                "database URLs in .env (`make up` writes them)"
+            )
+        if isinstance(current, asyncpg.PostgresError):
+            return f"the database refused: {type(current).__name__}: {_one_line(current)}"
+    for current in _chain(error):
+        if isinstance(current, TimeoutError):
+            return f"timed out ({_one_line(current) or 'no answer'}): {_STACK_HINT}"
+        if type(current).__module__.startswith("tenantflow.") and str(current).strip():
+            # NOTE: our own errors (MigrationError, DeployError, SealError...) say what
+            # went wrong in their message and name no secret.
+            return _one_line(current)
+        if isinstance(current, OSError) and current.strerror:
+            where = f" ({current.filename})" if current.filename else ""
+            return f"{current.strerror}{where}"
+    return None
+
+
+def _fail(error: BaseException, *, debug: bool) -> int:
+    """Report `error` on stderr in one line (with --debug, its traceback too)."""
+    if debug:
+        traceback.print_exception(error, file=sys.stderr)
+    explained = _explain(error)
+    if explained is not None:
+        sys.stderr.write(f"error: {explained}\n")
+        return 2 if isinstance(error, _CommandError | StackError) else 1
+    first = (str(error).strip().splitlines() or [""])[0]
+    hint = "" if debug else " (run with --debug for the traceback)"
+    sys.stderr.write(f"error: {type(error).__name__}: {first}{hint}\n")
+    return 1
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import pytest
 from dotenv import dotenv_values
 
 from tenantflow.localstack import Stack, StackConfig
-from tenantflow.localstack.services import pid_alive, port_is_open
+from tenantflow.localstack.services import DURABILITY_SETTINGS, pid_alive, port_is_open
 from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -43,6 +43,8 @@ def second_stack(tmp_path: Path) -> Iterator[Stack]:
         session_pooler_port=session,
         auth_port=auth,
         prefect_port=prefect,
+        # NOTE: deleted with tmp_path; faster without fsync, never the developer's stack.
+        throwaway=True,
     )
     stack = Stack(config)
     yield stack
@@ -67,7 +69,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     ports = second_stack.ports()
     assert not any(port_is_open(config.host, port) for port in ports)
 
-    first = second_stack.up(services_only=True)
+    first = second_stack.up(setup=False)
     assert [part.name for part in first if not part.healthy] == []
     pids = {part.name: part.pid for part in first}
     assert all(pids.values())
@@ -89,6 +91,7 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already up") == len(first)
     assert f"http://127.0.0.1:{config.prefect_port}" in again.stdout
+    assert "started: nothing" in again.stdout
     assert {part.name: part.pid for part in second_stack.status()} == pids
 
     status = _cli(second_stack, "status")
@@ -107,6 +110,12 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     assert processes_using(config.stack_dir) == []
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
 
+    # The throwaway cluster, and it alone, trades durability for speed.
+    conf = (config.stack_dir / "postgres" / "data" / "postgresql.conf").read_text()
+    assert "throwaway" in conf
+    for name in DURABILITY_SETTINGS:
+        assert f"{name} = off" in conf
+
     after = _cli(second_stack, "status")
     assert after.returncode == 3
     assert after.stdout.count("DOWN") == len(first)
@@ -119,5 +128,6 @@ def test_a_taken_port_is_reported_clearly(second_stack: Stack) -> None:
         blocker.listen()
         result = _cli(second_stack, "up", "--services-only")
     assert result.returncode == 2
-    assert f"port {second_stack.config.pg_port}" in result.stdout
-    assert "TENANTFLOW_PG_PORT" in result.stdout
+    assert f"port {second_stack.config.pg_port}" in result.stderr
+    assert "TENANTFLOW_PG_PORT" in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.splitlines()) == 1

@@ -152,15 +152,14 @@ def test_cli_dry_run_prints_the_sql(
 
 
 async def test_cli_downgrades_only_when_confirmed(
-    scratch_schema_env: ScratchDatabase, caplog: pytest.LogCaptureFixture
+    scratch_schema_env: ScratchDatabase, capsys: pytest.CaptureFixture[str]
 ) -> None:
     await run_migration(settings=scratch_schema_env.settings())
     conn = await scratch_schema_env.connect()
     try:
         at_head = await fingerprint(conn)
-        caplog.set_level(logging.INFO, logger="tenantflow")
         code = await asyncio.to_thread(cli.main, ["migrate", "--downgrade-to", "base"])
-        assert code == 2 and "--yes" in caplog.text
+        assert code == 2 and "--yes" in capsys.readouterr().err
         assert await fingerprint(conn) == at_head
         code = await asyncio.to_thread(cli.main, ["migrate", "--downgrade-to", "base", "--yes"])
         assert code == 0

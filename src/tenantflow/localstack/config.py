@@ -152,6 +152,11 @@ class StackConfig:
     #: Where the stack's Prefect server keeps its data: its own database in the stack's
     #: PostgreSQL (the default, as a production server would), or SQLite in its folder.
     prefect_database: PrefectDatabase = "postgres"
+    #: A throwaway test cluster: PostgreSQL runs without fsync, synchronous commits and
+    #: full-page writes, so a crash may lose acknowledged commits. Never the stack
+    #: `make up` starts; only tests that delete the cluster afterwards set it
+    #: (TENANTFLOW_THROWAWAY_CLUSTER=1).
+    throwaway: bool = False
 
     @classmethod
     def from_env(cls, project_dir: Path | None = None) -> StackConfig:
@@ -168,6 +173,7 @@ class StackConfig:
             auth_port=_env_int("TENANTFLOW_AUTH_PORT", 54321),
             prefect_port=_env_int("TENANTFLOW_PREFECT_PORT", 4200),
             prefect_database=_prefect_database(),
+            throwaway=os.environ.get("TENANTFLOW_THROWAWAY_CLUSTER", "").strip() == "1",
         )
 
     @property
@@ -273,6 +279,7 @@ class StackConfig:
             "TENANTFLOW_AUTH_PORT": str(self.auth_port),
             "TENANTFLOW_PREFECT_PORT": str(self.prefect_port),
             "TENANTFLOW_PREFECT_DATABASE": self.prefect_database,
+            "TENANTFLOW_THROWAWAY_CLUSTER": "1" if self.throwaway else "0",
         }
 
     def environment(self) -> dict[str, str]:

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import pwd
+import re
 import shutil
 import signal
 import socket
@@ -44,6 +45,7 @@ from tenantflow.localstack.config import (
 )
 
 __all__ = [
+    "DURABILITY_SETTINGS",
     "PREFECT_RETENTION",
     "Health",
     "HttpProcessService",
@@ -77,6 +79,22 @@ _HBA_RULES = (
 #: What Prefect's PostgreSQL migrations create (`CREATE EXTENSION IF NOT EXISTS`); created
 #: beforehand by the superuser, so the `prefect` role needs no more than its database.
 PREFECT_DB_EXTENSIONS = ("pg_trgm",)
+
+
+#: What a crash must not undo: with any of them off, PostgreSQL may acknowledge a commit
+#: that a crash (`pg_ctl restart -m immediate`, a power cut) then loses.
+DURABILITY_SETTINGS = ("fsync", "synchronous_commit", "full_page_writes")
+_THROWAWAY_SETTINGS = (
+    "# NOTE: a throwaway test cluster (TENANTFLOW_THROWAWAY_CLUSTER=1): faster, and a\n"
+    "# crash may lose acknowledged commits. Never for a cluster whose data matters.\n"
+    + "".join(f"{name} = off\n" for name in DURABILITY_SETTINGS)
+)
+_UNSAFE_LINE = re.compile(rf"^\s*({'|'.join(DURABILITY_SETTINGS)})\s*=\s*'?off'?\s*(#.*)?$")
+
+
+async def _setting(conn: asyncpg.Connection, name: str) -> str:
+    value: str = await conn.fetchval(f"SHOW {name}")
+    return value
 
 
 class StackError(RuntimeError):
@@ -355,18 +373,78 @@ class Postgres:
         finally:
             os.unlink(pwfile.name)
         with (self.data / "postgresql.conf").open("a") as conf:
-            conf.write(
-                "\n# tenantflow local stack\n"
-                f"listen_addresses = '{self.config.host}'\n"
-                f"port = {self.config.pg_port}\n"
-                f"unix_socket_directories = '{self.sockets}'\n"
-                "max_connections = 300\n"
-                "shared_preload_libraries = 'pg_stat_statements'\n"
-                "fsync = off\n"
-                "synchronous_commit = off\n"
-                "full_page_writes = off\n"
-                "log_line_prefix = '%m [%p] %q%u@%d '\n"
-            )
+            conf.write(self.conf_text())
+
+    def conf_text(self) -> str:
+        """What the stack appends to a new cluster's postgresql.conf.
+
+        Durable (PostgreSQL's defaults: fsync, synchronous_commit, full_page_writes on)
+        unless the config is a throwaway test cluster.
+        """
+        return (
+            "\n# tenantflow local stack\n"
+            f"listen_addresses = '{self.config.host}'\n"
+            f"port = {self.config.pg_port}\n"
+            f"unix_socket_directories = '{self.sockets}'\n"
+            "max_connections = 300\n"
+            "shared_preload_libraries = 'pg_stat_statements'\n"
+            "log_line_prefix = '%m [%p] %q%u@%d '\n"
+        ) + (_THROWAWAY_SETTINGS if self.config.throwaway else "")
+
+    def _durable_conf(self) -> bool:
+        """Drop the durability trade-offs an older stack wrote into postgresql.conf.
+
+        Returns whether the file changed. A throwaway cluster keeps them.
+        """
+        conf = self.data / "postgresql.conf"
+        if self.config.throwaway or not conf.exists():
+            return False
+        text = conf.read_text()
+        kept = [line for line in text.splitlines(keepends=True) if not _UNSAFE_LINE.match(line)]
+        if len(kept) == len(text.splitlines(keepends=True)):
+            return False
+        # NOTE: in place, so the file keeps its owner (the service user) and mode.
+        with conf.open("r+") as handle:
+            handle.write("".join(kept))
+            handle.truncate()
+        return True
+
+    def ensure_durable(self) -> list[str]:
+        """Make a running cluster durable: fsync, synchronous_commit, full_page_writes on.
+
+        Returns the settings that were off (and are now on). A cluster created by an
+        older stack ran with them off; `ALTER SYSTEM` and a reload fix it without a
+        restart (all three take effect on reload). A throwaway cluster is left alone.
+        """
+        if self.config.throwaway or self.pid() is None:
+            return []
+        changed = self._durable_conf()
+
+        async def ensure() -> list[str]:
+            parts = self.config.connect_parts(self.config.pg_port, admin=True)
+            conn = await asyncpg.connect(**parts)
+            try:
+                if changed:
+                    await conn.execute("SELECT pg_reload_conf()")
+                off = [name for name in DURABILITY_SETTINGS if await _setting(conn, name) != "on"]
+                for name in off:
+                    await conn.execute(f"ALTER SYSTEM SET {name} = on")
+                if off:
+                    await conn.execute("SELECT pg_reload_conf()")
+                # NOTE: a reload is a signal; each backend applies it between statements.
+                deadline = time.monotonic() + 10
+                while any([await _setting(conn, name) != "on" for name in DURABILITY_SETTINGS]):
+                    if time.monotonic() > deadline:
+                        raise StackError(
+                            f"PostgreSQL still runs with one of {', '.join(DURABILITY_SETTINGS)} "
+                            f"off after a reload; see {self.data / 'postgresql.conf'}"
+                        )
+                    await asyncio.sleep(0.1)
+                return off
+            finally:
+                await conn.close()
+
+        return asyncio.run(ensure())
 
     def _restrict_prefect_role(self) -> bool:
         """Let the `prefect` login reach database `prefect` only (pg_hba.conf, first match).
@@ -415,6 +493,7 @@ class Postgres:
         if not (self.data / "PG_VERSION").exists():
             self._initdb()
         self._restrict_prefect_role()
+        self._durable_conf()
         _service_dir(self.sockets)
         _run(
             _as_service_user(

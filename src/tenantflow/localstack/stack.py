@@ -1,10 +1,11 @@
 """The local stack: everything tenantflow needs, on this machine, in one folder.
 
-`up` starts each part in order and is idempotent; `down` stops them in reverse
-order and leaves no process behind; `status` reports each part's address and
-health. After the services come the one-shot steps: migrations (through the
-`migrate` flow), demo data, and the deployments; `demo_run()` then runs the main job
-once, through the worker, as an operator would from the UI.
+`up` starts, in order, each part that is down (idempotent); `restart` stops and starts
+one part; `down` stops them in reverse order and leaves no process behind; `status`
+reports each part's address and health. After the services come the one-shot steps, on
+a new stack or when asked: migrations (through the `migrate` flow), demo data, and the
+deployments; `demo_run()` then runs the main job once, through the worker, as an
+operator would from the UI.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from tenantflow.localstack.auth_server import AuthServer
 from tenantflow.localstack.config import StackConfig
@@ -39,6 +41,9 @@ log = logging.getLogger("tenantflow.stack")
 @dataclass
 class Stack:
     config: StackConfig = field(default_factory=StackConfig.from_env)
+    #: What the last `up()` did: the parts it started, and whether it ran the one-shot steps.
+    started: list[str] = field(default_factory=list, init=False)
+    ran_setup: bool = field(default=False, init=False)
 
     def services(self) -> list[Service]:
         """Long-running parts, in start order."""
@@ -61,24 +66,68 @@ class Stack:
             c.prefect_port,
         ]
 
-    def up(self, *, services_only: bool = False) -> list[Health]:
-        """Start every service, then (unless `services_only`) migrate, seed and deploy."""
+    @property
+    def setup_marker(self) -> Path:
+        """Written once the one-shot steps (migrate, seed, deploy) have run on this folder."""
+        return self.config.stack_dir / "setup-done"
+
+    def is_set_up(self) -> bool:
+        """Whether the cluster exists and the one-shot steps have run on it."""
+        return (
+            Postgres(self.config).data.joinpath("PG_VERSION").exists()
+            and self.setup_marker.exists()
+        )
+
+    def service(self, name: str) -> Service:
+        """The part called `name` (as `status()` shows it)."""
+        for service in self.services():
+            if service.name == name:
+                return service
+        names = ", ".join(service.name for service in self.services())
+        raise StackError(f"no part called {name!r}: choose one of {names}")
+
+    def up(self, *, setup: bool | None = None) -> list[Health]:
+        """Start what is down, then the one-shot steps: migrate, seed and deploy.
+
+        `setup=None` runs the one-shot steps only on a new stack (no cluster yet, or they
+        never finished on it), so bringing back one part takes seconds; True runs them
+        always (`make up`), False never.
+        """
         self.config.stack_dir.mkdir(parents=True, exist_ok=True)
         # NOTE: the service user must traverse it; secrets inside stay 0600.
         os.chmod(self.config.stack_dir, 0o755)  # noqa: S103
+        if setup is None:
+            setup = not self.is_set_up()
+        self.started = []
         for service in self.services():
             if service.start():
+                self.started.append(service.name)
                 log.info("started   %s", service.name)
             else:
                 log.info("running   %s (already up)", service.name)
+        fixed = Postgres(self.config).ensure_durable()
+        if fixed:
+            log.info("durable   postgres: %s were off, now on", ", ".join(fixed))
         self.write_env_file()
-        if not services_only:
+        if setup:
+            self.setup_marker.unlink(missing_ok=True)
             self.migrate()
             counts = asyncio.run(seed_demo_data(self.config))
             log.info("demo data %s", ", ".join(f"{n} {k}" for k, n in counts.items()))
             result = deploy(self.config)
             log.info("deployed  %s", ", ".join(result.deployments))
+            self.setup_marker.write_text("migrated, seeded and deployed\n")
+        self.ran_setup = setup
         return self.status()
+
+    def restart(self, name: str) -> Health:
+        """Stop the part called `name` (if it runs) and start it again."""
+        service = self.service(name)
+        service.stop()
+        service.start()
+        if isinstance(service, Postgres):
+            service.ensure_durable()
+        return service.health()
 
     def demo_run(self) -> DemoRun:
         """Start `nightly-rollup` as an operator would, through the worker, and wait for it."""
