@@ -499,11 +499,21 @@ async def _save_alert_block(webhook_url: str) -> Any:
     return await block.asave(ALERT_BLOCK, overwrite=True)
 
 
-def _comparable(automation: Any) -> dict[str, Any]:
-    dumped: dict[str, Any] = automation.model_dump(
-        mode="json", exclude={"id", "created", "updated", "owner_resource"}
+def _comparable(automation: Any) -> Any:
+    """An automation as data to compare: no ids (triggers get a fresh one each time they
+    are built), no server bookkeeping, and sets (dumped as lists) in a fixed order."""
+
+    def normal(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: normal(v) for k, v in value.items() if k != "id"}
+        if isinstance(value, list):
+            items = [normal(v) for v in value]
+            return sorted(items) if all(isinstance(v, str) for v in items) else items
+        return value
+
+    return normal(
+        automation.model_dump(mode="json", exclude={"created", "updated", "owner_resource"})
     )
-    return dumped
 
 
 async def _ensure_automation(client: Any, wanted: Any) -> Outcome:
