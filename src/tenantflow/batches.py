@@ -75,10 +75,6 @@ class ClientOutcome(Generic[R]):
     def ok(self) -> bool:
         return self.error is None
 
-    @property
-    def label(self) -> str:
-        return f"{self.client_name} ({self.client_id})"
-
 
 def _backoff(attempt: int) -> float:
     """Seconds before retry number `attempt` (1, 2, ...): exponential, capped, jittered."""

@@ -461,7 +461,7 @@ class Settings(SealSettings, FaultSettings):
         default=120.0,
         gt=0,
         le=3600,
-        description="Seconds one client's work may take, its retries included.",
+        description="Seconds one attempt at one client's work may take.",
     )
     tenant_shard_size: int = Field(
         default=5000,

@@ -118,22 +118,11 @@ async def test_a_transient_fault_is_retried_for_that_client_alone(world: World) 
     """The first upsert of client `a` fails with a serialization failure (40001): that
     client is retried and completes; `b` never notices."""
     flaky, fine = world.clients["a"], world.clients["b"]
-    name = f"tf_test_flaky_{uuid.uuid4().hex[:8]}"
-    conn = await world.admin()
-    try:
-        await conn.execute(f"CREATE SEQUENCE public.{name}_calls")
-        await conn.execute(f"GRANT USAGE ON SEQUENCE public.{name}_calls TO service_role")
-        await conn.execute(
-            f"CREATE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"BEGIN IF NEW.client_id = '{flaky}' THEN "
-            f"IF nextval('public.{name}_calls') = 1 THEN "
-            "RAISE EXCEPTION 'injected serialization failure' USING ERRCODE = '40001'; "
-            "END IF; END IF; RETURN NEW; END $$"
-        )
-        await conn.execute(
-            f"CREATE TRIGGER {name} BEFORE INSERT ON public.client_daily_metrics "
-            f"FOR EACH ROW EXECUTE FUNCTION public.{name}()"
-        )
+    first_call_fails = (
+        "IF nextval('public.{name}_calls') = 1 THEN "
+        "RAISE EXCEPTION 'injected serialization failure' USING ERRCODE = '40001'; END IF;"
+    )
+    async with world.metrics_trigger(flaky, first_call_fails, counter=True) as name:
         state = await nightly_rollup(
             day=datetime.now(UTC).date(),
             client_ids=[flaky, fine],
@@ -142,12 +131,7 @@ async def test_a_transient_fault_is_retried_for_that_client_alone(world: World) 
             ),
             return_state=True,
         )
-        calls = await conn.fetchval(f"SELECT last_value FROM public.{name}_calls")
-    finally:
-        await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON public.client_daily_metrics")
-        await conn.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
-        await conn.execute(f"DROP SEQUENCE IF EXISTS public.{name}_calls")
-        await conn.close()
+        calls = await world.sql("fetchval", f"SELECT last_value FROM public.{name}_calls")
     assert state.is_completed(), state.message
     assert calls == 2  # the failed attempt, then the retry
     metrics = await _metrics(world, [flaky, fine])
@@ -155,42 +139,19 @@ async def test_a_transient_fault_is_retried_for_that_client_alone(world: World) 
     assert {c: (e, r) for c, (e, r, _) in metrics.items()} == expected
 
 
-async def test_failed_clients_are_named_and_listed_for_a_rerun(world: World) -> None:
-    failing, fine = world.clients["a"], world.clients["b"]
-    name = f"tf_test_fail_{uuid.uuid4().hex[:8]}"
-    conn = await world.admin()
-    try:
-        await conn.execute(
-            f"CREATE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"BEGIN IF NEW.client_id = '{failing}' THEN "
-            "RAISE EXCEPTION 'refused by a test trigger'; END IF; RETURN NEW; END $$"
-        )
-        await conn.execute(
-            f"CREATE TRIGGER {name} BEFORE INSERT ON public.client_daily_metrics "
-            f"FOR EACH ROW EXECUTE FUNCTION public.{name}()"
-        )
+async def test_a_failing_client_leaves_its_batch_completed(world: World) -> None:
+    async with world.metrics_trigger(world.clients["a"], "RAISE EXCEPTION 'refused';"):
         state = await nightly_rollup(
             day=datetime.now(UTC).date(),
-            client_ids=[failing, fine],
+            client_ids=[world.clients["a"], world.clients["b"]],
             access_token=await world.sealed(
                 "operator", flow="nightly-rollup", clients=["a", "b"], operator=True
             ),
             return_state=True,
         )
-    finally:
-        await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON public.client_daily_metrics")
-        await conn.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
-        await conn.close()
-    assert state.is_failed() and str(failing) in state.message
+    assert state.is_failed() and str(world.clients["a"]) in state.message
     run_id = state.state_details.flow_run_id
     assert run_id is not None
-    async with get_client() as client:
-        artifacts = await client.read_artifacts(
-            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]))
-        )
-    listed = str(next(a for a in artifacts if a.key == "nightly-rollup-failed-clients").data)
-    pasted = json.loads(listed.split("```json\n", 1)[1].split("\n```", 1)[0])
-    assert pasted == [str(failing)]
-    # One batch held both clients: the batch task itself completed.
+    # One batch held both clients: the batch's task run itself completed.
     [batch] = [t for t in await _task_runs(run_id) if t.name.startswith("rollup[")]
     assert batch.state.is_completed()

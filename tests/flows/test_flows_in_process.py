@@ -224,20 +224,11 @@ async def test_nightly_rollup_by_hand_without_a_token_is_refused(world: World) -
 
 
 async def test_one_failing_client_does_not_stop_the_others(world: World) -> None:
-    """The run ends Failed naming the failed client; the others are rolled up."""
+    """The run ends Failed naming the failed client and listing it for a rerun; the
+    others are rolled up."""
     failing, fine = world.clients["a"], world.clients["b"]
-    function = f"tf_test_fail_{uuid.uuid4().hex[:8]}"
-    conn = await world.admin()
-    try:
-        await conn.execute(
-            f"CREATE FUNCTION public.{function}() RETURNS trigger LANGUAGE plpgsql AS $$ "
-            f"BEGIN IF NEW.client_id = '{failing}' THEN "
-            "RAISE EXCEPTION 'refused by a test trigger'; END IF; RETURN NEW; END $$"
-        )
-        await conn.execute(
-            f"CREATE TRIGGER {function} BEFORE INSERT ON public.client_daily_metrics "
-            f"FOR EACH ROW EXECUTE FUNCTION public.{function}()"
-        )
+    refuse = "RAISE EXCEPTION 'refused by a test trigger';"
+    async with world.metrics_trigger(failing, refuse):
         state = await nightly_rollup(
             day=datetime.now(UTC).date(),
             client_ids=[failing, fine],
@@ -246,14 +237,11 @@ async def test_one_failing_client_does_not_stop_the_others(world: World) -> None
             ),
             return_state=True,
         )
-        rows = await conn.fetch(
-            "SELECT client_id FROM public.client_daily_metrics WHERE client_id = ANY($1::uuid[])",
-            [failing, fine],
-        )
-    finally:
-        await conn.execute(f"DROP TRIGGER IF EXISTS {function} ON public.client_daily_metrics")
-        await conn.execute(f"DROP FUNCTION IF EXISTS public.{function}()")
-        await conn.close()
+    rows = await world.sql(
+        "fetch",
+        "SELECT client_id FROM public.client_daily_metrics WHERE client_id = ANY($1::uuid[])",
+        [failing, fine],
+    )
     assert state.is_failed()
     assert "1 of 2 client(s) failed" in state.message and str(failing) in state.message
     assert str(fine) not in state.message
@@ -266,6 +254,9 @@ async def test_one_failing_client_does_not_stop_the_others(world: World) -> None
     assert "refused by a test trigger" in outcomes[str(failing)]
     # NOTE: no SQL text or bound parameters leak into the artifact.
     assert "INSERT INTO" not in outcomes[str(failing)]
+    # The failed ids, ready to paste into a new run's `client_ids`.
+    listed = str(next(a for a in artifacts if a.key == "nightly-rollup-failed-clients").data)
+    assert json.loads(listed.split("```json\n", 1)[1].split("\n```", 1)[0]) == [str(failing)]
 
 
 async def _artifacts_of(run_id):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -102,6 +103,35 @@ class World:
         finally:
             await conn.close()
         return ids
+
+    @asynccontextmanager
+    async def metrics_trigger(
+        self, client: uuid.UUID, action: str, *, counter: bool = False
+    ) -> AsyncIterator[str]:
+        """A BEFORE INSERT trigger on `client_daily_metrics` that runs the plpgsql `action`
+        for `client`'s rows (`{name}` in it is the trigger's name; with `counter`, the
+        sequence `public.{name}_calls` exists); everything is dropped afterwards."""
+        name = f"tf_test_{uuid.uuid4().hex[:8]}"
+        conn = await self.admin()
+        try:
+            if counter:
+                await conn.execute(f"CREATE SEQUENCE public.{name}_calls")
+                await conn.execute(f"GRANT USAGE ON SEQUENCE public.{name}_calls TO service_role")
+            await conn.execute(
+                f"CREATE FUNCTION public.{name}() RETURNS trigger LANGUAGE plpgsql AS $$ "
+                f"BEGIN IF NEW.client_id = '{client}' THEN {action.format(name=name)} "
+                "END IF; RETURN NEW; END $$"
+            )
+            await conn.execute(
+                f"CREATE TRIGGER {name} BEFORE INSERT ON public.client_daily_metrics "
+                f"FOR EACH ROW EXECUTE FUNCTION public.{name}()"
+            )
+            yield name
+        finally:
+            await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON public.client_daily_metrics")
+            await conn.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
+            await conn.execute(f"DROP SEQUENCE IF EXISTS public.{name}_calls")
+            await conn.close()
 
     async def remove_clients(self, ids: list[uuid.UUID]) -> None:
         await self.sql("execute", "DELETE FROM public.clients WHERE id = ANY($1::uuid[])", ids)
