@@ -63,6 +63,7 @@ from supabase_auth import AsyncGoTrueClient
 from supabase_auth.errors import AuthApiError, AuthRetryableError
 from supabase_auth.errors import AuthError as SupabaseAuthError
 
+from tenantflow.errors import TenantflowError
 from tenantflow.settings import Settings, get_settings
 
 __all__ = [
@@ -117,7 +118,7 @@ _ALGORITHMS = get_default_algorithms()
 # --------------------------------------------------------------------------- errors
 
 
-class AuthError(Exception):
+class AuthError(TenantflowError):
     """A token was refused, or could not be checked. The message is safe for an operator."""
 
     code: ClassVar[str] = "auth_error"

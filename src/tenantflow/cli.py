@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from uuid import UUID
 
+from tenantflow.errors import TenantflowError
 from tenantflow.localstack import Stack, StackConfig, StackError
 from tenantflow.localstack.services import Health
 
@@ -246,7 +247,7 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-class _CommandError(Exception):
+class _CommandError(TenantflowError):
     """A command's refusal: one line for stderr, exit code 2."""
 
 

@@ -32,6 +32,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from tenantflow.errors import TenantflowError
 from tenantflow.settings import Settings, get_settings
 
 __all__ = [
@@ -71,7 +72,7 @@ _SESSION_LOCK = re.compile(r"\bpg_(try_)?advisory_(un)?lock(_shared)?\s*\(", re.
 _SESSION_SET_CONFIG = re.compile(r"\bset_config\s*\([^)]*,\s*false\s*\)", re.IGNORECASE)
 
 
-class SessionStateError(RuntimeError):
+class SessionStateError(TenantflowError, RuntimeError):
     """A statement would leave session-level state on a transaction-pooler connection."""
 
 

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import httpx
 import yaml  # type: ignore[import-untyped]
 
+from tenantflow.errors import TenantflowError
 from tenantflow.settings import FaultSettings
 
 __all__ = [
@@ -84,11 +85,11 @@ _POOL_DESCRIPTIONS: dict[PoolType, str] = {
 }
 
 
-class BootstrapError(RuntimeError):
+class BootstrapError(TenantflowError, RuntimeError):
     """The Prefect installation could not be brought to the wanted state."""
 
 
-class DeployError(RuntimeError):
+class DeployError(TenantflowError, RuntimeError):
     """`prefect deploy` failed."""
 
 

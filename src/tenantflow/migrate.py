@@ -51,6 +51,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tenantflow.db import build_migration_engine
+from tenantflow.errors import TenantflowError
 from tenantflow.settings import TRANSACTION_POOLER_PORT, Settings, get_settings
 
 __all__ = [
@@ -95,7 +96,7 @@ _ALEMBIC_GUARDS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lo
 )
 
 
-class MigrationError(RuntimeError):
+class MigrationError(TenantflowError, RuntimeError):
     """A migration could not run. The message names no secret."""
 
 

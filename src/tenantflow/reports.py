@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from sqlalchemy import text
 
 from tenantflow.db import set_local
+from tenantflow.errors import TenantflowError
 from tenantflow.rollup import day_bounds
 from tenantflow.settings import get_settings
 from tenantflow.tenancy import TenantContext, tenant_session
@@ -33,7 +34,7 @@ __all__ = [
 EARLIEST_DAY = date(2000, 1, 1)
 
 
-class ReportFailed(RuntimeError):
+class ReportFailed(TenantflowError, RuntimeError):
     """The report could not be built (the reason is safe to show)."""
 
 

@@ -19,6 +19,7 @@ from prefect.artifacts import (
 from sqlalchemy import text
 
 from tenantflow.batches import ClientOutcome, run_for_clients
+from tenantflow.errors import TenantflowError
 from tenantflow.shards import ShardOutcome
 from tenantflow.tenancy import TenantContext, tenant_session
 
@@ -126,7 +127,7 @@ class RollupOutcome:
         return cls(client_id, name, True, rolled.events, rolled.revenue, outcome.seconds)
 
 
-class RollupFailed(RuntimeError):
+class RollupFailed(TenantflowError, RuntimeError):
     """Some clients could not be rolled up; the others were."""
 
 

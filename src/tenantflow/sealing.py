@@ -50,6 +50,8 @@ from joserfc import jwe
 from joserfc.jwk import ECKey
 from pydantic import SecretStr
 
+from tenantflow.errors import TenantflowError
+
 __all__ = [
     "ALGORITHM",
     "CLIENT_LIST_LIMIT",
@@ -106,7 +108,7 @@ _PARTS = re.compile(rf"{_SEGMENT}(?:\.[A-Za-z0-9_-]*){{4}}")
 _KID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}")
 
 
-class SealError(Exception):
+class SealError(TenantflowError):
     """A sealed token was refused. The message is safe to show an operator."""
 
     code: ClassVar[str] = "seal_error"

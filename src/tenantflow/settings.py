@@ -30,6 +30,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
+from tenantflow.errors import TenantflowError
+
 # NOTE: `sealing` imports only joserfc and pydantic, so settings stay light to import.
 from tenantflow.sealing import SealError, key_ids
 
@@ -55,7 +57,7 @@ _ASYNC_DRIVER = "postgresql+asyncpg"
 _ACCEPTED_SCHEMES = {"postgres", "postgresql", _ASYNC_DRIVER}
 
 
-class SettingsError(ValueError):
+class SettingsError(TenantflowError, ValueError):
     """Configuration is invalid. The message names the fields and rules, never a secret."""
 
 

@@ -59,6 +59,7 @@ from tenantflow.auth import verify_access_token as _verify_access_token
 from tenantflow.budget import one_transaction_slot, transaction_slot
 from tenantflow.db import Executor, unit_of_work
 from tenantflow.deployments import DeployError, declared_deployment
+from tenantflow.errors import TenantflowError
 from tenantflow.schema import MEMBER_ROLES
 from tenantflow.sealing import (
     OpenedSeal,
@@ -148,7 +149,7 @@ class Actor:
         return f"{self.kind.value} {self.email or self.user_id}"
 
 
-class AccessDenied(Exception):
+class AccessDenied(TenantflowError):
     """The run may not touch the client's data. The message is safe to show an operator."""
 
 

@@ -54,6 +54,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from tenantflow.auth import OPERATOR_APP_METADATA_KEY, OPERATOR_ROLE
+from tenantflow.errors import TenantflowError
 from tenantflow.localstack.config import StackConfig
 from tenantflow.localstack.services import (
     HttpProcessService,
@@ -103,7 +104,7 @@ _USER_COLUMNS = """
 """
 
 
-class UnknownUser(LookupError):
+class UnknownUser(TenantflowError, LookupError):
     """No user with this email in `auth.users`."""
 
 
@@ -417,7 +418,7 @@ async def mint_access_token(
 # --------------------------------------------------------------------------- HTTP server
 
 
-class _Refusal(Exception):
+class _Refusal(TenantflowError):
     def __init__(self, status: int, error_code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.error_code, self.message = status, error_code, message

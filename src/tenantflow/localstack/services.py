@@ -35,6 +35,7 @@ from typing import Literal, Protocol
 import asyncpg
 import httpx
 
+from tenantflow.errors import TenantflowError
 from tenantflow.localstack.config import (
     PREFECT_DB_NAME,
     PREFECT_DB_ROLE,
@@ -97,7 +98,7 @@ async def _setting(conn: asyncpg.Connection, name: str) -> str:
     return value
 
 
-class StackError(RuntimeError):
+class StackError(TenantflowError, RuntimeError):
     """The local stack could not be brought to the asked state."""
 
 
