@@ -8,7 +8,8 @@ Two endpoints, never mixed up:
   names (asyncpg's statement cache is off, asyncpg then uses the unnamed statement),
   no session-level `SET`, no session-level advisory locks. Statements that would
   leave such state behind are refused before they reach the pooler.
-* `migration_engine()` — the session pooler, `NullPool`, used only by migrations.
+* `build_migration_engine()` — the session pooler, `NullPool`, one engine per migration
+  run (`tenantflow.migrate` creates and disposes it); never cached, never shared.
 
 An `AsyncEngine` belongs to the event loop it was first used on. Prefect runs
 submitted or mapped async tasks with `asyncio.run` in pool threads, one new loop
@@ -24,7 +25,7 @@ import re
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from typing import Any, Literal
+from typing import Any
 
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
@@ -38,12 +39,13 @@ from tenantflow.settings import Settings, get_settings
 __all__ = [
     "Executor",
     "SessionStateError",
+    "build_migration_engine",
+    "build_transaction_engine",
     "connection_lane",
     "describe_error",
     "dispose_engines",
     "is_database_unreachable",
     "is_transient_database_error",
-    "migration_engine",
     "ping",
     "session_scope",
     "set_local",
@@ -51,8 +53,8 @@ __all__ = [
     "unit_of_work",
 ]
 
-Purpose = Literal["transaction", "migration"]
-_EngineKey = tuple[int, Purpose, str]
+#: (id of the event loop, DATABASE_URL)
+_EngineKey = tuple[int, str]
 
 _ENGINES: dict[_EngineKey, AsyncEngine] = {}
 
@@ -194,17 +196,13 @@ def build_migration_engine(settings: Settings) -> AsyncEngine:
     )
 
 
-async def _engine_for_this_loop(purpose: Purpose, settings: Settings) -> AsyncEngine:
+async def _engine_for_this_loop(settings: Settings) -> AsyncEngine:
     loop = asyncio.get_running_loop()
-    url = (
-        settings.database_url if purpose == "transaction" else settings.migration_database_url
-    ).get_secret_value()
-    key: _EngineKey = (id(loop), purpose, url)
+    key: _EngineKey = (id(loop), settings.database_url.get_secret_value())
     engine = _ENGINES.get(key)
     if engine is not None:
         return engine
-    builder = build_transaction_engine if purpose == "transaction" else build_migration_engine
-    engine = builder(settings)
+    engine = build_transaction_engine(settings)
     _ENGINES[key] = engine
 
     async def dispose() -> None:
@@ -222,12 +220,7 @@ async def _engine_for_this_loop(purpose: Purpose, settings: Settings) -> AsyncEn
 
 async def transaction_engine(settings: Settings | None = None) -> AsyncEngine:
     """The transaction-pooler engine of the running event loop (created on first use)."""
-    return await _engine_for_this_loop("transaction", settings or get_settings())
-
-
-async def migration_engine(settings: Settings | None = None) -> AsyncEngine:
-    """The session-pooler engine of the running event loop (created on first use)."""
-    return await _engine_for_this_loop("migration", settings or get_settings())
+    return await _engine_for_this_loop(settings or get_settings())
 
 
 async def dispose_engines() -> int:

@@ -4,9 +4,10 @@ The `migrate` flow (`flows/migrate.py`) and `tenantflow migrate` call
 `run_migration()`. What it guarantees:
 
 * **Session pooler only.** `MIGRATION_DATABASE_URL` is checked again here, before any
-  connection: port 6543 (the transaction pooler) and the host:port of `DATABASE_URL`
-  (which is the transaction pooler by definition) are refused. Settings validation
-  already refuses port 6543, but a `Settings` built with `model_copy(update=...)` or
+  connection, with the rule settings validation applies
+  (`tenantflow.settings.migration_endpoint_refusal`): port 6543, a Supabase pooler port
+  other than 5432, and the host:port of `DATABASE_URL` (the transaction pooler by
+  definition) are refused. A `Settings` built with `model_copy(update=...)` or
   `model_construct()` skips validation; this check does not.
 * **One migration at a time.** A session-level advisory lock (`pg_try_advisory_lock`,
   polled until `migration_lock_timeout_s`) is held on the very connection Alembic
@@ -52,7 +53,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from tenantflow.db import build_migration_engine
 from tenantflow.errors import TenantflowError
-from tenantflow.settings import TRANSACTION_POOLER_PORT, Settings, get_settings
+from tenantflow.settings import (
+    Settings,
+    endpoint_of,
+    get_settings,
+    migration_endpoint_refusal,
+)
 
 __all__ = [
     "ALEMBIC_INI",
@@ -205,23 +211,20 @@ def script_directory() -> ScriptDirectory:
 def check_session_pooler(settings: Settings) -> None:
     """Refuse a migration URL that is, or may be, the transaction pooler.
 
+    The rule is `tenantflow.settings.migration_endpoint_refusal`; it is checked again here
+    because settings built with `model_copy` or `model_construct` skip validation.
+
     Raises:
         MigrationRefused: before any connection is attempted.
     """
     migration = make_url(settings.migration_database_url.get_secret_value())
-    workers = make_url(settings.database_url.get_secret_value())
-    where = f"{migration.host}:{migration.port or 5432}"
-    if (migration.port or 5432) == TRANSACTION_POOLER_PORT:
+    refusal = migration_endpoint_refusal(
+        migration, make_url(settings.database_url.get_secret_value())
+    )
+    if refusal:
         raise MigrationRefused(
-            f"refusing to migrate through {where}: port {TRANSACTION_POOLER_PORT} is the "
-            "transaction pooler; set MIGRATION_DATABASE_URL to the session pooler "
-            "(Supabase: port 5432)"
-        )
-    if (migration.host, migration.port or 5432) == (workers.host, workers.port or 5432):
-        raise MigrationRefused(
-            f"refusing to migrate through {where}: MIGRATION_DATABASE_URL points at the same "
-            "host and port as DATABASE_URL, the workers' transaction pooler; set it to the "
-            "session pooler"
+            f"refusing to migrate through {endpoint_of(migration)}: {refusal}; set "
+            "MIGRATION_DATABASE_URL to the session pooler"
         )
 
 
@@ -325,7 +328,7 @@ async def _connect(engine: AsyncEngine) -> AsyncConnection:
         reason = error.orig if isinstance(error, DBAPIError) else error
         url = engine.url
         raise MigrationError(
-            f"could not connect to the session pooler at {url.host}:{url.port or 5432}/"
+            f"could not connect to the session pooler at {endpoint_of(url)}/"
             f"{url.database} as {url.username}: {reason}"
         ) from None
 
@@ -464,7 +467,7 @@ async def run_migration(
     script = script_directory()
     _single_head(script)
     url = make_url(settings.migration_database_url.get_secret_value())
-    where = f"{url.host}:{url.port or 5432}/{url.database}"
+    where = f"{endpoint_of(url)}/{url.database}"
 
     if dry_run:
         before = await _read_revision(settings)

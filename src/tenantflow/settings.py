@@ -40,15 +40,19 @@ __all__ = [
     "SealSettings",
     "Settings",
     "SettingsError",
+    "endpoint_of",
     "get_settings",
     "load_fault_settings",
     "load_seal_settings",
+    "migration_endpoint_refusal",
+    "port_of",
     "redacted_url",
 ]
 
 SUPABASE_POOLER_SUFFIX = ".pooler.supabase.com"
 TRANSACTION_POOLER_PORT = 6543
 SESSION_POOLER_PORT = 5432
+DEFAULT_POSTGRES_PORT = 5432
 #: Supavisor logs a role in as `<role>.<project_ref>`.
 _POOLER_USER = re.compile(r"^(?P<role>[a-z_][a-z0-9_]*)\.[a-z0-9]{6,40}$")
 #: Logins that own the tables or bypass row-level security: never the workers' login.
@@ -103,8 +107,46 @@ def _parse_postgres_url(value: SecretStr, field: str) -> URL:
     return url.set(drivername=_ASYNC_DRIVER, query=query)
 
 
-def _port(url: URL) -> int:
-    return url.port or 5432
+def port_of(url: URL) -> int:
+    """The port a PostgreSQL URL connects to (libpq's default when it names none)."""
+    return url.port or DEFAULT_POSTGRES_PORT
+
+
+def endpoint_of(url: URL) -> str:
+    """`host:port` of a PostgreSQL URL, for messages (no user, no password)."""
+    return f"{url.host}:{port_of(url)}"
+
+
+def migration_endpoint_refusal(migration_url: URL, database_url: URL) -> str | None:
+    """Why migrating through `migration_url` is refused, or None when it is allowed.
+
+    The one rule for the migration endpoint, applied by `Settings` on load and again by
+    `tenantflow.migrate` before it connects (settings built with `model_copy` skip
+    validation). Migrations hold a session-level advisory lock and run long DDL
+    transactions, so they need the session pooler (or a direct connection):
+
+    * never port 6543, the transaction pooler's port on Supabase;
+    * on a Supabase pooler host, only port 5432, the session pooler;
+    * never the host and port of `DATABASE_URL`, which workers use and which is the
+      transaction pooler by definition (whatever its port).
+    """
+    port = port_of(migration_url)
+    if port == TRANSACTION_POOLER_PORT:
+        return (
+            f"port {TRANSACTION_POOLER_PORT} is the transaction pooler; migrations must use "
+            f"the session pooler (port {SESSION_POOLER_PORT} on Supabase)"
+        )
+    if _is_supabase_pooler(migration_url) and port != SESSION_POOLER_PORT:
+        return (
+            f"migrations must use the Supabase session pooler, port {SESSION_POOLER_PORT}, "
+            f"not port {port}"
+        )
+    if (migration_url.host, port) == (database_url.host, port_of(database_url)):
+        return (
+            "it points at the same host and port as DATABASE_URL, the workers' transaction "
+            "pooler; migrations must use the session pooler"
+        )
+    return None
 
 
 def _is_supabase_pooler(url: URL) -> bool:
@@ -129,10 +171,10 @@ def _login_role(url: URL) -> str:
 def _database_url(value: SecretStr) -> SecretStr:
     url = _parse_postgres_url(value, "DATABASE_URL")
     if _is_supabase_pooler(url):
-        if _port(url) != TRANSACTION_POOLER_PORT:
+        if port_of(url) != TRANSACTION_POOLER_PORT:
             raise ValueError(
                 f"DATABASE_URL: workers must use the Supabase transaction pooler, port "
-                f"{TRANSACTION_POOLER_PORT}, not port {_port(url)}"
+                f"{TRANSACTION_POOLER_PORT}, not port {port_of(url)}"
             )
         _check_pooler_user(url, "DATABASE_URL")
     if _login_role(url) in _OWNER_ROLES:
@@ -146,17 +188,9 @@ def _database_url(value: SecretStr) -> SecretStr:
 
 def _migration_database_url(value: SecretStr) -> SecretStr:
     url = _parse_postgres_url(value, "MIGRATION_DATABASE_URL")
-    if _port(url) == TRANSACTION_POOLER_PORT:
-        raise ValueError(
-            f"MIGRATION_DATABASE_URL: port {TRANSACTION_POOLER_PORT} is the transaction pooler; "
-            f"migrations must use the session pooler (port {SESSION_POOLER_PORT} on Supabase)"
-        )
+    # NOTE: which endpoint it may be is `migration_endpoint_refusal`, checked once both
+    # URLs are known (`Settings._migration_endpoint`).
     if _is_supabase_pooler(url):
-        if _port(url) != SESSION_POOLER_PORT:
-            raise ValueError(
-                f"MIGRATION_DATABASE_URL: migrations must use the Supabase session pooler, port "
-                f"{SESSION_POOLER_PORT}, not port {_port(url)}"
-            )
         _check_pooler_user(url, "MIGRATION_DATABASE_URL")
     return SecretStr(url.render_as_string(hide_password=False))
 
@@ -499,14 +533,13 @@ class Settings(SealSettings, FaultSettings):
     )
 
     @model_validator(mode="after")
-    def _migrations_not_through_transaction_pooler(self) -> Settings:
-        work = make_url(self.database_url.get_secret_value())
-        migrate = make_url(self.migration_database_url.get_secret_value())
-        if (work.host, _port(work)) == (migrate.host, _port(migrate)) and _port(work) != 5432:
-            raise ValueError(
-                "MIGRATION_DATABASE_URL points at the same host and port as DATABASE_URL "
-                "(the transaction pooler); migrations must use the session pooler"
-            )
+    def _migration_endpoint(self) -> Settings:
+        refusal = migration_endpoint_refusal(
+            make_url(self.migration_database_url.get_secret_value()),
+            make_url(self.database_url.get_secret_value()),
+        )
+        if refusal:
+            raise ValueError(f"MIGRATION_DATABASE_URL: {refusal}")
         return self
 
 

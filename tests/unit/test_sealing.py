@@ -45,7 +45,7 @@ from tenantflow.sealing import (
     seal_access_token,
 )
 from tenantflow.settings import SettingsError, load_seal_settings, load_settings
-from tests.test_settings import VALID as VALID_SETTINGS
+from tests.unit.test_settings import VALID as VALID_SETTINGS
 
 # A plain access token's shape, with a marker no message may ever contain.
 TOKEN = (

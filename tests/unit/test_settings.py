@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import SecretStr
 
 from tenantflow.settings import Settings, SettingsError, load_settings, redacted_url
 
@@ -189,3 +190,57 @@ def test_redacted_url_masks_the_password() -> None:
     shown = redacted_url(VALID["database_url"])
     assert PASSWORD not in shown and "***" in shown and POOLER in shown
     assert redacted_url(f"garbage {PASSWORD}") == "<unparseable URL>"
+
+
+# The migration endpoint: one rule, the same answer on load and before a migration connects.
+WORKERS = f"postgresql+asyncpg://tenantflow_worker.{REF}:{PASSWORD}@{POOLER}:6543/postgres"
+LOCAL_WORKERS = f"postgresql+asyncpg://tenantflow_worker:{PASSWORD}@127.0.0.1:6543/postgres"
+
+
+@pytest.mark.parametrize(
+    ("database_url", "migration_url", "reason"),
+    [
+        (WORKERS, f"postgresql://postgres.{REF}:{PASSWORD}@{POOLER}:5432/postgres", None),
+        (LOCAL_WORKERS, f"postgresql://postgres:{PASSWORD}@127.0.0.1:54329/postgres", None),
+        (LOCAL_WORKERS, f"postgresql://postgres:{PASSWORD}@db.internal/postgres", None),
+        (WORKERS, f"postgresql://postgres:{PASSWORD}@10.0.0.9:6543/postgres", "port 6543"),
+        (WORKERS, f"postgresql://postgres.{REF}:{PASSWORD}@{POOLER}:6000/postgres", "port 5432"),
+        # The same host and port as the workers' URL, whatever the port, 5432 included.
+        (
+            f"postgresql://tenantflow_worker:{PASSWORD}@10.0.0.5/postgres",
+            f"postgresql://postgres:{PASSWORD}@10.0.0.5:5432/postgres",
+            "same host and port as DATABASE_URL",
+        ),
+        (
+            f"postgresql://tenantflow_worker:{PASSWORD}@10.0.0.5:7000/app",
+            f"postgresql://postgres:{PASSWORD}@10.0.0.5:7000/postgres",
+            "same host and port as DATABASE_URL",
+        ),
+    ],
+)
+def test_settings_and_migrations_apply_one_endpoint_rule(
+    database_url: str, migration_url: str, reason: str | None
+) -> None:
+    from sqlalchemy.engine import make_url
+
+    from tenantflow.migrate import MigrationRefused, check_session_pooler
+    from tenantflow.settings import migration_endpoint_refusal
+
+    refusal = migration_endpoint_refusal(make_url(migration_url), make_url(database_url))
+    # Settings built around validation (as `model_copy` does) meet the same rule again.
+    unchecked = build().model_copy(
+        update={
+            "database_url": SecretStr(database_url),
+            "migration_database_url": SecretStr(migration_url),
+        }
+    )
+    if reason is None:
+        assert refusal is None
+        build(database_url=database_url, migration_database_url=migration_url)
+        check_session_pooler(unchecked)
+        return
+    assert refusal is not None and reason in refusal
+    assert reason in refused(database_url=database_url, migration_database_url=migration_url)
+    with pytest.raises(MigrationRefused, match=reason) as caught:
+        check_session_pooler(unchecked)
+    assert PASSWORD not in str(caught.value)
