@@ -337,7 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return code
 
 
-_STACK_HINT = "is the stack up? `make up` or `tenantflow-dev status`"
+_STACK_HINT = "is the local stack running? `make up` or `tenantflow-dev status`"
 
 
 def _chain(error: BaseException) -> list[BaseException]:
