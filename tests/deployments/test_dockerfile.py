@@ -417,7 +417,8 @@ def test_install_steps_give_a_working_environment(image: Image) -> None:
             "-c",
             "import importlib.metadata as m, importlib.util as u, json, pathlib, tenantflow\n"
             "print(json.dumps({'dev': u.find_spec('tenantflow_dev') is not None,"
-            " 'localstack': (pathlib.Path(tenantflow.__file__).parent / 'localstack').exists(),"
+            " 'localstack': any((pathlib.Path(p) / 'localstack').exists()"
+            " for p in tenantflow.__path__),"
             " 'files': [str(f) for f in m.files('tenantflow') or []]}))",
         ]
     )
