@@ -12,14 +12,14 @@ help:  ## list the targets
 env:  ## install what is missing (uv, PostgreSQL 15, PgBouncer) and sync .venv
 	@bash scripts/bootstrap.sh
 
-up: env  ## bring the whole local stack up and print its addresses
-	@$(VENV)/tenantflow stack up --main-job
+up: env  ## start the whole local stack (tenantflow-dev) and print its addresses
+	@$(VENV)/tenantflow-dev up --main-job
 
 down:  ## stop everything the local stack started
-	@if [ -x $(VENV)/tenantflow ]; then $(VENV)/tenantflow stack down; fi
+	@if [ -x $(VENV)/tenantflow-dev ]; then $(VENV)/tenantflow-dev down; fi
 
 status:  ## show each part of the local stack, its port and health
-	@$(VENV)/tenantflow stack status
+	@$(VENV)/tenantflow-dev status
 
 test:  ## run the whole test suite (brings up what it needs, Chromium included)
 	@TENANTFLOW_WITH_BROWSER=1 bash scripts/bootstrap.sh

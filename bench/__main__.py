@@ -30,9 +30,9 @@ from bench.table import Row, ratio, say, write
 from bench.table import render as render_table
 from tenantflow.db import build_transaction_engine, dispose_engines, session_scope, unit_of_work
 from tenantflow.deployments import deployment_names
-from tenantflow.localstack import Stack
-from tenantflow.localstack.worker import deploy
 from tenantflow.settings import get_settings, load_settings
+from tenantflow_dev import Stack
+from tenantflow_dev.prefect_setup import deploy
 
 TRANSACTIONS = int(os.environ.get("BENCH_TRANSACTIONS", "2000"))
 CONCURRENCY = 10

@@ -8,15 +8,11 @@ from collections.abc import Awaitable, Callable
 
 from bench.table import Row, ratio, say
 from tenantflow.auth import clear_jwks_cache, verify_access_token
-from tenantflow.localstack.auth_server import (
-    add_signing_key,
-    mint_access_token,
-    remove_signing_key,
-)
-from tenantflow.localstack.config import StackConfig
-from tenantflow.localstack.demo import ACME, DEMO_MEMBER
 from tenantflow.sealing import open_sealed_token, public_key, seal_access_token
 from tenantflow.settings import Settings, load_settings
+from tenantflow_dev.auth_stand_in import add_signing_key, mint_access_token, remove_signing_key
+from tenantflow_dev.config import StackConfig
+from tenantflow_dev.demo import ACME, DEMO_MEMBER
 
 LOCAL_CALLS = 3000
 REMOTE_CALLS = 300

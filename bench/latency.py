@@ -8,8 +8,8 @@ from datetime import UTC, datetime, timedelta
 
 from bench.stackapi import TimedRun, run_deployment_timed
 from bench.table import Row, ratio, say
-from tenantflow.localstack.config import StackConfig
-from tenantflow.localstack.demo import ACME, DEMO_MEMBER, sealed_token
+from tenantflow_dev.config import StackConfig
+from tenantflow_dev.demo import ACME, DEMO_MEMBER, sealed_token
 
 RUNS = 3
 

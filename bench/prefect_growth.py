@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from tenantflow.localstack import Stack, StackConfig
+from tenantflow_dev import Stack, StackConfig
 
 CONFIG = StackConfig.from_env()
 # NOTE: before Prefect is imported: flows below must report to the stack's server.

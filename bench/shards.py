@@ -13,10 +13,10 @@ from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlo
 
 from bench.sweep import create_clients, remove_clients, sample_connections
 from bench.table import Row, ratio, say
-from tenantflow.localstack import Stack
-from tenantflow.localstack.demo import DEMO_OPERATOR, sealed_token
-from tenantflow.localstack.worker import LocalWorker
 from tenantflow.settings import get_settings
+from tenantflow_dev import Stack
+from tenantflow_dev.demo import DEMO_OPERATOR, sealed_token
+from tenantflow_dev.worker import LocalWorker
 
 SHARD_CLIENTS = int(os.environ.get("BENCH_SHARD_CLIENTS", "4000"))
 SHARD_SIZE = int(os.environ.get("BENCH_SHARD_SIZE", "1000"))

@@ -13,7 +13,7 @@ import asyncpg
 from prefect.client.orchestration import get_client
 from prefect.deployments.flow_runs import arun_deployment
 
-from tenantflow.localstack.config import StackConfig
+from tenantflow_dev.config import StackConfig
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

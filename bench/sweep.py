@@ -18,11 +18,11 @@ import asyncpg
 
 from bench.stackapi import TimedRun, prefect_database_bytes, run_deployment_timed, task_run_count
 from bench.table import Row, ratio, say
-from tenantflow.localstack.config import WORKER_DB_ROLE, StackConfig
-from tenantflow.localstack.demo import DEMO_OPERATOR, ROLLUP_DEPLOYMENT, sealed_token
 from tenantflow.rollup import _UPSERT, day_bounds
 from tenantflow.settings import Settings
 from tenantflow.tenancy import SERVICE_CLAIMS, SERVICE_ROLE
+from tenantflow_dev.config import WORKER_DB_ROLE, StackConfig
+from tenantflow_dev.demo import DEMO_OPERATOR, ROLLUP_DEPLOYMENT, sealed_token
 
 SIZES = [int(n) for n in os.environ.get("BENCH_SWEEP_SIZES", "1000,10000").split(",") if n]
 EVENTS_PER_CLIENT = 20

@@ -33,11 +33,13 @@ fi
 export UV_PYTHON_DOWNLOADS=never
 lock=requirements-dev.lock
 stamp=.venv/.tenantflow-lock
-want="$(sha256sum "$lock" pyproject.toml | sha256sum | cut -d' ' -f1)"
+want="$(sha256sum "$lock" pyproject.toml devstack/pyproject.toml | sha256sum | cut -d' ' -f1)"
 if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "bootstrap: syncing .venv with $lock"
   [ -x .venv/bin/python ] || uv venv --quiet --python python3 .venv
   uv pip sync --quiet --python .venv/bin/python "$lock"
   uv pip install --quiet --python .venv/bin/python --no-deps -e .
+  # The local dev stack (tenantflow-dev): a distribution of its own, never in the image.
+  uv pip install --quiet --python .venv/bin/python --no-deps -e devstack
   echo "$want" > "$stamp"
 fi

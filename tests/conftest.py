@@ -1,6 +1,6 @@
 """Shared fixtures: the real local stack (PostgreSQL 15, PgBouncer, Prefect server).
 
-The suite brings the stack up itself when it is not running, and takes it down
+The suite starts the stack itself when it is not running, and takes it down
 again at the end only if it was the one that started it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator, Iterator
 
-from tenantflow.localstack.config import StackConfig
+from tenantflow_dev.config import StackConfig
 
 CONFIG = StackConfig.from_env()
 # NOTE: before anything imports Prefect, which reads its settings once, on import: every
@@ -21,8 +21,8 @@ os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
 import asyncpg  # noqa: E402
 import pytest  # noqa: E402
 
-from tenantflow.localstack import Stack  # noqa: E402
 from tenantflow.settings import get_settings  # noqa: E402
+from tenantflow_dev import Stack  # noqa: E402
 
 
 @pytest.fixture(scope="session")

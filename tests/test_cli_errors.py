@@ -1,5 +1,5 @@
-"""Every `tenantflow` command fails in one line on stderr, with what to do; --debug adds
-the traceback. No stack here: the environment points at closed ports."""
+"""Every `tenantflow` (and `tenantflow-dev`) command fails in one line on stderr, with what
+to do; --debug adds the traceback. No stack here: the environment points at closed ports."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 
 from tenantflow import cli
 
-HINT = "`make up` or `tenantflow stack status`"
+HINT = "`make up` or `tenantflow-dev status`"
 
 
 def _closed_ports(count: int) -> list[int]:
@@ -59,10 +59,16 @@ def closed_env(tmp_path: Path) -> dict[str, str]:
     }
 
 
+#: The dev stack's commands, run by `tenantflow-dev`; the others are the product's.
+DEV_COMMANDS = ("up", "down", "status", "restart", "token")
+
+
 def _run(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     assert not (cwd / ".env").exists()
+    command = next(arg for arg in args if not arg.startswith("-"))
+    module = "tenantflow_dev.cli" if command in DEV_COMMANDS else "tenantflow.cli"
     return subprocess.run(
-        [sys.executable, "-m", "tenantflow.cli", *args],
+        [sys.executable, "-m", module, *args],
         env=env,
         cwd=cwd,
         capture_output=True,
@@ -104,7 +110,7 @@ def test_an_unreachable_server_is_one_line(
 
 
 def test_status_of_a_stack_that_is_down(closed_env: dict[str, str], tmp_path: Path) -> None:
-    result = _run(closed_env, tmp_path, "stack", "status")
+    result = _run(closed_env, tmp_path, "status")
     assert result.returncode == 3
     assert result.stderr == ""
     assert result.stdout.count("DOWN") == 6
@@ -142,13 +148,13 @@ def test_debug_shows_the_traceback(closed_env: dict[str, str], tmp_path: Path, w
 def test_anything_else_names_its_class_and_first_line(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert cli._fail(RuntimeError("boom\nsecond line"), debug=False) == 1
+    assert cli.report_failure(RuntimeError("boom\nsecond line"), debug=False) == 1
     assert capsys.readouterr().err == (
         "error: RuntimeError: boom (run with --debug for the traceback)\n"
     )
     try:
         raise KeyError("k")
     except KeyError as error:
-        assert cli._fail(error, debug=True) == 1
+        assert cli.report_failure(error, debug=True) == 1
     err = capsys.readouterr().err
     assert "Traceback" in err and err.splitlines()[-1] == "error: KeyError: 'k'"

@@ -1,4 +1,10 @@
-"""The `tenantflow` command: the local stack, migrations, more commands as they land."""
+"""The `tenantflow` command: migrations, sealing, the worker and deployments.
+
+Every command fails in one line on stderr with what to do (`--debug` adds the traceback);
+`report_failure` is that reporting, public so other commands (the dev stack's
+`tenantflow-dev`) report the same way. The local dev stack is not part of the product: it
+is `tenantflow-dev`, a distribution of its own that this module never imports.
+"""
 
 from __future__ import annotations
 
@@ -10,116 +16,19 @@ import re
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
-from uuid import UUID
+from urllib.parse import urlsplit
 
 from tenantflow.errors import TenantflowError
-from tenantflow.localstack import Stack, StackConfig, StackError
-from tenantflow.localstack.services import Health
 
 if TYPE_CHECKING:
     from tenantflow.settings import SealSettings
 
-__all__ = ["main"]
+__all__ = ["CommandError", "ProjectNotFound", "main", "report_failure"]
 
 log = logging.getLogger("tenantflow")
-
-
-def _table(rows: list[Health]) -> str:
-    lines = [f"{'part':<22}{'address':<26}{'pid':<9}health"]
-    for row in rows:
-        health = "ok" if row.healthy else "DOWN"
-        detail = f" ({row.detail})" if row.detail else ""
-        lines.append(f"{row.name:<22}{row.address:<26}{row.pid or '-'!s:<9}{health}{detail}")
-    return "\n".join(lines)
-
-
-def _addresses(stack: Stack) -> str:
-    config = stack.config
-    return (
-        f"Prefect UI:            {config.prefect_ui_url}\n"
-        # NOTE: a local dev stack: the UI's login form wants the whole `user:password`
-        # string (also PREFECT_API_AUTH_STRING in .env); database passwords stay unprinted.
-        f"  sign in with:        {config.secrets.prefect_auth_string}"
-        "  (paste it whole into the login box)\n"
-        f"Transaction pooler:    {config.host}:{config.transaction_pooler_port}"
-        "  (DATABASE_URL, workers)\n"
-        f"Session pooler:        {config.host}:{config.session_pooler_port}"
-        "  (MIGRATION_DATABASE_URL, migrations)\n"
-        f"PostgreSQL (direct):   {config.host}:{config.pg_port}\n"
-        f"Supabase Auth stand-in: {config.supabase_url}\n"
-        f"Settings written to    {config.env_file}"
-    )
-
-
-def _demo(stack: Stack) -> bool:
-    log.info("\nmain job: nightly-rollup through the deployment and the worker ...")
-    demo = stack.demo_run()
-    ui = stack.config.prefect_ui_url
-    log.info(
-        "nightly-rollup run %s: %s in %.1fs%s\n  %s\n"
-        "\nDeployments (%s/deployments):\n"
-        "  nightly-rollup/nightly-rollup   02:15 UTC daily; by hand: an operator's sealed token\n"
-        "  client-report/client-report     client_id, period, and a member's sealed token\n"
-        "  nightly-rollup-shard/...        started by nightly-rollup only (its shards)\n"
-        "  migrate/migrate                 schema upgrades / dry runs (operators)\n"
-        "  noop/noop                       does nothing: the worker's floor (make bench)\n"
-        "\nSealed access tokens to paste into the run forms (each is good for one run within "
-        "an hour;\n`tenantflow token --email E --flow F [--client ID]` seals more):\n"
-        "  client-report, client_id:  %s   (%s, where %s is owner)\n"
-        "  client-report, access_token:  %s\n"
-        "  nightly-rollup (operator, every client), access_token:  %s",
-        demo.flow_run_id,
-        demo.state,
-        demo.seconds,
-        f" ({demo.message})" if demo.message and demo.state != "Completed" else "",
-        demo.ui_url,
-        ui,
-        demo.member_client.id,
-        demo.member_client.name,
-        demo.member_email,
-        demo.member_token,
-        demo.operator_token,
-    )
-    return demo.state == "Completed"
-
-
-def _stack(args: argparse.Namespace) -> int:
-    stack = Stack()
-    started = time.monotonic()
-    if args.action == "up":
-        setup = False if args.services_only else (True if args.main_job else None)
-        rows = stack.up(setup=setup)
-        log.info("\n%s\n\n%s", _table(rows), _addresses(stack))
-        healthy = all(row.healthy for row in rows)
-        if healthy and args.main_job and not args.no_demo_run:
-            healthy = _demo(stack)
-        log.info(
-            "\nstarted: %s; one-shot steps (migrate, demo data, deploy): %s",
-            ", ".join(stack.started) or "nothing (every part was up)",
-            "ran" if stack.ran_setup else "skipped (`--main-job` runs them)",
-        )
-        log.info("stack up in %.1fs", time.monotonic() - started)
-        return 0 if healthy else 1
-    if args.action == "restart":
-        if not args.part:
-            names = ", ".join(service.name for service in stack.services())
-            raise StackError(f"which part? `tenantflow stack restart PART`, PART one of {names}")
-        row = stack.restart(args.part)
-        log.info("%s", _table([row]))
-        log.info("restarted %s in %.1fs", row.name, time.monotonic() - started)
-        return 0 if row.healthy else 1
-    if args.part:
-        raise StackError(f"`stack {args.action}` takes no part; `stack restart {args.part}` does")
-    if args.action == "down":
-        stack.down()
-        log.info("stack down in %.1fs", time.monotonic() - started)
-        return 0
-    rows = stack.status()
-    log.info("%s", _table(rows))
-    return 0 if all(row.healthy for row in rows) else 3
 
 
 def _migrate(args: argparse.Namespace) -> int:
@@ -129,12 +38,12 @@ def _migrate(args: argparse.Namespace) -> int:
     for whoever holds the owner's credentials, and the only way to downgrade.
     """
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    # NOTE: imported here so `tenantflow stack ...` stays free of Alembic; its errors
+    # NOTE: imported here so the other commands stay free of Alembic; its errors
     # (MigrationError, SettingsError) are reported by `main()`.
     from tenantflow.migrate import run_migration
 
     if args.downgrade_to and not args.dry_run and not args.yes:
-        raise _CommandError(
+        raise CommandError(
             "a downgrade drops tables and their data: run it again with --yes to confirm "
             "(or --dry-run to see the SQL first)"
         )
@@ -147,50 +56,13 @@ def _migrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _token(args: argparse.Namespace) -> int:
-    """Mint a stack access token for a user of `auth.users`, sealed for one run of a flow.
-
-    stdout gets the value only, so it can be piped; `--plain` prints the bare JWT (which a
-    flow refuses: it is for calling Supabase, or `tenantflow seal`, yourself).
-    """
-    from tenantflow.localstack.auth_server import UnknownUser, mint_access_token
-    from tenantflow.localstack.demo import sealed_token
-
-    config = Stack().config
-    if not args.plain and not args.flow:
-        raise _CommandError("--flow is needed: a sealed token is good for one run of one flow")
-    try:
-        if args.plain:
-            value = asyncio.run(
-                mint_access_token(
-                    config, args.email, operator=args.operator, expires_in=args.expires_in
-                )
-            )
-        else:
-            value = asyncio.run(
-                sealed_token(
-                    config,
-                    args.email,
-                    flow=args.flow,
-                    client_ids=args.client or None,
-                    ttl_s=args.expires_in,
-                    operator=args.operator,
-                )
-            )
-    except (UnknownUser, ValueError) as error:
-        sys.stderr.write(f"error: {error}\n")
-        return 1
-    sys.stdout.write(value + "\n")
-    return 0
-
-
 def _project_dir() -> Path:
     """The folder with `prefect.yaml`: TENANTFLOW_PROJECT_DIR, the cwd, or the checkout."""
     checkout = Path(__file__).resolve().parents[2]
     for folder in (Path(os.environ.get("TENANTFLOW_PROJECT_DIR") or Path.cwd()), checkout):
         if (folder / "prefect.yaml").is_file():
             return folder.resolve()
-    raise StackError("prefect.yaml not found: run `tenantflow deploy` from the project folder")
+    raise ProjectNotFound("prefect.yaml not found: run `tenantflow deploy` from the project folder")
 
 
 def _deploy(args: argparse.Namespace) -> int:
@@ -201,7 +73,7 @@ def _deploy(args: argparse.Namespace) -> int:
     from tenantflow.settings import load_settings
 
     if args.image and args.pool_type == "process":
-        raise _CommandError(
+        raise CommandError(
             "--image is for docker and kubernetes pools; process workers run in place"
         )
     project = _project_dir()
@@ -211,7 +83,7 @@ def _deploy(args: argparse.Namespace) -> int:
     api_url = os.environ.get("PREFECT_API_URL") or dotenv.get("PREFECT_API_URL")
     auth_string = os.environ.get("PREFECT_API_AUTH_STRING") or dotenv.get("PREFECT_API_AUTH_STRING")
     if not api_url:
-        raise _CommandError(
+        raise CommandError(
             f"PREFECT_API_URL is not set (nor in {project / '.env'}): run `make up` or export it"
         )
     # NOTE: SettingsError, BootstrapError and DeployError are reported by `main()`.
@@ -247,8 +119,12 @@ def _deploy(args: argparse.Namespace) -> int:
     return 0
 
 
-class _CommandError(TenantflowError):
+class CommandError(TenantflowError):
     """A command's refusal: one line for stderr, exit code 2."""
+
+
+class ProjectNotFound(CommandError):
+    """No folder with `prefect.yaml` (TENANTFLOW_PROJECT_DIR, the cwd, or the checkout)."""
 
 
 def _seal_settings() -> SealSettings:
@@ -259,7 +135,7 @@ def _seal_settings() -> SealSettings:
         return load_seal_settings()
     except SettingsError as error:
         # NOTE: one line: the settings message lists fields on separate lines.
-        raise _CommandError(" ".join(str(error).split())) from None
+        raise CommandError(" ".join(str(error).split())) from None
 
 
 def _seal_key(args: argparse.Namespace) -> int:
@@ -278,13 +154,13 @@ def _seal_key(args: argparse.Namespace) -> int:
             return 0
         keys = _seal_settings().seal_private_keys
         if keys is None:
-            raise _CommandError(
+            raise CommandError(
                 "SEAL_PRIVATE_KEYS is not set (environment or .env): `make up` writes it to "
                 ".env for the local stack; elsewhere `tenantflow seal-key generate` makes one"
             )
         sys.stdout.write(public_key(keys.get_secret_value(), args.kid) + "\n")
     except SealError as error:
-        raise _CommandError(str(error)) from None
+        raise CommandError(str(error)) from None
     return 0
 
 
@@ -295,7 +171,7 @@ def _read_public_key(value: str) -> str:
     try:
         return Path(value).read_text(encoding="utf-8")
     except OSError as error:
-        raise _CommandError(f"cannot read the public key file {value}: {error.strerror}") from None
+        raise CommandError(f"cannot read the public key file {value}: {error.strerror}") from None
 
 
 def _read_token() -> str:
@@ -308,12 +184,12 @@ def _read_token() -> str:
         text = sys.stdin.read()
     token = text.strip()
     if not token:
-        raise _CommandError(
+        raise CommandError(
             "no access token on standard input; pipe it in, "
-            "e.g. `tenantflow token --email E | tenantflow seal --flow FLOW --client ID`"
+            "e.g. `tenantflow-dev token --email E | tenantflow seal --flow FLOW --client ID`"
         )
     if any(char.isspace() for char in token):
-        raise _CommandError("standard input must hold the access token alone, on one line")
+        raise CommandError("standard input must hold the access token alone, on one line")
     return token
 
 
@@ -328,9 +204,9 @@ def _seal(args: argparse.Namespace) -> int:
         try:
             jwk = public_key(settings.seal_private_keys.get_secret_value())
         except SealError as error:
-            raise _CommandError(str(error)) from None
+            raise CommandError(str(error)) from None
     else:
-        raise _CommandError(
+        raise CommandError(
             "no public key: pass --public-key FILE_OR_JSON (the workers' public JWK, from "
             "`tenantflow seal-key public`) or set SEAL_PRIVATE_KEYS"
         )
@@ -342,7 +218,7 @@ def _seal(args: argparse.Namespace) -> int:
             token, jwk, flow=args.flow, client_ids=args.client, ttl_s=ttl, now=now
         )
     except ValueError as error:
-        raise _CommandError(str(error)) from None
+        raise CommandError(str(error)) from None
     clients = ", ".join(args.client) if args.client else "every active client"
     expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(now) + ttl))
     sys.stderr.write(f"sealed for flow {args.flow}, {clients}; valid until {expires}\n")
@@ -394,33 +270,13 @@ def _worker(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    parser = argparse.ArgumentParser(prog="tenantflow", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="tenantflow", description=__doc__.partition("\n")[0] if __doc__ else None
+    )
     parser.add_argument(
         "--debug", action="store_true", help="on failure, show the traceback, not one line"
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    stack = commands.add_parser("stack", help="the local stack")
-    stack.add_argument("action", choices=["up", "down", "status", "restart"])
-    stack.add_argument(
-        "part",
-        nargs="?",
-        help="restart: the part to stop and start again, as `stack status` names it",
-    )
-    stack.add_argument(
-        "--main-job",
-        action="store_true",
-        help="up: also migrate, load the demo data, deploy and run the main job once "
-        "(`make up`); without it only a new stack gets the one-shot steps",
-    )
-    stack.add_argument(
-        "--services-only",
-        action="store_true",
-        help="up: start the services only, even on a new stack (no one-shot steps)",
-    )
-    stack.add_argument(
-        "--no-demo-run", action="store_true", help="up --main-job: skip the demo nightly-rollup run"
-    )
-    stack.set_defaults(handler=_stack)
     migrate = commands.add_parser(
         "migrate",
         help="upgrade (or --dry-run, or --downgrade-to) through the session pooler",
@@ -434,29 +290,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--yes", action="store_true", help="confirm a downgrade (it drops tables and data)"
     )
     migrate.set_defaults(handler=_migrate)
-    token = commands.add_parser(
-        "token",
-        help="a local stack user's access token, sealed for one run of a flow",
-    )
-    token.add_argument("--email", required=True, help="a user of auth.users")
-    token.add_argument("--flow", help="the flow the run is of (client-report, nightly-rollup...)")
-    token.add_argument(
-        "--client",
-        action="append",
-        type=UUID,
-        metavar="CLIENT_ID",
-        help="a client id of the run (repeat; none: a sweep of every client)",
-    )
-    token.add_argument(
-        "--operator", action="store_true", help="put the tenantflow_operator grant in the token"
-    )
-    token.add_argument(
-        "--plain", action="store_true", help="print the bare access token, not sealed"
-    )
-    token.add_argument(
-        "--expires-in", type=int, default=900, metavar="S", help="lifetime in seconds (900)"
-    )
-    token.set_defaults(handler=_token)
     deploy = commands.add_parser(
         "deploy",
         help="bootstrap work pools and the tenantflow-db limit, then deploy prefect.yaml",
@@ -500,11 +333,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:
         # NOTE: every failure ends in one line on stderr (see _explain); --debug adds the
         # traceback.
-        code = _fail(error, debug=args.debug)
+        code = report_failure(error, debug=args.debug)
     return code
 
 
-_STACK_HINT = "is the stack up? `make up` or `tenantflow stack status`"
+_STACK_HINT = "is the local stack running? `make up` or `tenantflow-dev status`"
 
 
 def _chain(error: BaseException) -> list[BaseException]:
@@ -529,22 +362,44 @@ def _one_line(text: object) -> str:
     return " ".join(str(text).split())
 
 
+#: Names the part that listens at host:port for a message ("the session pooler"), or "".
+PartNamer = Callable[[str, int], str]
+
+#: The settings whose URLs name the servers a command talks to, and what to call each.
+_URL_PARTS = (
+    ("MIGRATION_DATABASE_URL", "the session pooler"),
+    ("DATABASE_URL", "the transaction pooler"),
+    ("SUPABASE_URL", "Supabase Auth"),
+    ("PREFECT_API_URL", "the Prefect server"),
+)
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _same_host(one: str, other: str) -> bool:
+    return one == other or (one in _LOOPBACK and other in _LOOPBACK)
+
+
 def _part_at(host: str, port: int) -> str:
-    """The local stack's part that listens at host:port, if any (for the message)."""
-    try:
-        config = StackConfig.from_env()
-    except ValueError:
-        return ""
-    if host not in (config.host, "localhost"):
-        return ""
-    parts = {
-        config.pg_port: "PostgreSQL",
-        config.transaction_pooler_port: "the transaction pooler",
-        config.session_pooler_port: "the session pooler",
-        config.auth_port: "the Supabase Auth stand-in",
-        config.prefect_port: "the Prefect server",
-    }
-    return parts.get(port, "")
+    """The server at host:port, as the configured URLs name it (for the message).
+
+    NOTE: from the settings a command itself reads (the environment first, then `.env`),
+    so the name is right wherever the URLs point: the local stack or a Supabase project.
+    """
+    from dotenv import dotenv_values
+
+    values = {**dotenv_values(".env"), **os.environ}
+    for variable, part in _URL_PARTS:
+        url = values.get(variable)
+        if not url:
+            continue
+        try:
+            split = urlsplit(url)
+            url_host, url_port = split.hostname, split.port
+        except ValueError:
+            continue
+        if url_port == port and url_host is not None and _same_host(url_host, host):
+            return part
+    return ""
 
 
 def _http_explanation(error: BaseException) -> str | None:
@@ -574,7 +429,11 @@ def _http_explanation(error: BaseException) -> str | None:
     return f"{what} at {url} does not answer ({type(error).__name__}): {_STACK_HINT}"
 
 
-def _explain(error: BaseException) -> str | None:
+def _explain(
+    error: BaseException,
+    refusals: tuple[type[BaseException], ...],
+    name_part: PartNamer | None,
+) -> str | None:
     """One sentence, with what to do, for the failures a command meets; None if unknown."""
     import asyncpg
 
@@ -586,7 +445,7 @@ def _explain(error: BaseException) -> str | None:
                 f"settings: {_one_line(current)}. Set them in the environment or in .env "
                 "(`make up` writes .env for the local stack)"
             )
-        if isinstance(current, _CommandError | StackError):
+        if isinstance(current, (CommandError, *refusals)):
             return _one_line(current)
         explained = _http_explanation(current)
         if explained:
@@ -595,7 +454,7 @@ def _explain(error: BaseException) -> str | None:
             match = re.search(r"\('?([\w.:-]+?)'?, (\d+)\)", str(current))
             if match:
                 host, port = match.group(1), int(match.group(2))
-                part = _part_at(host, port)
+                part = (name_part(host, port) if name_part else "") or _part_at(host, port)
                 where = f"{part} at {host}:{port}" if part else f"{host}:{port}"
                 return f"{where} does not answer (connection refused): {_STACK_HINT}"
             return f"connection refused ({_one_line(current)}): {_STACK_HINT}"
@@ -611,7 +470,7 @@ def _explain(error: BaseException) -> str | None:
     for current in _chain(error):
         if isinstance(current, TimeoutError):
             return f"timed out ({_one_line(current) or 'no answer'}): {_STACK_HINT}"
-        if type(current).__module__.startswith("tenantflow.") and str(current).strip():
+        if isinstance(current, TenantflowError) and str(current).strip():
             # NOTE: our own errors (MigrationError, DeployError, SealError...) say what
             # went wrong in their message and name no secret.
             return _one_line(current)
@@ -621,14 +480,24 @@ def _explain(error: BaseException) -> str | None:
     return None
 
 
-def _fail(error: BaseException, *, debug: bool) -> int:
-    """Report `error` on stderr in one line (with --debug, its traceback too)."""
+def report_failure(
+    error: BaseException,
+    *,
+    debug: bool,
+    refusals: tuple[type[BaseException], ...] = (),
+    name_part: PartNamer | None = None,
+) -> int:
+    """Report `error` on stderr in one line (with --debug, its traceback too).
+
+    Returns the exit code: 2 for a refusal (`CommandError`, or one of `refusals`), else 1.
+    `name_part` names the servers a refused connection was for, before the configured URLs.
+    """
     if debug:
         traceback.print_exception(error, file=sys.stderr)
-    explained = _explain(error)
+    explained = _explain(error, refusals, name_part)
     if explained is not None:
         sys.stderr.write(f"error: {explained}\n")
-        return 2 if isinstance(error, _CommandError | StackError) else 1
+        return 2 if isinstance(error, (CommandError, *refusals)) else 1
     first = (str(error).strip().splitlines() or [""])[0]
     hint = "" if debug else " (run with --debug for the traceback)"
     sys.stderr.write(f"error: {type(error).__name__}: {first}{hint}\n")

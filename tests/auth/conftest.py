@@ -14,14 +14,9 @@ import pytest
 import uvicorn
 
 from tenantflow.auth import clear_jwks_cache
-from tenantflow.localstack import Stack, StackConfig
-from tenantflow.localstack.auth_server import (
-    create_app,
-    create_user,
-    delete_user,
-    mint_access_token,
-)
 from tenantflow.settings import Settings, load_settings
+from tenantflow_dev import Stack, StackConfig
+from tenantflow_dev.auth_stand_in import create_app, create_user, delete_user, mint_access_token
 from tests.auth.support import StackUser, with_
 
 

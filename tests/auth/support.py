@@ -9,8 +9,8 @@ from typing import Any
 import httpx
 import jwt
 
-from tenantflow.localstack import StackConfig
 from tenantflow.settings import Settings, load_settings
+from tenantflow_dev import StackConfig
 
 
 @dataclass(frozen=True)

@@ -49,8 +49,9 @@ from tenantflow.auth import (
     app_metadata_grants_operator,
     verify_access_token,
 )
-from tenantflow.localstack import Stack, StackConfig
-from tenantflow.localstack.auth_server import (
+from tenantflow.settings import Settings, SettingsError
+from tenantflow_dev import Stack, StackConfig
+from tenantflow_dev.auth_stand_in import (
     add_signing_key,
     create_user,
     delete_user,
@@ -59,7 +60,6 @@ from tenantflow.localstack.auth_server import (
     remove_signing_key,
     sign_token,
 )
-from tenantflow.settings import Settings, SettingsError
 from tests.auth.support import StackUser, claims_of, stand_in_counts, with_
 
 pytestmark = pytest.mark.stack

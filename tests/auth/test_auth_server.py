@@ -14,15 +14,10 @@ import jwt
 import pytest
 
 from tenantflow.auth import OPERATOR_ROLE, app_metadata_grants_operator, verify_access_token
-from tenantflow.localstack import Stack
-from tenantflow.localstack.auth_server import (
-    UnknownUser,
-    create_user,
-    mint_access_token,
-    set_operator,
-)
 from tenantflow.sealing import SealWrongFlow, open_sealed_token
 from tenantflow.settings import Settings
+from tenantflow_dev import Stack
+from tenantflow_dev.auth_stand_in import UnknownUser, create_user, mint_access_token, set_operator
 from tests.auth.support import StackUser, claims_of
 
 pytestmark = pytest.mark.stack
@@ -215,7 +210,7 @@ def test_logout_signs_the_session_out(stack: Stack, token: str) -> None:
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     config = stack.config
     env = {**os.environ, **config.location_environment()}
-    command = Path(sys.executable).parent / "tenantflow"
+    command = Path(sys.executable).parent / "tenantflow-dev"
     return subprocess.run(
         [str(command), *args], capture_output=True, text=True, env=env, timeout=60, check=False
     )

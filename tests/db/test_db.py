@@ -19,9 +19,9 @@ from tenantflow.db import (
     transaction_engine,
     unit_of_work,
 )
-from tenantflow.localstack import Stack
-from tenantflow.localstack.config import WORKER_DB_ROLE
 from tenantflow.settings import Settings, load_settings
+from tenantflow_dev import Stack
+from tenantflow_dev.config import WORKER_DB_ROLE
 
 pytestmark = pytest.mark.stack
 

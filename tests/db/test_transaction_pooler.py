@@ -13,8 +13,8 @@ import sys
 import asyncpg
 import pytest
 
-from tenantflow.localstack import Stack
-from tenantflow.localstack.config import WORKER_DB_ROLE
+from tenantflow_dev import Stack
+from tenantflow_dev.config import WORKER_DB_ROLE
 from tests.db.load import LoadReport, run_load, seed_engine
 
 pytestmark = pytest.mark.stack

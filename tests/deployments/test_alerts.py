@@ -39,12 +39,14 @@ from tenantflow.deployments import (
     alert_automations,
     zombie_automation,
 )
-from tenantflow.localstack import Stack
-from tenantflow.localstack.demo import DEMO_MEMBER, sealed_token
-from tenantflow.localstack.services import grant_traversal, pid_alive
-from tenantflow.localstack.worker import LocalWorker, _descendants, bootstrap, stack_settings
 from tenantflow.settings import SettingsError, load_fault_settings
 from tenantflow.worker import HEARTBEAT_ENV
+from tenantflow_dev import Stack
+from tenantflow_dev.demo import DEMO_MEMBER, sealed_token
+from tenantflow_dev.os_users import grant_traversal
+from tenantflow_dev.prefect_setup import bootstrap, stack_settings
+from tenantflow_dev.processes import descendants, pid_alive
+from tenantflow_dev.worker import LocalWorker
 
 PROJECT = Path(__file__).resolve().parents[2]
 FLOW = '''"""A flow that sleeps, for the zombie test."""
@@ -248,7 +250,7 @@ async def sleepy(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[str, UUID]
 
 def _kill_machine(pid: int) -> None:
     """SIGKILL the worker's process group and every process under it, at once."""
-    doomed = _descendants(pid)
+    doomed = descendants(pid)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
     for child in doomed:
@@ -289,7 +291,7 @@ async def test_a_killed_run_is_crashed_by_its_missing_heartbeats(
             await _wait_for(client, slow.id, {StateType.RUNNING}, 120)
             pid = worker.pid()
             assert pid is not None
-            run_pids = _with_heartbeat(_descendants(pid))
+            run_pids = _with_heartbeat(descendants(pid))
             assert run_pids, "the flow-run process has the heartbeat in its environment"
 
             killed = time.monotonic()

@@ -29,9 +29,9 @@ from tenantflow.deployments import (
     deployment_names,
     set_project_directory,
 )
-from tenantflow.localstack import Stack
-from tenantflow.localstack.worker import bootstrap, deploy, stack_settings
 from tenantflow.worker import base_job_template as tenantflow_template
+from tenantflow_dev import Stack
+from tenantflow_dev.prefect_setup import bootstrap, deploy, stack_settings
 
 PROJECT = Path(__file__).resolve().parents[2]
 SEALED_PATTERN = json.dumps(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){4}$")

@@ -36,7 +36,7 @@ import httpx
 import pytest
 import yaml  # type: ignore[import-untyped]
 
-from tenantflow.localstack import Stack
+from tenantflow_dev import Stack
 
 PROJECT = Path(__file__).resolve().parents[2]
 DOCKERFILE = PROJECT / "Dockerfile"
@@ -347,7 +347,14 @@ def test_dockerfile_shape() -> None:
 
 def test_dockerignore_keeps_secrets_and_local_state_out() -> None:
     patterns = _dockerignore()
-    for path in (".env", ".stack/secrets.json", ".venv/bin/python", ".git/config", "tests/x.py"):
+    for path in (
+        ".env",
+        ".stack/secrets.json",
+        ".venv/bin/python",
+        ".git/config",
+        "tests/x.py",
+        "devstack/tenantflow_dev/cli.py",
+    ):
         assert ignored(path, patterns), path
     for path in ("src/tenantflow/__init__.py", "flows/nightly_rollup.py", "requirements.lock"):
         assert not ignored(path, patterns), path
@@ -400,6 +407,34 @@ def test_install_steps_give_a_working_environment(image: Image) -> None:
     # No dev tool made it in: the runtime lock only.
     for tool in ("pytest", "ruff", "mypy"):
         assert not (image.path(image.env["VIRTUAL_ENV"]) / "bin" / tool).exists(), tool
+
+    # Nor the local dev stack: the product stands alone, and the wheel built from the root
+    # pyproject (what `uv pip install --no-deps .` installed) holds the `tenantflow` package
+    # and its metadata only.
+    floor = image.run(
+        [
+            "python",
+            "-c",
+            "import importlib.metadata as m, importlib.util as u, json, pathlib, tenantflow\n"
+            "print(json.dumps({'dev': u.find_spec('tenantflow_dev') is not None,"
+            " 'localstack': any((pathlib.Path(p) / 'localstack').exists()"
+            " for p in tenantflow.__path__),"
+            " 'files': [str(f) for f in m.files('tenantflow') or []]}))",
+        ]
+    )
+    assert floor.returncode == 0, floor.stderr
+    shipped = json.loads(floor.stdout.strip().splitlines()[-1])
+    assert shipped["dev"] is False, "the worker environment can import tenantflow_dev"
+    assert shipped["localstack"] is False
+    assert any(f.startswith("tenantflow/migrations/") for f in shipped["files"])
+    strays = [
+        f
+        for f in shipped["files"]
+        if not f.startswith(("tenantflow/", "tenantflow-0.1.0.dist-info/"))
+        # NOTE: the console script is written at install time, outside the wheel's files.
+        and not (f.startswith("../") and f.endswith("/bin/tenantflow"))
+    ]
+    assert strays == []
 
     helped = image.run(["tenantflow", "worker", "--help"])
     assert helped.returncode == 0, helped.stderr

@@ -23,9 +23,10 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import StateType
 from prefect.states import Running
 
-from tenantflow.localstack import Stack
-from tenantflow.localstack.services import grant_traversal, pid_alive
-from tenantflow.localstack.worker import LocalWorker
+from tenantflow_dev import Stack
+from tenantflow_dev.os_users import grant_traversal
+from tenantflow_dev.processes import pid_alive
+from tenantflow_dev.worker import LocalWorker
 from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

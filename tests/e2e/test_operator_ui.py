@@ -49,10 +49,10 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import StateType
 
-from tenantflow.localstack import Stack
-from tenantflow.localstack.auth_server import mint_access_token
-from tenantflow.localstack.demo import ACME, DEMO_MEMBERSHIPS
 from tenantflow.sealing import public_key, seal_access_token
+from tenantflow_dev import Stack
+from tenantflow_dev.auth_stand_in import mint_access_token
+from tenantflow_dev.demo import ACME, DEMO_MEMBERSHIPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
 

@@ -11,10 +11,10 @@ import pytest
 
 from tenantflow.auth import AuthServiceUnavailable, clear_jwks_cache, verify_access_token
 from tenantflow.db import dispose_engines
-from tenantflow.localstack import Stack
-from tenantflow.localstack.auth_server import AuthServer
 from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy import AUTH_ATTEMPTS, AccessDenied, ActorKind, authorize_token
+from tenantflow_dev import Stack
+from tenantflow_dev.auth_stand_in import AuthServer
 from tests.tenancy.conftest import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]

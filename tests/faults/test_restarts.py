@@ -19,8 +19,10 @@ import pytest
 
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
-from tenantflow.localstack import Stack
-from tenantflow.localstack.services import PG_BIN, PgBouncer, Postgres, PrefectServer
+from tenantflow_dev import Stack
+from tenantflow_dev.pgbouncer import PgBouncer
+from tenantflow_dev.postgres import PG_BIN, Postgres
+from tenantflow_dev.prefect_server import PrefectServer
 from tests.tenancy.conftest import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]

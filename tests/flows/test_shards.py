@@ -22,10 +22,10 @@ from prefect.exceptions import PrefectHTTPStatusError
 
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
-from tenantflow.localstack import Stack
-from tenantflow.localstack.worker import LocalWorker
 from tenantflow.settings import get_settings
 from tenantflow.shards import SHARD_DEPLOYMENT
+from tenantflow_dev import Stack
+from tenantflow_dev.worker import LocalWorker
 from tests.tenancy.conftest import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]

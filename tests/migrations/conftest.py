@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
-from tenantflow.localstack import Stack
 from tenantflow.migrate import run_migration
 from tenantflow.settings import get_settings
+from tenantflow_dev import Stack
 from tests.migrations.support import ScratchDatabase, create_database, drop_database
 
 NewDatabase = Callable[..., Awaitable[ScratchDatabase]]

@@ -10,13 +10,11 @@ from typing import Any
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from tenantflow.localstack import StackConfig
 from tenantflow.settings import Settings, load_settings
+from tenantflow_dev import StackConfig
 
 SCHEMAS = ("public", "tenantflow_private")
-BOOTSTRAP_SQL = (
-    resources.files("tenantflow.localstack").joinpath("supabase_bootstrap.sql").read_text()
-)
+BOOTSTRAP_SQL = resources.files("tenantflow_dev").joinpath("supabase_bootstrap.sql").read_text()
 
 # NOTE: what Supabase does in every project and the local bootstrap does not (yet): new
 # objects `postgres` creates in `public` are granted to the API roles. Scratch databases

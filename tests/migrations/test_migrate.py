@@ -18,7 +18,6 @@ from sqlalchemy import text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from tenantflow.localstack import Stack
 from tenantflow.migrate import (
     MIGRATION_LOCK_KEY,
     MigrationError,
@@ -30,6 +29,7 @@ from tenantflow.migrate import (
 )
 from tenantflow.schema import include_object, metadata
 from tenantflow.settings import SettingsError, load_settings
+from tenantflow_dev import Stack
 from tests.migrations.conftest import NewDatabase
 from tests.migrations.support import BOOTSTRAP_SQL, ScratchDatabase, fingerprint
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import asyncpg
 import pytest
 
-from tenantflow.localstack import Stack
+from tenantflow_dev import Stack
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("main_database_at_head")]
 

@@ -11,8 +11,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from tenantflow.localstack import Stack
-from tenantflow.localstack.config import WORKER_DB_ROLE
+from tenantflow_dev import Stack
+from tenantflow_dev.config import WORKER_DB_ROLE
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("main_database_at_head")]
 

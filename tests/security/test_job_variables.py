@@ -37,9 +37,9 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import PrefectHTTPStatusError
 
 from tenantflow.deployments import WORK_POOLS
-from tenantflow.localstack import Stack
-from tenantflow.localstack.services import grant_traversal
 from tenantflow.worker import LOCKED_VARIABLES
+from tenantflow_dev import Stack
+from tenantflow_dev.os_users import grant_traversal
 from tests.tenancy.conftest import World, world
 
 __all__ = ["world"]

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tenantflow.localstack import Stack
-from tenantflow.localstack.worker import LocalWorker
+from tenantflow_dev import Stack
+from tenantflow_dev.worker import LocalWorker
 
 pytestmark = [pytest.mark.stack]
 

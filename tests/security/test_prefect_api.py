@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tenantflow.localstack import Stack
+from tenantflow_dev import Stack
 
 pytestmark = [pytest.mark.stack]
 

@@ -18,10 +18,10 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 
 from tenantflow.auth import clear_jwks_cache
-from tenantflow.localstack import Stack
-from tenantflow.localstack.auth_server import create_user, delete_user, mint_access_token
 from tenantflow.sealing import public_key, seal_access_token
 from tenantflow.settings import get_settings
+from tenantflow_dev import Stack
+from tenantflow_dev.auth_stand_in import create_user, delete_user, mint_access_token
 
 
 @dataclass

@@ -14,7 +14,6 @@ from pydantic import SecretStr
 from sqlalchemy import text
 
 from tenantflow.db import dispose_engines
-from tenantflow.localstack.auth_server import set_operator
 from tenantflow.tenancy import (
     _SEAL,
     AccessDenied,
@@ -24,6 +23,7 @@ from tenantflow.tenancy import (
     authorize_token,
     tenant_session,
 )
+from tenantflow_dev.auth_stand_in import set_operator
 from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
 
 pytestmark = pytest.mark.stack

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from tenantflow.localstack.config import StackConfig
-from tenantflow.localstack.services import DURABILITY_SETTINGS, Postgres
+from tenantflow_dev.config import StackConfig
+from tenantflow_dev.postgres import DURABILITY_SETTINGS, Postgres
 
 OLD_CONF = (
     "# the cluster's defaults\n"

@@ -11,8 +11,9 @@ import time
 import asyncpg
 import pytest
 
-from tenantflow.localstack import Stack
-from tenantflow.localstack.services import DURABILITY_SETTINGS, PgBouncer
+from tenantflow_dev import Stack
+from tenantflow_dev.pgbouncer import PgBouncer
+from tenantflow_dev.postgres import DURABILITY_SETTINGS
 
 pytestmark = [pytest.mark.stack]
 
@@ -24,7 +25,7 @@ ONE_SHOT_LINES = ("applying ", "upgraded ", "database ", "demo data ", "deployed
 def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, **stack.config.location_environment()}
     return subprocess.run(
-        [sys.executable, "-m", "tenantflow.cli", "stack", *args],
+        [sys.executable, "-m", "tenantflow_dev.cli", *args],
         env=env,
         cwd=stack.config.project_dir,
         capture_output=True,
@@ -65,7 +66,7 @@ def test_up_brings_back_one_part_in_seconds(set_up_stack: Stack) -> None:
     started = time.monotonic()
     result = _cli(stack, "up")
     seconds = time.monotonic() - started
-    sys.stderr.write(f"\nstack up with the transaction pooler down: {seconds:.1f}s\n")
+    sys.stderr.write(f"\ntenantflow-dev up with the transaction pooler down: {seconds:.1f}s\n")
 
     assert result.returncode == 0, result.stdout + result.stderr
     assert "started   pgbouncer-transaction" in result.stdout
@@ -110,7 +111,7 @@ def test_restart_one_part(set_up_stack: Stack) -> None:
     started = time.monotonic()
     result = _cli(stack, "restart", "pgbouncer-transaction")
     seconds = time.monotonic() - started
-    sys.stderr.write(f"\nstack restart pgbouncer-transaction: {seconds:.1f}s\n")
+    sys.stderr.write(f"\ntenantflow-dev restart pgbouncer-transaction: {seconds:.1f}s\n")
 
     assert result.returncode == 0, result.stdout + result.stderr
     after = stack.service("pgbouncer-transaction").health()

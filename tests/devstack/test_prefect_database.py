@@ -21,9 +21,9 @@ import asyncpg
 import httpx
 import pytest
 
-from tenantflow.localstack import Stack, StackConfig
-from tenantflow.localstack.services import PREFECT_RETENTION, PrefectServer
-from tenantflow.localstack.worker import LocalWorker
+from tenantflow_dev import Stack, StackConfig
+from tenantflow_dev.prefect_server import PREFECT_RETENTION, PrefectServer
+from tenantflow_dev.worker import LocalWorker
 
 FLOW_RUNS = 8
 TASK_RUNS_PER_FLOW_RUN = 10
@@ -181,7 +181,7 @@ def test_the_password_stays_in_the_servers_own_environment(stack: Stack) -> None
     assert password not in config.env_file.read_text()
     assert password not in "".join(config.environment().values())
     status = subprocess.run(
-        [sys.executable, "-m", "tenantflow.cli", "stack", "status"],
+        [sys.executable, "-m", "tenantflow_dev.cli", "status"],
         env={**os.environ, **config.location_environment()},
         capture_output=True,
         text=True,

@@ -18,24 +18,23 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tenantflow.localstack.auth_server import AuthServer
-from tenantflow.localstack.config import StackConfig
-from tenantflow.localstack.demo import DemoRun, run_demo, seed_demo_data
-from tenantflow.localstack.services import (
-    Health,
-    PgBouncer,
-    Postgres,
-    PrefectServer,
-    Service,
-    StackError,
-    port_is_open,
-    worker_user_ids,
-)
-from tenantflow.localstack.worker import LocalWorker, deploy
+from tenantflow_dev.auth_stand_in import AuthServer
+from tenantflow_dev.config import StackConfig
+from tenantflow_dev.demo import DemoRun, run_demo, seed_demo_data
+from tenantflow_dev.errors import StackError
+from tenantflow_dev.health import Health
+from tenantflow_dev.os_users import worker_user_ids
+from tenantflow_dev.pgbouncer import PgBouncer
+from tenantflow_dev.postgres import Postgres
+from tenantflow_dev.prefect_server import PrefectServer
+from tenantflow_dev.prefect_setup import deploy
+from tenantflow_dev.processes import port_is_open
+from tenantflow_dev.service import Service
+from tenantflow_dev.worker import LocalWorker
 
 __all__ = ["Stack", "StackConfig", "StackError"]
 
-log = logging.getLogger("tenantflow.stack")
+log = logging.getLogger("tenantflow_dev")
 
 
 @dataclass
@@ -169,7 +168,7 @@ class Stack:
         superuser password or JWT secret (those stay in the stack's secrets file).
         """
         lines = [
-            "# Written by `tenantflow stack up` for the local stack. Do not commit.",
+            "# Written by `tenantflow-dev up` for the local stack. Do not commit.",
             # NOTE: single quotes: values are taken literally (the seal key is JSON).
             *(f"{key}='{value}'" for key, value in self.config.environment().items()),
         ]

@@ -19,9 +19,9 @@ import asyncpg
 from prefect.deployments.flow_runs import arun_deployment
 from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-from tenantflow.localstack.auth_server import create_user, mint_access_token
-from tenantflow.localstack.config import StackConfig
 from tenantflow.sealing import public_key, seal_access_token
+from tenantflow_dev.auth_stand_in import create_user, mint_access_token
+from tenantflow_dev.config import StackConfig
 
 __all__ = [
     "DEMO_CLIENTS",

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 from dotenv import dotenv_values
 
-from tenantflow.localstack import Stack, StackConfig
-from tenantflow.localstack.services import DURABILITY_SETTINGS, pid_alive, port_is_open
+from tenantflow_dev import Stack, StackConfig
+from tenantflow_dev.postgres import DURABILITY_SETTINGS
+from tenantflow_dev.processes import pid_alive, port_is_open
 from tests.processes import processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
@@ -55,7 +56,7 @@ def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     config = stack.config
     env = {**os.environ, **config.location_environment()}
     return subprocess.run(
-        [sys.executable, "-m", "tenantflow.cli", "stack", *args],
+        [sys.executable, "-m", "tenantflow_dev.cli", *args],
         env=env,
         capture_output=True,
         text=True,

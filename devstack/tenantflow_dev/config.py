@@ -53,7 +53,7 @@ class StackSecrets:
 
     `prefect_auth_string` (`user:password`, the basic auth of the stack's Prefect API) is
     the exception: it is what an operator pastes into the Prefect UI's login form, so
-    `tenantflow stack up` shows it.
+    `tenantflow-dev up` shows it.
 
     The API keys are derived from `jwt_secret` as Supabase derives its legacy `anon` and
     `service_role` keys: HS256 JWTs with the role and no user.

@@ -1,12 +1,12 @@
-"""The local stack's process worker, and the Prefect set-up it needs.
+"""The local stack's process worker: `tenantflow worker` as a supervised stack service.
 
 * `LocalWorker` — `tenantflow worker --pool tenantflow-process` (Prefect's process worker,
   with job variables unable to change what runs: `tenantflow.worker`) as a stack service:
   a child process in its own session, log and pid files in the stack folder. Started by
   root, it runs as the unprivileged `tenantflow` OS user, which can read the project and
   the venv but not the stack's secrets file nor the Prefect server's folder.
-* `bootstrap(config)` — the work pool and the `tenantflow-db` limit on the stack's server.
-* `deploy(config)` — every deployment of `prefect.yaml` onto the stack's server.
+
+Its Prefect set-up (the pool it serves, the deployments) is `tenantflow_dev.prefect_setup`.
 
 NOTE: a worker without PREFECT_API_URL silently starts a temporary server
 of its own, so the worker always gets the stack's URL. Its default poll interval (10 s)
@@ -31,128 +31,27 @@ from typing import Any
 
 import httpx
 
-from tenantflow.deployments import (
-    PROJECT_DIR_ENV,
-    WORK_POOLS,
-    Alerts,
-    BootstrapError,
-    BootstrapResult,
-    DeployError,
-    DeployResult,
-)
-from tenantflow.deployments import bootstrap as bootstrap_prefect
-from tenantflow.deployments import deploy as deploy_prefect
-from tenantflow.localstack.config import WORKER_USER, StackConfig
-from tenantflow.localstack.services import (
-    Health,
-    StackError,
-    _read_pid,
-    _wait,
-    grant_traversal,
+from tenantflow.deployments import PROJECT_DIR_ENV, WORK_POOLS
+from tenantflow_dev.config import WORKER_USER, StackConfig
+from tenantflow_dev.errors import StackError
+from tenantflow_dev.health import Health
+from tenantflow_dev.os_users import grant_traversal, worker_user_ids
+from tenantflow_dev.prefect_setup import bootstrap
+from tenantflow_dev.processes import (
+    descendants,
+    kill_leftovers,
     pid_alive,
+    read_pid,
     spawn_detached,
-    worker_user_ids,
+    wait_for,
 )
-from tenantflow.settings import Settings, SettingsError, load_settings
 
-__all__ = ["WORKER_NAME", "LocalWorker", "bootstrap", "deploy"]
+__all__ = ["WORKER_NAME", "LocalWorker"]
 
-log = logging.getLogger("tenantflow.stack")
+log = logging.getLogger("tenantflow_dev")
 
 WORKER_NAME = "tenantflow-local"
 _IN_FLIGHT = ["PENDING", "RUNNING", "CANCELLING"]
-
-
-def stack_settings(config: StackConfig) -> Settings:
-    """The worker's settings as the stack's worker sees them (the stack's URLs and keys)."""
-    env = config.environment()
-    try:
-        return load_settings(
-            database_url=env["DATABASE_URL"],
-            migration_database_url=env["MIGRATION_DATABASE_URL"],
-            supabase_url=env["SUPABASE_URL"],
-            supabase_anon_key=env["SUPABASE_ANON_KEY"],
-        )
-    except SettingsError as error:
-        raise StackError(str(error)) from None
-
-
-def bootstrap(config: StackConfig) -> BootstrapResult:
-    """Create or update the process work pool and the database limit on the stack's server.
-
-    The limit's size is DB_CONCURRENCY_SLOTS, which must fit in the transaction pooler's
-    pool: more slots than server connections would only queue inside PgBouncer.
-    """
-    settings = stack_settings(config)
-    if settings.db_concurrency_slots > config.pooler_pool_size:
-        raise StackError(
-            f"DB_CONCURRENCY_SLOTS={settings.db_concurrency_slots} exceeds the transaction "
-            f"pooler's pool size {config.pooler_pool_size}"
-        )
-    try:
-        return bootstrap_prefect(
-            concurrency_limit=settings.db_concurrency_limit,
-            concurrency_slots=settings.db_concurrency_slots,
-            flow_slots=settings.db_flow_slots,
-            project_dir=config.project_dir,
-            api_url=config.prefect_api_url,
-            auth_string=config.secrets.prefect_auth_string,
-            alerts=Alerts.from_settings(settings),
-        )
-    except BootstrapError as error:
-        raise StackError(f"Prefect bootstrap failed: {error}") from None
-
-
-def deploy(config: StackConfig) -> DeployResult:
-    """`prefect --no-prompt deploy --all` of the project onto the stack's server."""
-    try:
-        return deploy_prefect(project_dir=config.project_dir, env=config.environment())
-    except DeployError as error:
-        raise StackError(str(error)) from None
-
-
-# --------------------------------------------------------------------------- processes
-
-
-def _start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks (tells a pid from a reused one)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return int(fields[19])
-
-
-def _descendants(root: int) -> dict[int, int | None]:
-    """Every live descendant of `root`, pid -> start time."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry.name))
-    found: dict[int, int | None] = {}
-    stack = list(children.get(root, []))
-    while stack:
-        pid = stack.pop()
-        if pid not in found:
-            found[pid] = _start_time(pid)
-            stack.extend(children.get(pid, []))
-    return found
-
-
-def _kill_leftovers(processes: dict[int, int | None]) -> list[int]:
-    """SIGKILL the processes of `processes` that are still the same processes."""
-    killed = []
-    for pid, started in processes.items():
-        if pid_alive(pid) and _start_time(pid) == started:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-    return killed
 
 
 def _default_sigint() -> None:
@@ -215,7 +114,7 @@ class LocalWorker:
         return self.config.prefect_api_url
 
     def pid(self) -> int | None:
-        pid = _read_pid(self.pidfile)
+        pid = read_pid(self.pidfile)
         return pid if pid_alive(pid) else None
 
     @property
@@ -292,7 +191,7 @@ class LocalWorker:
             return worker is not None and _heartbeat(worker) >= started_at
 
         try:
-            _wait(registered, 120, f"the worker to register with work pool {self.pool}")
+            wait_for(registered, 120, f"the worker to register with work pool {self.pool}")
         except StackError:
             self.stop()
             raise
@@ -330,20 +229,20 @@ class LocalWorker:
         if pid is None:
             self.pidfile.unlink(missing_ok=True)
             return False
-        seen = _descendants(pid)
+        seen = descendants(pid)
         self._drain(pid, seen)
-        seen.update(_descendants(pid))
+        seen.update(descendants(pid))
         # NOTE: one signal only: Prefect answers a second SIGTERM with SIGKILL.
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         try:
-            _wait(lambda: not pid_alive(pid), 30, "the worker to exit")
+            wait_for(lambda: not pid_alive(pid), 30, "the worker to exit")
         except StackError:
             log.warning("the worker did not exit within 30s; killing it")
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(pid, signal.SIGKILL)
-            _wait(lambda: not pid_alive(pid), 5, "the worker to be killed")
-        killed = _kill_leftovers(seen)
+            wait_for(lambda: not pid_alive(pid), 5, "the worker to be killed")
+        killed = kill_leftovers(seen)
         if killed:
             log.warning("killed %d flow-run process(es) left by the worker", len(killed))
         self.pidfile.unlink(missing_ok=True)
@@ -410,7 +309,7 @@ class LocalWorker:
         deadline = time.monotonic() + self.drain_seconds
         announced = False
         while time.monotonic() < deadline:
-            live = _descendants(pid)
+            live = descendants(pid)
             seen.update(live)
             try:
                 ours = [r for r in self._in_flight_runs() if _run_pid(r) in live]
@@ -448,7 +347,7 @@ class LocalWorker:
                 "name": "Crashed",
                 "message": (
                     "The local stack's worker stopped while this flow run was in progress "
-                    "(tenantflow stack down, or the worker died); start the run again."
+                    "(tenantflow-dev down, or the worker died); start the run again."
                 ),
             }
             try:
