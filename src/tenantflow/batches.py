@@ -17,6 +17,8 @@ every client is still on its own:
 
 `run_for_clients()` is the building block every flow uses: a sweep of many clients and a
 report of one are the same call.
+
+Batches, retries and outcomes from an operator's side: docs/flows.md.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ its database work, and runs its tenant tasks on its own event loop, at most that
 many at a time. Each acquisition is an API round trip, so slots are never taken per
 statement; and since the limit is strict, a missing limit is an error rather than an
 unlimited run.
+
+The budget and how to size it: docs/connections.md.
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ An `AsyncEngine` belongs to the event loop it was first used on. Prefect runs
 submitted or mapped async tasks with `asyncio.run` in pool threads, one new loop
 each, so engines are kept per running loop and disposed when that loop shuts down
 (the same scheme as Prefect's own server).
+
+How the engine keeps to the transaction pooler's rules: docs/connections.md.
 """
 
 from __future__ import annotations

@@ -13,6 +13,8 @@ NOTE: Prefect resolves `{{ $VAR }}` placeholders in pull steps when the deployme
 *created*, from the deployer's environment, so `set_working_directory` with an
 environment placeholder would bake the deployer's folder into the deployment. A step
 that reads the variable when the run starts works for every worker alike.
+
+Deploying on process, docker and kubernetes pools: docs/operations.md.
 """
 
 from __future__ import annotations

@@ -25,6 +25,8 @@ The `migrate` flow (`flows/migrate.py`) and `tenantflow migrate` call
   never walk the schema down further than asked.
 * **Nothing to do** returns as soon as the current revision is known (under the lock,
   so a run that waited behind another sees that run's result).
+
+Migrations and the session pooler: docs/connections.md.
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ Format: a JWE in compact serialization (five base64url segments)::
 time, flow, clients. Every refusal is a `SealError` subclass whose message is safe to show an
 operator: it never holds the token, a key or ciphertext, and it is raised without its cause
 chain (a library error can carry bytes of the input).
+
+Why tokens are sealed, and how keys rotate: docs/security.md.
 """
 
 from __future__ import annotations

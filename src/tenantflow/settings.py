@@ -5,6 +5,8 @@ Values come from the environment and from a `.env` file in the working directory
 database URLs is checked here, before any connection is attempted, and no error
 message ever repeats a password (`hide_input_in_errors`, and messages built from
 the parsed parts of a URL, never from the URL itself).
+
+Every setting is described where it is declared; which URL goes where: docs/connections.md.
 """
 
 from __future__ import annotations

@@ -14,6 +14,8 @@ The parent holds no database slots while it waits (its children need them). A sh
 that crashes or fails is retried alone, `TENANT_SHARD_ATTEMPTS` times in all: a shard
 that recorded its outcome is retried with its failed clients only, one that never got
 that far with all of its clients. The parent then names every client that failed.
+
+Shards from an operator's side: docs/flows.md.
 """
 
 from __future__ import annotations

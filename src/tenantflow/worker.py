@@ -28,6 +28,8 @@ zombie automation marks Crashed a run whose heartbeats stop, when its process or
 dies with the worker.
 
 `tenantflow worker --pool NAME` starts it, as `prefect worker start` would.
+
+What the worker locks, and why: docs/security.md and docs/flows.md.
 """
 
 from __future__ import annotations

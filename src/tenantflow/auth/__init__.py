@@ -7,7 +7,8 @@
 - `supabase`: asking Supabase Auth itself (`GET /auth/v1/user`);
 - `verify`: `verify_access_token()`, which composes them (its docstring lists every check).
 
-Everything callers use is importable from `tenantflow.auth` directly.
+Everything callers use is importable from `tenantflow.auth` directly. Where this sits in
+the order of checks: docs/security.md.
 """
 
 from __future__ import annotations
