@@ -12,23 +12,16 @@ from datetime import date
 from functools import partial
 from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import acreate_markdown_artifact, acreate_table_artifact
 
 from tenantflow.batches import run_for_clients
 from tenantflow.budget import database_slots
 from tenantflow.reports import ReportFailed, ReportPeriod, build_client_report, render_markdown
-from tenantflow.tenancy import SealedAccessToken, authorize_run, redact_token_on_failure
+from tenantflow.tenancy import SealedAccessToken, authorize_run, tenant_flow
 
 
-@flow(
-    name="client-report",
-    retries=0,
-    persist_result=False,
-    on_failure=[redact_token_on_failure],
-    on_crashed=[redact_token_on_failure],
-    timeout_seconds=900,
-)
+@tenant_flow(name="client-report", timeout_seconds=900)
 async def client_report(
     client_id: UUID,
     period_start: date,

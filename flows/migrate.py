@@ -11,21 +11,14 @@ Failures raise, so the run ends Failed with the reason; no retries.
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 from prefect.artifacts import acreate_markdown_artifact
 
 from tenantflow.migrate import MigrationResult, run_migration
-from tenantflow.tenancy import SealedAccessToken, authorize_run, redact_token_on_failure
+from tenantflow.tenancy import SealedAccessToken, authorize_run, tenant_flow
 
 
-@flow(
-    name="migrate",
-    retries=0,
-    persist_result=False,
-    log_prints=False,
-    on_failure=[redact_token_on_failure],
-    on_crashed=[redact_token_on_failure],
-)
+@tenant_flow(name="migrate", log_prints=False)
 async def migrate(
     access_token: SealedAccessToken,
     revision: str = "head",

@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import date
 from uuid import UUID
 
-from prefect import flow, get_run_logger
+from prefect import get_run_logger
 
 from tenantflow.budget import database_slots
 from tenantflow.rollup import (
@@ -26,22 +26,10 @@ from tenantflow.rollup import (
 )
 from tenantflow.settings import get_settings
 from tenantflow.shards import run_in_shards
-from tenantflow.tenancy import (
-    SealedAccessToken,
-    authorize_run,
-    current_flow_run_id,
-    redact_token_on_failure,
-)
+from tenantflow.tenancy import SealedAccessToken, authorize_run, current_flow_run_id, tenant_flow
 
 
-@flow(
-    name="nightly-rollup",
-    retries=0,
-    persist_result=False,
-    on_failure=[redact_token_on_failure],
-    on_crashed=[redact_token_on_failure],
-    timeout_seconds=3600,
-)
+@tenant_flow(name="nightly-rollup", timeout_seconds=3600)
 async def nightly_rollup(
     day: date | None = None,
     client_ids: list[UUID] | None = None,

@@ -15,7 +15,6 @@ from sqlalchemy import text
 
 from tenantflow.db import dispose_engines
 from tenantflow.tenancy import (
-    _SEAL,
     AccessDenied,
     Actor,
     ActorKind,
@@ -237,7 +236,7 @@ async def test_rls_shows_nothing_to_a_non_member_even_if_the_guard_were_wrong(
         world.clients["a"],
         "a",
         None,
-        seal=_SEAL,
+        seal=legit.seal,
     )
     assert await _visible_events(forged) == set()
 

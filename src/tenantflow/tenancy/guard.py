@@ -1,0 +1,505 @@
+"""The tenant guard: who may touch which client's data, settled once per run.
+
+A flow that touches client data calls `authorize_run()` first. It opens the run's
+sealed access token (`tenantflow.tenancy.run_token`), settles the run's **actor**,
+checks it against the flow's mode and the clients asked for, writes every decision to
+`audit_log`, and hands back one `TenantContext` per client. `authorize_token()` states
+the same decision for a plain token already in hand.
+
+| actor | how it is recognised |
+|---|---|
+| scheduler | no token; the flow run, read from the Prefect API, was created by a schedule |
+|           | that this project's `prefect.yaml` declares, with exactly its parameters   |
+| operator | a verified token whose `app_metadata` grants `tenantflow_operator`, |
+|          | confirmed in `auth.users` at run time and with Supabase Auth        |
+| user | any other verified token |
+
+Service-mode flows admit the scheduler and operators; operator-mode flows (`migrate`)
+admit operators only; user-mode flows admit a user (an operator too, acting with their
+own token) with an accepted membership in an active client, optionally of a minimum
+role. Everything else is denied before any tenant query, and the run fails with the
+reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+from uuid import UUID
+
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext
+from pydantic import SecretStr
+from sqlalchemy import bindparam, text
+
+from tenantflow.auth import (
+    AuthError,
+    AuthServiceUnavailable,
+    VerifiedClaims,
+    app_metadata_grants_operator,
+    verify_access_token,
+)
+from tenantflow.db import Executor
+from tenantflow.deployments import DeployError, declared_deployment
+from tenantflow.schema import MEMBER_ROLES
+from tenantflow.settings import Settings, get_settings
+from tenantflow.tenancy.actors import _SEAL, AccessDenied, Actor, ActorKind, TenantContext
+from tenantflow.tenancy.run_token import open_run_token
+from tenantflow.tenancy.sessions import guard_unit
+
+__all__ = [
+    "AUTH_ATTEMPTS",
+    "Mode",
+    "audit",
+    "authorize_run",
+    "authorize_token",
+    "current_flow_run_id",
+    "current_flow_run_id_or_none",
+    "require_membership",
+]
+
+Mode = Literal["user", "service", "operator"]
+
+
+# --------------------------------------------------------------------------- audit
+
+
+async def audit(
+    settings: Settings,
+    *,
+    flow_run_id: UUID | None,
+    actor: Actor | None,
+    client_ids: Sequence[UUID | None],
+    action: str,
+    outcome: Literal["allowed", "denied"],
+    reason: str | None,
+) -> None:
+    """Append one row per client to `audit_log`, in a transaction of its own."""
+    statement = text(
+        "INSERT INTO public.audit_log "
+        "(flow_run_id, actor_kind, actor_id, client_id, action, outcome, reason) "
+        "SELECT :flow_run_id, :actor_kind, :actor_id, c, :action, :outcome, :reason "
+        "FROM unnest(CAST(:client_ids AS uuid[])) AS c"
+    )
+    async with guard_unit(settings) as session:
+        await session.execute(
+            statement,
+            {
+                "flow_run_id": flow_run_id,
+                "actor_kind": (actor.kind if actor else ActorKind.USER).value,
+                "actor_id": actor.user_id if actor else None,
+                "client_ids": list(client_ids) or [None],
+                "action": action,
+                "outcome": outcome,
+                "reason": reason,
+            },
+        )
+
+
+async def _read_flow_run(flow_run_id: UUID) -> FlowRun:
+    async with get_client() as client:
+        return await client.read_flow_run(flow_run_id)
+
+
+# --------------------------------------------------------------------------- actor
+
+
+async def _operator_confirmed(settings: Settings, user_id: UUID) -> bool:
+    """Read the operator grant from `auth.users`: a token's `app_metadata` is stale."""
+    async with guard_unit(settings) as session:
+        app_metadata = (
+            await session.execute(
+                text("SELECT tenantflow_private.operator_app_metadata(CAST(:id AS uuid))"),
+                {"id": user_id},
+            )
+        ).scalar_one()
+    return app_metadata_grants_operator(app_metadata)
+
+
+#: Attempts at a check that needs Supabase Auth while it is unreachable (1 + 2 + 4 s apart).
+AUTH_ATTEMPTS: Final = 4
+
+
+async def _verified(
+    settings: Settings,
+    access_token: SecretStr,
+    allow_anonymous: bool,
+    *,
+    strict: bool | None = None,
+) -> VerifiedClaims:
+    """`verify_access_token`, retried a few times while Supabase Auth is unreachable (a
+    transient failure); every other refusal is final at once."""
+    for attempt in range(1, AUTH_ATTEMPTS):
+        try:
+            return await verify_access_token(
+                access_token, settings=settings, allow_anonymous=allow_anonymous, strict=strict
+            )
+        except AuthServiceUnavailable:
+            await asyncio.sleep(2 ** (attempt - 1))
+    try:
+        return await verify_access_token(
+            access_token, settings=settings, allow_anonymous=allow_anonymous, strict=strict
+        )
+    except AuthServiceUnavailable as error:
+        raise AuthServiceUnavailable(
+            f"{error.message} ({AUTH_ATTEMPTS} attempts over "
+            f"{2 ** (AUTH_ATTEMPTS - 1) - 1} s); start the run again later"
+        ) from None
+
+
+async def _verify_actor(
+    settings: Settings, access_token: SecretStr, allow_anonymous: bool
+) -> Actor:
+    try:
+        claims = await _verified(settings, access_token, allow_anonymous)
+    except AuthError as error:
+        raise AccessDenied(f"access token refused: {error}") from None
+    kind = ActorKind.USER
+    if claims.token_grants_operator and await _operator_confirmed(settings, claims.sub):
+        # NOTE: an operator may act on every client: ask Supabase Auth too, so a
+        # signed-out session or a deleted user cannot use a still-unexpired token.
+        try:
+            claims = await _verified(settings, access_token, allow_anonymous, strict=True)
+        except AuthError as error:
+            raise AccessDenied(f"operator token refused: {error}") from None
+        kind = ActorKind.OPERATOR
+    return Actor(kind, claims.sub, claims.email, claims)
+
+
+_NO_TOKEN_REASON = "no access_token: " + (
+    "only runs created by the project's own schedule may run without one; paste a "
+    "sealed access token (tenantflow seal) into the run's access_token"
+)
+
+
+async def _scheduler(flow_run: FlowRun | None) -> Actor:
+    """The scheduler, if the project's own declared schedule created this run as declared.
+
+    `auto_scheduled` and `created_by` cannot be set by an API client; the schedule they
+    point at, the deployment's parameters and the run's parameters can all be changed
+    through the API, so each is compared with the worker's own `prefect.yaml`.
+    """
+    created_by = flow_run.created_by if flow_run is not None else None
+    if (
+        flow_run is None
+        or not flow_run.auto_scheduled
+        or created_by is None
+        or created_by.type != "SCHEDULE"
+        or flow_run.deployment_id is None
+    ):
+        raise AccessDenied(_NO_TOKEN_REASON)
+    async with get_client() as client:
+        deployment = await client.read_deployment(flow_run.deployment_id)
+    try:
+        declared = declared_deployment(deployment.name)
+    except DeployError as error:
+        raise AccessDenied(f"cannot check the schedule against prefect.yaml: {error}") from None
+    schedule = next((s for s in deployment.schedules if s.id == created_by.id), None)
+    expected = None
+    if declared is not None and schedule is not None:
+        expected = declared.schedule(schedule.slug)
+    if declared is None or schedule is None or expected is None:
+        raise AccessDenied(
+            f"this run was created by a schedule ({created_by.display_value}) that the "
+            f"project does not declare for deployment {deployment.name}; "
+            "only the project's own schedules may run without an access_token"
+        )
+    cron = getattr(schedule.schedule, "cron", None)
+    timezone = getattr(schedule.schedule, "timezone", None) or "UTC"
+    if (cron, timezone) != (expected.cron, expected.timezone):
+        raise AccessDenied(
+            f"schedule {expected.slug} was changed through the Prefect API ({cron} {timezone}, "
+            f"declared {expected.cron} {expected.timezone}); redeploy the project"
+        )
+    parameters = {**declared.parameters, **expected.parameters}
+    if flow_run.parameters != parameters:
+        changed = sorted(set(flow_run.parameters) ^ set(parameters)) or sorted(
+            k for k in parameters if flow_run.parameters.get(k) != parameters[k]
+        )
+        raise AccessDenied(
+            f"this scheduled run's parameters differ from schedule {expected.slug}'s in "
+            f"prefect.yaml ({', '.join(changed)}); a run with other parameters needs an "
+            "operator's sealed access token"
+        )
+    return Actor(ActorKind.SCHEDULER)
+
+
+# --------------------------------------------------------------------------- clients
+
+
+@dataclass(frozen=True)
+class _Membership:
+    client_name: str
+    role: str
+
+
+async def require_membership(
+    session: Executor, *, user_id: UUID, client_id: UUID, min_role: str | None = None
+) -> _Membership:
+    """An accepted membership of `user_id` in the active client `client_id`.
+
+    NOTE: a client that does not exist and one the user is no member of get the same
+    answer, so a refusal never tells whether some other tenant's id is real.
+
+    Raises:
+        AccessDenied: no membership, not accepted yet, client not active, role too low.
+    """
+    if min_role is not None and min_role not in MEMBER_ROLES:
+        raise ValueError(f"unknown membership role {min_role!r}; one of {MEMBER_ROLES}")
+    row = (
+        await session.execute(
+            text(
+                "SELECT c.name, c.status, m.role, m.accepted_at IS NOT NULL "
+                "FROM public.memberships AS m "
+                "JOIN public.clients AS c ON c.id = m.client_id "
+                "WHERE m.client_id = :client_id AND m.user_id = :user_id"
+            ),
+            {"user_id": user_id, "client_id": client_id},
+        )
+    ).one_or_none()
+    if row is None:
+        raise AccessDenied(f"user {user_id} has no membership in client {client_id}")
+    name, status, role, accepted = row
+    if not accepted:
+        raise AccessDenied(
+            f"user {user_id}'s membership in client {client_id} has not been accepted"
+        )
+    if status != "active":
+        raise AccessDenied(f"client {client_id} is {status}, not active")
+    if min_role is not None and MEMBER_ROLES.index(role) < MEMBER_ROLES.index(min_role):
+        raise AccessDenied(
+            f"user {user_id} is {role} in client {client_id}; this flow needs {min_role} or above"
+        )
+    return _Membership(name, role)
+
+
+async def _active_clients(session: Executor, client_ids: Sequence[UUID] | None) -> dict[UUID, str]:
+    if client_ids is None:
+        rows = await session.execute(
+            text("SELECT id, name FROM public.clients WHERE status = 'active' ORDER BY name, id")
+        )
+        return {row[0]: row[1] for row in rows}
+    rows = await session.execute(
+        text("SELECT id, name, status FROM public.clients WHERE id IN :ids").bindparams(
+            bindparam("ids", expanding=True)
+        ),
+        {"ids": list(client_ids)},
+    )
+    found = {row[0]: (row[1], row[2]) for row in rows}
+    missing = [str(c) for c in client_ids if c not in found]
+    if missing:
+        raise AccessDenied(f"unknown client(s): {', '.join(missing)}")
+    inactive = [f"{c} ({status})" for c, (_, status) in found.items() if status != "active"]
+    if inactive:
+        raise AccessDenied(f"client(s) not active: {', '.join(inactive)}")
+    return {c: found[c][0] for c in client_ids}
+
+
+# --------------------------------------------------------------------------- the guard
+
+
+def current_flow_run_id_or_none() -> UUID | None:
+    """The id of the flow run this code runs in, or None outside a flow run."""
+    context = FlowRunContext.get()
+    return context.flow_run.id if context and context.flow_run else None
+
+
+def current_flow_run_id() -> UUID:
+    """The id of the flow run this code runs in.
+
+    Raises:
+        RuntimeError: outside a flow run.
+    """
+    flow_run_id = current_flow_run_id_or_none()
+    if flow_run_id is None:
+        raise RuntimeError("not inside a flow run")
+    return flow_run_id
+
+
+def _secret(access_token: SecretStr | str | None) -> SecretStr | None:
+    """The token as a `SecretStr` from here on; an empty one is no token."""
+    if isinstance(access_token, str):
+        access_token = SecretStr(access_token)
+    return access_token or None
+
+
+async def authorize_run(
+    *,
+    action: str,
+    mode: Mode,
+    access_token: SecretStr | str | None,
+    client_ids: Sequence[UUID] | None,
+    min_role: str | None = None,
+    allow_anonymous: bool = False,
+    flow_run_id: UUID | None = None,
+    settings: Settings | None = None,
+) -> list[TenantContext]:
+    """Open the run's sealed token, settle the actor, check it, audit, issue contexts.
+
+    Args:
+        action: the flow's name: the audit log's action, and what the sealed token must
+            have been sealed for.
+        mode: `user` flows act for one user in one client (membership required);
+            `service` flows act for the platform (scheduler or operator); `operator`
+            flows (migrations) for operators only.
+        access_token: the run's `access_token` parameter: a sealed token, or None.
+        client_ids: the clients asked for; `None` in service mode means every active
+            client. User mode takes exactly one. The sealed token must name the same.
+        min_role: user mode: the lowest membership role allowed.
+        flow_run_id: defaults to the current flow run.
+
+    Raises:
+        AccessDenied: with the reason; the decision is already in `audit_log`.
+    """
+    settings = settings or get_settings()
+    flow_run_id = flow_run_id or current_flow_run_id_or_none()
+    flow_run = await _read_flow_run(flow_run_id) if flow_run_id else None
+
+    async def open_token(access_token: SecretStr) -> SecretStr:
+        return await open_run_token(settings, access_token, flow_run, action, client_ids)
+
+    return await _decide(
+        settings,
+        action,
+        mode,
+        _secret(access_token),
+        open_token,
+        client_ids,
+        min_role,
+        allow_anonymous,
+        flow_run,
+    )
+
+
+async def authorize_token(
+    *,
+    action: str,
+    mode: Mode,
+    access_token: SecretStr | str | None,
+    client_ids: Sequence[UUID] | None,
+    min_role: str | None = None,
+    allow_anonymous: bool = False,
+    flow_run_id: UUID | None = None,
+    settings: Settings | None = None,
+) -> list[TenantContext]:
+    """The guard's decision for a plain access token that is already in hand.
+
+    Flows never call this: their token arrives sealed through Prefect (`authorize_run`).
+    It serves code that holds a user's token without Prefect in between, and states the
+    decision table on its own. Arguments as for `authorize_run`.
+    """
+    settings = settings or get_settings()
+    flow_run_id = flow_run_id or current_flow_run_id_or_none()
+    flow_run = await _read_flow_run(flow_run_id) if flow_run_id else None
+
+    async def as_given(access_token: SecretStr) -> SecretStr:
+        return access_token
+
+    return await _decide(
+        settings,
+        action,
+        mode,
+        _secret(access_token),
+        as_given,
+        client_ids,
+        min_role,
+        allow_anonymous,
+        flow_run,
+    )
+
+
+async def _decide(
+    settings: Settings,
+    action: str,
+    mode: Mode,
+    access_token: SecretStr | None,
+    open_token: Callable[[SecretStr], Awaitable[SecretStr]],
+    client_ids: Sequence[UUID] | None,
+    min_role: str | None,
+    allow_anonymous: bool,
+    flow_run: FlowRun | None,
+) -> list[TenantContext]:
+    flow_run_id = flow_run.id if flow_run is not None else None
+    actor: Actor | None = None
+    asked: list[UUID | None] = list(client_ids) if client_ids is not None else [None]
+    try:
+        if access_token is not None:
+            access_token = await open_token(access_token)
+            actor = await _verify_actor(settings, access_token, allow_anonymous)
+        else:
+            actor = await _scheduler(flow_run)
+        contexts = await _admit(settings, actor, mode, client_ids, min_role, flow_run_id)
+    except AccessDenied as denied:
+        await audit(
+            settings,
+            flow_run_id=flow_run_id,
+            actor=actor,
+            client_ids=asked,
+            action=action,
+            outcome="denied",
+            reason=str(denied),
+        )
+        raise
+    await audit(
+        settings,
+        flow_run_id=flow_run_id,
+        actor=actor,
+        client_ids=[c.client_id for c in contexts] or [None],
+        action=action,
+        outcome="allowed",
+        reason=f"{actor.kind.value} in {mode} mode",
+    )
+    return contexts
+
+
+async def _admit(
+    settings: Settings,
+    actor: Actor,
+    mode: Mode,
+    client_ids: Sequence[UUID] | None,
+    min_role: str | None,
+    flow_run_id: UUID | None,
+) -> list[TenantContext]:
+    if mode == "operator":
+        if actor.kind is not ActorKind.OPERATOR:
+            raise AccessDenied(
+                f"{actor.describe()} may not start this flow: only a tenantflow operator "
+                "(app_metadata role tenantflow_operator) may"
+            )
+        return []
+    if mode == "service":
+        if actor.kind is ActorKind.USER:
+            raise AccessDenied(
+                f"{actor.describe()} may not start this service flow: it runs on its "
+                "schedule or by an operator (app_metadata role tenantflow_operator)"
+            )
+        async with guard_unit(settings) as session:
+            clients = await _active_clients(session, client_ids)
+        return [
+            TenantContext(actor, client_id, name, flow_run_id, seal=_SEAL)
+            for client_id, name in clients.items()
+        ]
+    if actor.kind is ActorKind.SCHEDULER or actor.user_id is None:
+        raise AccessDenied("this flow acts for a user: it needs that user's access_token")
+    if client_ids is None or len(client_ids) != 1:
+        raise AccessDenied("this flow acts on exactly one client")
+    async with guard_unit(settings) as session:
+        membership = await require_membership(
+            session, user_id=actor.user_id, client_id=client_ids[0], min_role=min_role
+        )
+    return [
+        TenantContext(
+            actor,
+            client_ids[0],
+            membership.client_name,
+            flow_run_id,
+            membership_role=membership.role,
+            seal=_SEAL,
+        )
+    ]
+
+
+# --------------------------------------------------------------------------- shards
