@@ -50,6 +50,7 @@ __all__ = [
     "is_transient_database_error",
     "ping",
     "session_scope",
+    "session_state_refusal",
     "set_local",
     "transaction_engine",
     "unit_of_work",
@@ -80,21 +81,34 @@ class SessionStateError(TenantflowError, RuntimeError):
     """A statement would leave session-level state on a transaction-pooler connection."""
 
 
-def _refuse_session_state(
-    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
-) -> None:
-    """Engine hook: refuse session-level state before it reaches the transaction pooler."""
+def session_state_refusal(statement: str) -> str | None:
+    """Why `statement` may not go through the transaction pooler, or None if it may.
+
+    Refused: what would leave state on the pooled server connection after the
+    transaction ends (`SET` without `LOCAL`, `RESET`, `DISCARD`, `LISTEN`, `PREPARE`,
+    `DEALLOCATE`, session advisory locks, `set_config(..., false)`).
+    """
     if (
         _SESSION_STATE.match(statement)
         or _SESSION_LOCK.search(statement)
         or _SESSION_SET_CONFIG.search(statement)
     ):
         head = statement.strip().split(None, 2)[:2]
-        raise SessionStateError(
+        return (
             f"refused {' '.join(head)!s}...: session-level state is not allowed through the "
             "transaction pooler; use SET LOCAL / set_config(..., true) or "
             "pg_advisory_xact_lock inside the transaction"
         )
+    return None
+
+
+def _refuse_session_state(
+    conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, executemany: bool
+) -> None:
+    """Engine hook: refuse session-level state before it reaches the transaction pooler."""
+    refusal = session_state_refusal(statement)
+    if refusal:
+        raise SessionStateError(refusal)
 
 
 # NOTE: serialization/deadlock, admin shutdown, connection failures, too many connections.

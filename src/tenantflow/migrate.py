@@ -74,6 +74,7 @@ __all__ = [
     "check_session_pooler",
     "current_revision",
     "locked_migration_connection",
+    "render_sql",
     "run_migration",
     "script_directory",
 ]
@@ -417,7 +418,12 @@ def _plan(
     return "downgrade", down, steps
 
 
-def _render_sql(action: Action, before: str | None, target: str | None) -> str:
+def render_sql(action: Action, before: str | None, target: str | None) -> str:
+    """The SQL Alembic would run from `before` to `target`, rendered offline.
+
+    No connection and no credentials: Alembic's offline mode (`--sql`). `before` and
+    `target` are revision ids, None for the empty database.
+    """
     buffer = io.StringIO()
     config = alembic_config(output_buffer=buffer)
     span = f"{_label(before)}:{_label(target)}"
@@ -477,7 +483,7 @@ async def run_migration(
         sql = ""
         if steps:
             async with _alembic_guard():
-                sql = _render_sql(action, before, target)
+                sql = render_sql(action, before, target)
         result = MigrationResult(
             action, True, before, before, target, steps, sql, time.monotonic() - started
         )
