@@ -18,7 +18,7 @@ import asyncpg
 
 from bench.stackapi import TimedRun, prefect_database_bytes, run_deployment_timed, task_run_count
 from bench.table import Row, ratio, say
-from tenantflow.rollup import _UPSERT, day_bounds
+from tenantflow.rollup import ROLLUP_UPSERT, day_bounds
 from tenantflow.settings import Settings
 from tenantflow.tenancy import SERVICE_CLAIMS, SERVICE_ROLE
 from tenantflow_dev.config import WORKER_DB_ROLE, StackConfig
@@ -48,7 +48,7 @@ def _positional(sql: str) -> tuple[str, list[str]]:
     return re.sub(r"(?<![:\w]):(\w+)", number, sql), names
 
 
-UPSERT, UPSERT_NAMES = _positional(_UPSERT.text)
+UPSERT, UPSERT_NAMES = _positional(ROLLUP_UPSERT.text)
 
 
 async def _admin(config: StackConfig) -> asyncpg.Connection:
@@ -213,7 +213,7 @@ async def unit_of_work_rate(
                 settings=settings,
             ) as session:
                 await session.execute(
-                    _UPSERT,
+                    ROLLUP_UPSERT,
                     {
                         "client_id": client,
                         "day": day,

@@ -24,6 +24,7 @@ from tenantflow.shards import ShardOutcome
 from tenantflow.tenancy import TenantContext, tenant_session
 
 __all__ = [
+    "ROLLUP_UPSERT",
     "ClientRollup",
     "RollupFailed",
     "RollupOutcome",
@@ -37,10 +38,11 @@ __all__ = [
     "yesterday_utc",
 ]
 
+#: The rollup of one client and day (the benchmark replays it with raw asyncpg).
 # NOTE: one statement, so a rerun replaces the day's row (idempotent) and a failure
 # leaves the previous row in place; the per-(client, day) transaction lock makes two
 # overlapping rollups of the same day take turns instead of racing.
-_UPSERT = text(
+ROLLUP_UPSERT = text(
     """
     WITH lock AS (
         SELECT pg_advisory_xact_lock(hashtext('tenantflow.rollup'), hashtext(:lock_key))
@@ -84,7 +86,7 @@ async def rollup_client(ctx: TenantContext, day: date) -> ClientRollup:
     async with tenant_session(ctx) as session:
         events, revenue = (
             await session.execute(
-                _UPSERT,
+                ROLLUP_UPSERT,
                 {
                     "client_id": ctx.client_id,
                     "day": day,
