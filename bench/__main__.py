@@ -23,6 +23,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench.guard import guard_rows
+from bench.imports import import_rows
 from bench.latency import latency_rows
 from bench.shards import shard_rows
 from bench.sweep import SIZES, SweepResult, remove_clients, sweep, sweep_rows
@@ -164,6 +165,7 @@ async def run(stack: Stack) -> None:
     rows += await shard_rows(stack)
     rows += await guard_rows(stack.config, get_settings())
     rows += await latency_rows(stack.config)
+    rows += import_rows()
     rows += await pooler_throughput(stack)
     rows += await task_styles()
     await dispose_engines()
