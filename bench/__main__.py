@@ -30,7 +30,7 @@ from bench.sweep import SIZES, SweepResult, remove_clients, sweep, sweep_rows
 from bench.table import Row, ratio, say, write
 from bench.table import render as render_table
 from tenantflow.db import build_transaction_engine, dispose_engines, session_scope, unit_of_work
-from tenantflow.deployments import deployment_names
+from tenantflow.project import deployment_names
 from tenantflow.settings import get_settings, load_settings
 from tenantflow_dev import Stack
 from tenantflow_dev.prefect_setup import deploy

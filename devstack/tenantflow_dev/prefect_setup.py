@@ -7,15 +7,11 @@
 
 from __future__ import annotations
 
-from tenantflow.deployments import (
-    Alerts,
-    BootstrapError,
-    BootstrapResult,
-    DeployError,
-    DeployResult,
-)
+from tenantflow.automations import Alerts
+from tenantflow.deployments import BootstrapError, BootstrapResult, DeployResult
 from tenantflow.deployments import bootstrap as bootstrap_prefect
 from tenantflow.deployments import deploy as deploy_prefect
+from tenantflow.project import DeployError
 from tenantflow.settings import Settings, SettingsError, load_settings
 from tenantflow_dev.config import StackConfig
 from tenantflow_dev.errors import StackError

@@ -31,7 +31,8 @@ from typing import Any
 
 import httpx
 
-from tenantflow.deployments import PROJECT_DIR_ENV, WORK_POOLS
+from tenantflow.deployments import WORK_POOLS
+from tenantflow.project import PROJECT_DIR_ENV
 from tenantflow_dev.config import WORKER_USER, StackConfig
 from tenantflow_dev.errors import StackError
 from tenantflow_dev.health import Health

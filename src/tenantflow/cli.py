@@ -69,7 +69,8 @@ def _deploy(args: argparse.Namespace) -> int:
     """Bootstrap the Prefect installation, then `prefect --no-prompt deploy` everything."""
     from dotenv import dotenv_values
 
-    from tenantflow.deployments import WORK_POOLS, Alerts, bootstrap, deploy
+    from tenantflow.automations import Alerts
+    from tenantflow.deployments import WORK_POOLS, bootstrap, deploy
     from tenantflow.settings import load_settings
 
     if args.image and args.pool_type == "process":

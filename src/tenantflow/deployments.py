@@ -2,7 +2,8 @@
 
 * `bootstrap()` creates or updates, idempotently, the work pools, the global
   concurrency limit that caps tenant transactions (`tenantflow-db`) and the automations
-  (zombie runs marked Crashed; operator alerts about `nightly-rollup`). Run it before
+  of `tenantflow.automations` (zombie runs marked Crashed; operator alerts about
+  `nightly-rollup`). Run it before
   `prefect deploy` and before starting workers: a worker does not create its pool.
 * `deploy()` runs `prefect --no-prompt deploy` over `prefect.yaml` in the project folder.
 * `set_project_directory()` is the pull step of every deployment: it moves a flow run into
@@ -30,46 +31,31 @@ import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from datetime import timedelta
 from pathlib import Path
 from typing import Any, Literal
 
 import httpx
-import yaml  # type: ignore[import-untyped]
 
+from tenantflow.automations import Alerts, Outcome, ensure_automations
 from tenantflow.errors import TenantflowError
-from tenantflow.settings import FaultSettings
+from tenantflow.project import PROJECT_DIR_ENV, DeployError, deployment_names
 
 __all__ = [
-    "ALERT_BLOCK",
-    "AUTOMATIONS",
-    "PROJECT_DIR_ENV",
     "WORK_POOLS",
-    "Alerts",
     "BootstrapError",
     "BootstrapResult",
-    "DeclaredDeployment",
-    "DeclaredSchedule",
-    "DeployError",
     "DeployResult",
     "PoolType",
     "abootstrap",
-    "alert_automations",
     "base_job_template",
     "bootstrap",
-    "declared_deployment",
     "deploy",
-    "deployment_names",
     "set_project_directory",
-    "zombie_automation",
 ]
 
 log = logging.getLogger("tenantflow.deployments")
 
-PROJECT_DIR_ENV = "TENANTFLOW_PROJECT_DIR"
-
 PoolType = Literal["process", "docker", "kubernetes"]
-Outcome = Literal["created", "updated", "unchanged", "removed"]
 
 WORK_POOLS: dict[PoolType, str] = {
     "process": "tenantflow-process",
@@ -89,10 +75,6 @@ _POOL_DESCRIPTIONS: dict[PoolType, str] = {
 
 class BootstrapError(TenantflowError, RuntimeError):
     """The Prefect installation could not be brought to the wanted state."""
-
-
-class DeployError(TenantflowError, RuntimeError):
-    """`prefect deploy` failed."""
 
 
 # --------------------------------------------------------------------------- pull step
@@ -317,247 +299,6 @@ async def _ensure_concurrency_limit(client: Any, name: str, limit: int) -> Outco
     return "updated"
 
 
-# --------------------------------------------------------------------------- automations
-
-#: The deployment whose failures and silence operators hear about.
-NIGHTLY_DEPLOYMENT = "nightly-rollup"
-#: The notification block the alert automations send through (holds the URL as a secret).
-ALERT_BLOCK = "tenantflow-alerts"
-#: The automations the bootstrap owns, by role.
-AUTOMATIONS = {
-    "zombie": "tenantflow-crash-zombie-flow-runs",
-    "failed": "tenantflow-nightly-rollup-failed",
-    "late": "tenantflow-nightly-rollup-late",
-}
-#: The final states of a flow run, and those in which its process may rightly be gone.
-_QUIET_STATES = ("Completed", "Failed", "Cancelled", "Crashed", "Paused", "Suspended")
-
-
-@dataclass(frozen=True)
-class Alerts:
-    """What the automations are made of (`FaultSettings`, in seconds).
-
-    `webhook_url` may hold a token: it goes into the notification block's secrets only,
-    and never into a log, a summary or an automation.
-    """
-
-    zombie_after_s: int = 90
-    nightly_late_after_s: int = 26 * 3600
-    webhook_url: str | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_settings(cls, settings: FaultSettings) -> Alerts:
-        url = settings.alert_webhook_url
-        return cls(
-            zombie_after_s=settings.zombie_after_s,
-            nightly_late_after_s=settings.nightly_late_after_s,
-            webhook_url=url.get_secret_value() if url is not None else None,
-        )
-
-
-def zombie_automation(alerts: Alerts) -> Any:
-    """Mark Crashed a deployment's flow run whose heartbeats stopped (a zombie).
-
-    As Prefect documents it: after a flow run's `Running` or heartbeat event, another
-    heartbeat (or a state in which the process may be gone) is expected within
-    `zombie_after_s`; otherwise the run's process or machine died, and the run is set
-    Crashed. Only runs of deployments: a flow called in-process (a test, a script) keeps
-    Prefect's default heartbeat (180 s), which a short window would take for a zombie.
-    """
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
-    return AutomationCore(
-        name=AUTOMATIONS["zombie"],
-        description=(
-            "tenantflow: a deployment's flow run without a heartbeat for "
-            f"{alerts.zombie_after_s}s is marked Crashed (its worker or machine died)."
-        ),
-        trigger=EventTrigger(
-            after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat"}
-            | {f"prefect.flow-run.{state}" for state in _QUIET_STATES},
-            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=ResourceSpecification(
-                {
-                    "prefect.resource.role": "deployment",
-                    "prefect.resource.id": "prefect.deployment.*",
-                }
-            ),
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=alerts.zombie_after_s),
-        ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=(
-                    f"No heartbeat from this flow run for {alerts.zombie_after_s}s: its process "
-                    "or machine is gone (killed, evicted, rebooted). Marked Crashed by "
-                    "tenantflow's zombie detection; start the run again."
-                ),
-            )
-        ],
-    )
-
-
-_FAILED_SUBJECT = "tenantflow: {{ flow_run.name }} of nightly-rollup is {{ flow_run.state.name }}"
-_FAILED_BODY = """\
-The nightly-rollup flow run {{ flow_run.name }} ended {{ flow_run.state.name }}.
-State message: {{ flow_run.state.message }}
-Flow run: {{ flow_run|ui_url }}
-Flow run id: {{ flow_run.id }}
-Started: {{ flow_run.start_time }}"""
-_LATE_SUBJECT = "tenantflow: nightly-rollup is late or missing"
-
-
-def _late_body(seconds: int) -> str:
-    window = f"{seconds // 3600} hours" if seconds % 3600 == 0 else f"{seconds}s"
-    return (
-        f"No nightly-rollup flow run has completed in the last {window} (it is scheduled "
-        "daily at 02:15 UTC). Check the deployment's runs and its worker in the Prefect UI."
-    )
-
-
-def alert_automations(alerts: Alerts, block_id: Any) -> list[Any]:
-    """Operators' alerts through the notification block `block_id`.
-
-    * `failed`: a run of `nightly-rollup` ended Failed or Crashed (reactive, one
-      notification per run);
-    * `late`: no run of `nightly-rollup` reached Completed within `nightly_late_after_s`
-      (proactive, so a missing run is noticed as well as a failed one).
-    """
-    from prefect.events.actions import SendNotification
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
-
-    nightly_run = ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"})
-    of_nightly = ResourceSpecification(
-        {"prefect.resource.role": "deployment", "prefect.resource.name": NIGHTLY_DEPLOYMENT}
-    )
-    return [
-        AutomationCore(
-            name=AUTOMATIONS["failed"],
-            description="tenantflow: tell operators when a nightly-rollup run fails or crashes.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
-                match=nightly_run,
-                match_related=of_nightly,
-                for_each={"prefect.resource.id"},
-                posture=Posture.Reactive,
-                threshold=1,
-                within=timedelta(seconds=0),
-            ),
-            actions=[
-                SendNotification(
-                    block_document_id=block_id, subject=_FAILED_SUBJECT, body=_FAILED_BODY
-                )
-            ],
-        ),
-        AutomationCore(
-            name=AUTOMATIONS["late"],
-            description=(
-                "tenantflow: tell operators when no nightly-rollup run has completed for "
-                f"{alerts.nightly_late_after_s}s."
-            ),
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Completed"},
-                match=nightly_run,
-                match_related=of_nightly,
-                posture=Posture.Proactive,
-                threshold=1,
-                within=timedelta(seconds=alerts.nightly_late_after_s),
-            ),
-            actions=[
-                SendNotification(
-                    block_document_id=block_id,
-                    subject=_LATE_SUBJECT,
-                    body=_late_body(alerts.nightly_late_after_s),
-                )
-            ],
-        ),
-    ]
-
-
-async def _save_alert_block(webhook_url: str) -> Any:
-    """The notification block that POSTs {subject, body, source} as JSON; its id.
-
-    NOTE: the URL is a secret value of the block (it may carry a token), substituted into
-    the block's `url` only when a notification is sent.
-    """
-    from prefect.blocks.notifications import CustomWebhookNotificationBlock
-    from prefect.types import SecretDict
-
-    block = CustomWebhookNotificationBlock(
-        name="tenantflow alerts",
-        url="{{alert_url}}",
-        method="POST",
-        json_data={"subject": "{{subject}}", "body": "{{body}}", "source": "tenantflow"},
-        headers={"Content-Type": "application/json"},
-        secrets=SecretDict({"alert_url": webhook_url}),
-    )
-    return await block.asave(ALERT_BLOCK, overwrite=True)
-
-
-def _comparable(automation: Any) -> Any:
-    """An automation as data to compare: no ids (triggers get a fresh one each time they
-    are built), no server bookkeeping, and sets (dumped as lists) in a fixed order."""
-
-    def normal(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: normal(v) for k, v in value.items() if k != "id"}
-        if isinstance(value, list):
-            items = [normal(v) for v in value]
-            return sorted(items) if all(isinstance(v, str) for v in items) else items
-        return value
-
-    return normal(
-        automation.model_dump(mode="json", exclude={"created", "updated", "owner_resource"})
-    )
-
-
-async def _ensure_automation(client: Any, wanted: Any) -> Outcome:
-    """Create `wanted`, or update the automation of its name in place; drop duplicates."""
-    existing = await client.read_automations_by_name(wanted.name)
-    if not existing:
-        await client.create_automation(wanted)
-        return "created"
-    first, *duplicates = existing
-    for duplicate in duplicates:
-        # NOTE: two bootstraps racing may both create one; keep a single automation.
-        await client.delete_automation(duplicate.id)
-    if _comparable(first) == _comparable(wanted) and not duplicates:
-        return "unchanged"
-    await client.update_automation(first.id, wanted)
-    return "updated"
-
-
-async def _remove_automation(client: Any, name: str) -> Outcome | None:
-    existing = await client.read_automations_by_name(name)
-    for automation in existing:
-        await client.delete_automation(automation.id)
-    return "removed" if existing else None
-
-
-async def _ensure_automations(client: Any, alerts: Alerts, result: BootstrapResult) -> None:
-    result.automations[AUTOMATIONS["zombie"]] = await _ensure_automation(
-        client, zombie_automation(alerts)
-    )
-    if not alerts.webhook_url:
-        # NOTE: without a destination there is nothing to send: earlier alert automations
-        # are removed, so unsetting the URL turns alerts off.
-        for role in ("failed", "late"):
-            if (outcome := await _remove_automation(client, AUTOMATIONS[role])) is not None:
-                result.automations[AUTOMATIONS[role]] = outcome
-        return
-    block_id = await _save_alert_block(alerts.webhook_url)
-    for automation in alert_automations(alerts, block_id):
-        result.automations[automation.name] = await _ensure_automation(client, automation)
-
-
 async def abootstrap(
     *,
     concurrency_limit: str,
@@ -606,7 +347,7 @@ async def abootstrap(
         result.concurrency_limits[concurrency_limit] = await _ensure_concurrency_limit(
             client, concurrency_limit, concurrency_slots
         )
-        await _ensure_automations(client, alerts or Alerts(), result)
+        result.automations.update(await ensure_automations(client, alerts or Alerts()))
     return dataclasses.replace(result, alerts=bool((alerts or Alerts()).webhook_url))
 
 
@@ -646,75 +387,6 @@ class DeployResult:
     deployments: list[str]
     work_pool: str
     seconds: float
-
-
-def deployment_names(project_dir: Path) -> list[str]:
-    """The deployment names declared in the project's `prefect.yaml`, in order."""
-    path = project_dir / "prefect.yaml"
-    try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise DeployError(f"cannot read {path}: {error}") from None
-    return [str(entry["name"]) for entry in document.get("deployments") or []]
-
-
-@dataclass(frozen=True)
-class DeclaredSchedule:
-    """A schedule as `prefect.yaml` declares it (what the scheduler may run, exactly)."""
-
-    slug: str
-    cron: str
-    timezone: str
-    parameters: dict[str, Any]
-
-
-@dataclass(frozen=True)
-class DeclaredDeployment:
-    name: str
-    entrypoint: str
-    parameters: dict[str, Any]
-    schedules: tuple[DeclaredSchedule, ...]
-
-    def schedule(self, slug: str | None) -> DeclaredSchedule | None:
-        return next((s for s in self.schedules if slug and s.slug == slug), None)
-
-
-def declared_deployment(name: str, project_dir: Path | None = None) -> DeclaredDeployment | None:
-    """The deployment `name` as this project's `prefect.yaml` declares it, or None.
-
-    The worker reads its own copy of the project (the folder its flow runs start in,
-    `TENANTFLOW_PROJECT_DIR`), never what the Prefect API says a deployment is: the API
-    can be told anything by whoever reaches it.
-
-    Raises:
-        DeployError: `prefect.yaml` is missing or unreadable.
-    """
-    folder = project_dir or Path(os.environ.get(PROJECT_DIR_ENV) or Path.cwd())
-    path = folder / "prefect.yaml"
-    try:
-        document = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise DeployError(f"cannot read {path}: {error}") from None
-    for entry in document.get("deployments") or []:
-        if entry.get("name") != name:
-            continue
-        schedules = tuple(
-            DeclaredSchedule(
-                slug=str(schedule["slug"]),
-                cron=str(schedule["cron"]),
-                timezone=str(schedule.get("timezone") or "UTC"),
-                parameters=dict(schedule.get("parameters") or {}),
-            )
-            for schedule in entry.get("schedules") or []
-            if schedule.get("slug") and schedule.get("cron")
-        )
-        return DeclaredDeployment(
-            name=name,
-            entrypoint=str(entry.get("entrypoint")),
-            parameters=dict(entry.get("parameters") or {}),
-            schedules=schedules,
-        )
-    return None
 
 
 def deploy(

@@ -47,7 +47,7 @@ from prefect.utilities.processutils import command_to_string, get_sys_executable
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 from pydantic import PrivateAttr, model_validator
 
-from tenantflow.deployments import PROJECT_DIR_ENV, DeployError, declared_deployment
+from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment
 from tenantflow.settings import load_fault_settings
 
 if TYPE_CHECKING:

@@ -31,14 +31,8 @@ from prefect.client.schemas.actions import WorkPoolCreate
 from prefect.client.schemas.objects import ConcurrencyOptions, StateType
 from prefect.events.schemas.automations import EventTrigger, Posture
 
-from tenantflow.deployments import (
-    AUTOMATIONS,
-    Alerts,
-    BootstrapResult,
-    abootstrap,
-    alert_automations,
-    zombie_automation,
-)
+from tenantflow.automations import AUTOMATIONS, Alerts, alert_automations, zombie_automation
+from tenantflow.deployments import BootstrapResult, abootstrap
 from tenantflow.settings import SettingsError, load_fault_settings
 from tenantflow.worker import HEARTBEAT_ENV
 from tenantflow_dev import Stack

@@ -26,9 +26,9 @@ from tenantflow.deployments import (
     PoolType,
     abootstrap,
     base_job_template,
-    deployment_names,
     set_project_directory,
 )
+from tenantflow.project import deployment_names
 from tenantflow.worker import base_job_template as tenantflow_template
 from tenantflow_dev import Stack
 from tenantflow_dev.prefect_setup import bootstrap, deploy, stack_settings

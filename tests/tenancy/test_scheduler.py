@@ -22,7 +22,7 @@ from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
 
 from tenantflow.db import dispose_engines
-from tenantflow.deployments import declared_deployment
+from tenantflow.project import declared_deployment
 from tenantflow.tenancy import AccessDenied, ActorKind, TenantContext, authorize_run
 from tests.tenancy.conftest import World
 

@@ -43,7 +43,7 @@ from tenantflow.auth import (
     verify_access_token,
 )
 from tenantflow.db import Executor
-from tenantflow.deployments import DeployError, declared_deployment
+from tenantflow.project import DeployError, declared_deployment
 from tenantflow.schema import MEMBER_ROLES
 from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy.actors import _SEAL, AccessDenied, Actor, ActorKind, TenantContext

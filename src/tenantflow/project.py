@@ -1,0 +1,106 @@
+"""The project as it declares itself: the deployments of its `prefect.yaml`.
+
+What may run, and how the scheduler may run it, is what this file says: the worker
+(`tenantflow.worker`) and the tenant guard (`tenantflow.tenancy`) read their own copy of
+the project, never what the Prefect API says a deployment is, since the API can be told
+anything by whoever reaches it. Reading it needs no Prefect client, so a flow run pays
+for nothing else.
+
+How the worker uses it: docs/security.md.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml  # type: ignore[import-untyped]
+
+from tenantflow.errors import TenantflowError
+
+__all__ = [
+    "PROJECT_DIR_ENV",
+    "DeclaredDeployment",
+    "DeclaredSchedule",
+    "DeployError",
+    "declared_deployment",
+    "deployment_names",
+]
+
+#: The folder that holds `prefect.yaml` and `flows/`, named at run time (the image: `/app`).
+PROJECT_DIR_ENV = "TENANTFLOW_PROJECT_DIR"
+
+
+class DeployError(TenantflowError, RuntimeError):
+    """The project's deployments could not be read, or `prefect deploy` failed."""
+
+
+def deployment_names(project_dir: Path) -> list[str]:
+    """The deployment names declared in the project's `prefect.yaml`, in order."""
+    path = project_dir / "prefect.yaml"
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DeployError(f"cannot read {path}: {error}") from None
+    return [str(entry["name"]) for entry in document.get("deployments") or []]
+
+
+@dataclass(frozen=True)
+class DeclaredSchedule:
+    """A schedule as `prefect.yaml` declares it (what the scheduler may run, exactly)."""
+
+    slug: str
+    cron: str
+    timezone: str
+    parameters: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class DeclaredDeployment:
+    name: str
+    entrypoint: str
+    parameters: dict[str, Any]
+    schedules: tuple[DeclaredSchedule, ...]
+
+    def schedule(self, slug: str | None) -> DeclaredSchedule | None:
+        return next((s for s in self.schedules if slug and s.slug == slug), None)
+
+
+def declared_deployment(name: str, project_dir: Path | None = None) -> DeclaredDeployment | None:
+    """The deployment `name` as this project's `prefect.yaml` declares it, or None.
+
+    The worker reads its own copy of the project (the folder its flow runs start in,
+    `TENANTFLOW_PROJECT_DIR`), never what the Prefect API says a deployment is: the API
+    can be told anything by whoever reaches it.
+
+    Raises:
+        DeployError: `prefect.yaml` is missing or unreadable.
+    """
+    folder = project_dir or Path(os.environ.get(PROJECT_DIR_ENV) or Path.cwd())
+    path = folder / "prefect.yaml"
+    try:
+        document = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise DeployError(f"cannot read {path}: {error}") from None
+    for entry in document.get("deployments") or []:
+        if entry.get("name") != name:
+            continue
+        schedules = tuple(
+            DeclaredSchedule(
+                slug=str(schedule["slug"]),
+                cron=str(schedule["cron"]),
+                timezone=str(schedule.get("timezone") or "UTC"),
+                parameters=dict(schedule.get("parameters") or {}),
+            )
+            for schedule in entry.get("schedules") or []
+            if schedule.get("slug") and schedule.get("cron")
+        )
+        return DeclaredDeployment(
+            name=name,
+            entrypoint=str(entry.get("entrypoint")),
+            parameters=dict(entry.get("parameters") or {}),
+            schedules=schedules,
+        )
+    return None
