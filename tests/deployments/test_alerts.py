@@ -55,9 +55,11 @@ def sleepy(seconds: float = 0.0) -> float:
     return seconds
 '''
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
-#: Prefect's floor for the flow-run heartbeat, and a window that tolerates one lost beat.
+#: Prefect's floor for the flow-run heartbeat, and a window just past it: the test's run
+#: is killed seconds after it starts, so no beat of a live run can come late against it,
+#: and the test waits the window out after the kill.
 HEARTBEAT_S = 30
-ZOMBIE_AFTER_S = 45
+ZOMBIE_AFTER_S = 35
 
 
 # --------------------------------------------------------------------------- no stack

@@ -59,7 +59,7 @@ async def _final(run_id: uuid.UUID, within: float = 180) -> FlowRun:
             if run.state and run.state.type.value in FINAL:
                 return run
             assert asyncio.get_running_loop().time() < deadline, f"{run_id}: {run.state}"
-            await asyncio.sleep(1)
+            await asyncio.sleep(0.25)
 
 
 async def _artifacts(run_id: uuid.UUID) -> list[Any]:

@@ -35,7 +35,7 @@ async def test_a_token_that_expired_in_the_queue_is_refused_clearly(world: World
                 stored = await client.read_flow_run(run.id)
                 if stored.state and stored.state.is_final():
                     break
-                await asyncio.sleep(1)
+                await asyncio.sleep(0.25)
     assert stored.state.is_failed(), stored.state
     message = stored.state.message or ""
     assert "sealed access token refused" in message and "expired" in message
