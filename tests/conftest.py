@@ -41,6 +41,9 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     os.environ.update(CONFIG.environment())
     os.environ.setdefault("PREFECT_LOGGING_TO_API_BATCH_INTERVAL", "0.3")
+    # NOTE: the fixtures every stack area shares (`world`, `db_limit`, `parked_runs`) live
+    # in one module, loaded only now that Prefect may be imported.
+    config.pluginmanager.import_plugin("tests.world")
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from prefect.exceptions import PrefectHTTPStatusError
 from prefect.states import Cancelled, Scheduled
 
 from tenantflow.migrate import script_directory
-from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
+from tests.world import EVENTS_PER_CLIENT, World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

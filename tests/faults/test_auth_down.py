@@ -15,7 +15,7 @@ from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy import AUTH_ATTEMPTS, AccessDenied, ActorKind, authorize_token
 from tenantflow_dev import Stack
 from tenantflow_dev.auth_stand_in import AuthServer
-from tests.tenancy.conftest import World
+from tests.world import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

@@ -23,7 +23,7 @@ from tenantflow_dev import Stack
 from tenantflow_dev.pgbouncer import PgBouncer
 from tenantflow_dev.postgres import PG_BIN, Postgres
 from tenantflow_dev.prefect_server import PrefectServer
-from tests.tenancy.conftest import World
+from tests.world import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]
 

@@ -9,7 +9,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.states import Scheduled
 
-from tests.tenancy.conftest import World
+from tests.world import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 

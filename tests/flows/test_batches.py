@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (
 
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
-from tests.tenancy.conftest import World
+from tests.world import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("db_limit")]
 

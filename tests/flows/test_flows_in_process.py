@@ -22,7 +22,7 @@ from prefect.client.schemas.filters import (
 from flows.client_report import client_report
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
-from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
+from tests.world import EVENTS_PER_CLIENT, World
 
 pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("db_limit")]
 

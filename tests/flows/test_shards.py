@@ -26,7 +26,7 @@ from tenantflow.settings import get_settings
 from tenantflow.shards import SHARD_DEPLOYMENT
 from tenantflow_dev import Stack
 from tenantflow_dev.worker import LocalWorker
-from tests.tenancy.conftest import World
+from tests.world import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]
 

@@ -21,7 +21,7 @@ from tenantflow.migrate import (
 from tenantflow.settings import get_settings
 from tests.migrations.conftest import NewDatabase
 from tests.migrations.support import ScratchDatabase, fingerprint
-from tests.tenancy.conftest import World, world
+from tests.world import World, world
 
 __all__ = ["world"]
 

@@ -40,7 +40,7 @@ from tenantflow.deployments import WORK_POOLS
 from tenantflow.worker import LOCKED_VARIABLES
 from tenantflow_dev import Stack
 from tenantflow_dev.os_users import grant_traversal
-from tests.tenancy.conftest import World, world
+from tests.world import World, world
 
 __all__ = ["world"]
 

@@ -23,7 +23,7 @@ from tenantflow.tenancy import (
     tenant_session,
 )
 from tenantflow_dev.auth_stand_in import set_operator
-from tests.tenancy.conftest import EVENTS_PER_CLIENT, World
+from tests.world import EVENTS_PER_CLIENT, World
 
 pytestmark = pytest.mark.stack
 

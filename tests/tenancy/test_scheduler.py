@@ -24,7 +24,7 @@ from prefect.client.schemas.schedules import CronSchedule
 from tenantflow.db import dispose_engines
 from tenantflow.project import declared_deployment
 from tenantflow.tenancy import AccessDenied, ActorKind, TenantContext, authorize_run
-from tests.tenancy.conftest import World
+from tests.world import World
 
 pytestmark = pytest.mark.stack
 

@@ -18,7 +18,7 @@ from tenantflow.db import dispose_engines
 from tenantflow.sealing import generate_private_key, public_key, seal_access_token
 from tenantflow.settings import get_settings
 from tenantflow.tenancy import REDACTED, AccessDenied, ActorKind, authorize_run
-from tests.tenancy.conftest import World
+from tests.world import World
 
 pytestmark = pytest.mark.stack
 

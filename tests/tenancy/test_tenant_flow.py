@@ -17,7 +17,7 @@ from prefect.client.orchestration import get_client
 
 from tenantflow.db import dispose_engines
 from tenantflow.tenancy import REDACTED, SealedAccessToken, redact_token_on_failure, tenant_flow
-from tests.tenancy.conftest import World
+from tests.world import World
 
 
 async def _report(day: int, access_token: SealedAccessToken | None = None) -> int:

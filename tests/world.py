@@ -1,4 +1,8 @@
-"""A small world of clients, users, memberships and events for the guard's tests."""
+"""A small world of clients, users, memberships and events: the shared fixtures `world`,
+`db_limit` and `parked_runs` of the guard, flow, fault and end-to-end tests.
+
+Registered as a plugin by `tests/conftest.py` for every run that uses the stack.
+"""
 
 from __future__ import annotations
 

@@ -1,3 +1,0 @@
-from tests.tenancy.conftest import db_limit, world
-
-__all__ = ["db_limit", "world"]
