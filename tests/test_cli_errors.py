@@ -4,7 +4,6 @@ to do; --debug adds the traceback. No stack here: the environment points at clos
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,20 +11,9 @@ from pathlib import Path
 import pytest
 
 from tenantflow import cli
+from tests.processes import free_ports
 
 HINT = "`make up` or `tenantflow-dev status`"
-
-
-def _closed_ports(count: int) -> list[int]:
-    """Ports nothing listens on (bound once by us, then closed)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
 
 
 def _base_env(tmp_path: Path) -> dict[str, str]:
@@ -42,7 +30,7 @@ def _base_env(tmp_path: Path) -> dict[str, str]:
 
 @pytest.fixture
 def closed_env(tmp_path: Path) -> dict[str, str]:
-    pg, transaction, session, auth, prefect = _closed_ports(5)
+    pg, transaction, session, auth, prefect = free_ports(5)
     return {
         **_base_env(tmp_path),
         "TENANTFLOW_PG_PORT": str(pg),

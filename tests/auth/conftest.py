@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import socket
 import threading
 import time
 import uuid
@@ -18,6 +17,7 @@ from tenantflow.settings import Settings, load_settings
 from tenantflow_dev import Stack, StackConfig
 from tenantflow_dev.auth_stand_in import create_app, create_user, delete_user, mint_access_token
 from tests.auth.support import StackUser, with_
+from tests.processes import free_ports
 
 
 @pytest.fixture(autouse=True)
@@ -58,13 +58,6 @@ async def token(stack: Stack, user: StackUser) -> str:
     return await mint_access_token(stack.config, user.email)
 
 
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 @pytest.fixture(scope="session")
 def private_stand_in(stack: Stack) -> Iterator[StackConfig]:
     """A second instance of the Auth stand-in, served over HTTP from this process.
@@ -73,7 +66,7 @@ def private_stand_in(stack: Stack) -> Iterator[StackConfig]:
     so tests that count JWKS or /user requests are not disturbed by anyone else using the
     shared stack. Tokens for it must be minted with the returned config (its `iss`).
     """
-    config = dataclasses.replace(stack.config, auth_port=_free_port(stack.config.host))
+    config = dataclasses.replace(stack.config, auth_port=free_ports(1, stack.config.host)[0])
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config),

@@ -16,26 +16,14 @@ from dotenv import dotenv_values
 from tenantflow_dev import Stack, StackConfig
 from tenantflow_dev.postgres import DURABILITY_SETTINGS
 from tenantflow_dev.processes import pid_alive, port_is_open
-from tests.processes import processes_using
+from tests.processes import free_ports, processes_using
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-def _free_ports(count: int) -> list[int]:
-    """Ports nothing listens on now (never fixed numbers: another stack may use them)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
-    finally:
-        for sock in sockets:
-            sock.close()
-
-
 @pytest.fixture
 def second_stack(tmp_path: Path) -> Iterator[Stack]:
-    auth, pg, transaction, session, prefect = _free_ports(5)
+    auth, pg, transaction, session, prefect = free_ports(5)
     config = StackConfig(
         project_dir=tmp_path,
         stack_dir=tmp_path / ".stack",
