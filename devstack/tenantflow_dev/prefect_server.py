@@ -16,7 +16,7 @@ from tenantflow_dev.health import Health
 from tenantflow_dev.postgres import Postgres
 from tenantflow_dev.service import HttpProcessService
 
-__all__ = ["PREFECT_RETENTION", "PrefectServer"]
+__all__ = ["PREFECT_LEASES", "PREFECT_RETENTION", "PrefectServer"]
 
 
 class PrefectServer(HttpProcessService):
@@ -103,6 +103,11 @@ class PrefectServer(HttpProcessService):
                 "PREFECT_API_URL": self.config.prefect_api_url,
                 "PREFECT_UI_API_URL": self.config.prefect_api_url,
                 "PREFECT_LOGGING_LEVEL": "WARNING",
+                # NOTE: leases of global-concurrency slots kept on disk (in PREFECT_HOME),
+                # not in the server's memory: a server restart would otherwise forget the
+                # leases of running flows, their releases would find nothing, and the slots
+                # of `tenantflow-db` would stay taken for good.
+                **PREFECT_LEASES,
                 # NOTE: one flow run with 1,000 tenant tasks means thousands of task-run
                 # events; the default batches of 1 kept the server's core busy for minutes.
                 "PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_READ_BATCH_SIZE": "100",
@@ -115,6 +120,14 @@ class PrefectServer(HttpProcessService):
         )
         return env
 
+
+#: Where a self-hosted Prefect server keeps the leases of concurrency slots: on disk, so
+#: they survive its restart (one server; several replicas need a shared store instead).
+PREFECT_LEASES = {
+    "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": (
+        "prefect.server.concurrency.lease_storage.filesystem"
+    ),
+}
 
 #: Retention on the stack's Prefect server.
 #: NOTE: every nightly sweep adds flow runs, thousands of task runs, their logs and events;

@@ -16,9 +16,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime
 
 import pytest
+from prefect.client.orchestration import get_client
 
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
+from tenantflow.settings import get_settings
 from tenantflow_dev import Stack
 from tenantflow_dev.pgbouncer import PgBouncer
 from tenantflow_dev.postgres import PG_BIN, Postgres
@@ -83,6 +85,13 @@ async def _sweep_with_fault(
     assert all(r["n"] == 1 for r in rows)
     expected = await world.day_totals(ids, day)
     assert {r["client_id"]: (r["events"], r["revenue"]) for r in rows} == expected
+    # The run gave back every slot of the budget it took, fault or not: a slot kept by a
+    # lease the fault made the server forget would hold back every later run.
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(
+            get_settings().db_concurrency_limit
+        )
+    assert limit.active_slots == 0, f"{limit.active_slots} slots still taken after the run"
 
 
 async def test_the_transaction_pooler_killed_mid_sweep(
