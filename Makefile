@@ -15,15 +15,16 @@ env:  ## install what is missing (uv, PostgreSQL 15, PgBouncer) and sync .venv
 up: env  ## start the whole local stack (tenantflow-dev) and print its addresses
 	@$(VENV)/tenantflow-dev up --main-job
 
-down:  ## stop everything the local stack started
+down:  ## stop everything the local stack (and the tests' second stack) started
 	@if [ -x $(VENV)/tenantflow-dev ]; then $(VENV)/tenantflow-dev down; fi
+	@if [ -x $(VENV)/python ]; then $(VENV)/python -m tests.streams down; fi
 
 status:  ## show each part of the local stack, its port and health
 	@$(VENV)/tenantflow-dev status
 
-test:  ## run the whole test suite (brings up what it needs, Chromium included)
+test:  ## the whole suite, two streams on two stacks at once (brings up what it needs)
 	@TENANTFLOW_WITH_BROWSER=1 bash scripts/bootstrap.sh
-	@$(VENV)/pytest
+	@$(VENV)/python -m tests.streams
 
 test-unit: env  ## pure unit tests only (no stack, no database), in seconds
 	@$(VENV)/pytest tests/unit

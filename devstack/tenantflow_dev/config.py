@@ -178,7 +178,12 @@ class StackConfig:
 
     @property
     def env_file(self) -> Path:
-        return self.project_dir / ".env"
+        """The project's `.env` for the project's own stack (`.stack`); any other stack
+        (a second one beside it, as `make test` runs) keeps its `.env` in its own folder,
+        so it never overwrites the settings of the developer's stack."""
+        if self.stack_dir == self.project_dir / ".stack":
+            return self.project_dir / ".env"
+        return self.stack_dir / ".env"
 
     @property
     def secrets_file(self) -> Path:

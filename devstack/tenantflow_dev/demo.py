@@ -16,8 +16,6 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import asyncpg
-from prefect.deployments.flow_runs import arun_deployment
-from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
 from tenantflow.sealing import public_key, seal_access_token
 from tenantflow_dev.auth_stand_in import create_user, mint_access_token
@@ -178,6 +176,11 @@ async def run_demo(config: StackConfig) -> DemoRun:
     The run gets a sealed token of its own; the values returned for the run forms are
     fresh ones (a sealed token is good for one run).
     """
+    # NOTE: Prefect here only: importing it costs seconds, and `tenantflow-dev status`,
+    # `down` and `up` without the main job never need it.
+    from prefect.deployments.flow_runs import arun_deployment
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
     started = time.monotonic()
     with temporary_settings(
         {
