@@ -1,16 +1,17 @@
 """`make test`: the whole suite as two pytest processes at once, each on a stack of its own.
 
-Much of the suite waits rather than computes: for a flow run's process to start, for a
+Part of the suite waits rather than computes: for a flow run's process to start, for a
 heartbeat window to pass, for a restarted part to answer. Two streams overlap those
-waits. The second stream takes the tests that stop, restart or reconfigure parts of their
-stack or wait out windows (`SECOND`); every other test, and any file added later, runs
-in the first stream, on the project's own stack (`.stack`, the developer's ports).
+waits with the other stream's work. The second stream takes the tests that stop,
+restart or reconfigure parts of their stack or wait out windows (`SECOND`); every other
+test, and any file added later, runs in the first stream, on the project's own stack
+(`.stack`, the developer's ports).
 
     python -m tests.streams [pytest options]   # both streams; exit status 0 only if both pass
     python -m tests.streams down               # stop the second stream's stack
 
 The second stack lives in `.stack-second` on ports below the kernel's ephemeral range
-(`SECOND_PORTS`), so no outgoing connection of the first stream can hold one of them
+(`SECOND_STACK`), so no outgoing connection of the first stream can hold one of them
 while a test restarts the part that listens there.
 """
 
