@@ -30,6 +30,9 @@ from typing import IO
 
 PROJECT = Path(__file__).resolve().parents[1]
 
+#: Lines of a failed stream's output repeated at the end when pytest printed no summary.
+TAIL = 40
+
 #: Run by the second stream: faults, alerts and the stack's own lifecycle (they restart,
 #: stop or reconfigure parts of their stack), and other long waits.
 SECOND = (
@@ -52,11 +55,22 @@ SECOND_STACK = {
 }
 
 
-def _relay(name: str, stream: IO[str], lock: threading.Lock) -> None:
+def _relay(name: str, stream: IO[str], lock: threading.Lock, kept: list[str]) -> None:
     for line in stream:
+        kept.append(line)
         with lock:
             sys.stdout.write(f"[{name}] {line}")
             sys.stdout.flush()
+
+
+def _summary(lines: list[str]) -> list[str]:
+    """The end of a failed stream's output, from pytest's short summary on (the last
+    `TAIL` lines if it printed none): what failed, repeated where a reader of the log's
+    end sees it, whichever stream finished last."""
+    for index in range(len(lines) - 1, -1, -1):
+        if "short test summary info" in lines[index]:
+            return lines[index:]
+    return lines[-TAIL:]
 
 
 def _second_environment() -> dict[str, str]:
@@ -92,6 +106,7 @@ def main(options: list[str]) -> int:
     started = time.monotonic()
     running: dict[str, subprocess.Popen[str]] = {}
     relays = []
+    output: dict[str, list[str]] = {name: [] for name in streams}
     for name, (argv, env) in streams.items():
         process = subprocess.Popen(
             argv,
@@ -105,7 +120,9 @@ def main(options: list[str]) -> int:
         )
         running[name] = process
         assert process.stdout is not None
-        relay = threading.Thread(target=_relay, args=(name, process.stdout, lock), daemon=True)
+        relay = threading.Thread(
+            target=_relay, args=(name, process.stdout, lock, output[name]), daemon=True
+        )
         relay.start()
         relays.append(relay)
     try:
@@ -120,6 +137,10 @@ def main(options: list[str]) -> int:
         relay.join(timeout=10)
     shutil.rmtree(base, ignore_errors=True)
     seconds = time.monotonic() - started
+    for name, code in codes.items():
+        if code != 0:
+            sys.stdout.write(f"tests: the {name} stream failed; its summary again:\n")
+            sys.stdout.writelines(f"[{name}] {line}" for line in _summary(output[name]))
     verdicts = (f"{name} {'passed' if code == 0 else 'FAILED'}" for name, code in codes.items())
     sys.stdout.write(f"tests: {', '.join(verdicts)} in {seconds:.0f}s (two streams at once)\n")
     return 0 if all(code == 0 for code in codes.values()) else 1
