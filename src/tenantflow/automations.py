@@ -6,6 +6,10 @@
 * `alert_automations()`: with `ALERT_WEBHOOK_URL` set, a POST through the notification
   block `tenantflow-alerts` when `nightly-rollup` ends Failed or Crashed, and when none
   has Completed for `NIGHTLY_LATE_AFTER_S`.
+* `housekeeping_automation()`: with `ALERT_WEBHOOK_URL` set, a POST through the same block
+  for every event of the worker's housekeeping (`HOUSEKEEPING_EVENTS`: a schedule slot
+  squatted or missed, a concurrency limit full with nobody holding it), its subject and
+  body taken from the event, which names the night or the limit.
 * `ensure_automations()`: creates, updates (by name) or removes them; `bootstrap()` in
   `tenantflow.deployments` calls it.
 
@@ -23,11 +27,13 @@ from tenantflow.settings import FaultSettings
 __all__ = [
     "ALERT_BLOCK",
     "AUTOMATIONS",
+    "HOUSEKEEPING_EVENTS",
     "NIGHTLY_DEPLOYMENT",
     "Alerts",
     "Outcome",
     "alert_automations",
     "ensure_automations",
+    "housekeeping_automation",
     "zombie_automation",
 ]
 
@@ -43,6 +49,14 @@ AUTOMATIONS = {
     "zombie": "tenantflow-crash-zombie-flow-runs",
     "failed": "tenantflow-nightly-rollup-failed",
     "late": "tenantflow-nightly-rollup-late",
+    "housekeeping": "tenantflow-housekeeping-alerts",
+}
+#: The events the worker's housekeeping (`tenantflow.housekeeping`) emits, by role. Each
+#: carries `subject` and `message` in its payload, which the alert sends as they are.
+HOUSEKEEPING_EVENTS = {
+    "limit_stuck": "tenantflow.concurrency-limit.stuck",
+    "slot_squatted": "tenantflow.schedule.slot-squatted",
+    "slot_missed": "tenantflow.schedule.slot-missed",
 }
 #: The final states of a flow run, and those in which its process may rightly be gone.
 _QUIET_STATES = ("Completed", "Failed", "Cancelled", "Crashed", "Paused", "Suspended")
@@ -137,6 +151,22 @@ def _late_body(seconds: int) -> str:
     )
 
 
+def _each_event(expect: set[str], *, match: Any, match_related: Any = None) -> Any:
+    """A reactive trigger that fires once for every event named in `expect` (per resource)."""
+    from prefect.events.schemas.automations import EventTrigger, Posture
+
+    related = {} if match_related is None else {"match_related": match_related}
+    return EventTrigger(
+        expect=expect,
+        match=match,
+        for_each={"prefect.resource.id"},
+        posture=Posture.Reactive,
+        threshold=1,
+        within=timedelta(seconds=0),
+        **related,
+    )
+
+
 def alert_automations(alerts: Alerts, block_id: Any) -> list[Any]:
     """Operators' alerts through the notification block `block_id`.
 
@@ -157,14 +187,10 @@ def alert_automations(alerts: Alerts, block_id: Any) -> list[Any]:
         AutomationCore(
             name=AUTOMATIONS["failed"],
             description="tenantflow: tell operators when a nightly-rollup run fails or crashes.",
-            trigger=EventTrigger(
-                expect={"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
+            trigger=_each_event(
+                {"prefect.flow-run.Failed", "prefect.flow-run.Crashed"},
                 match=nightly_run,
                 match_related=of_nightly,
-                for_each={"prefect.resource.id"},
-                posture=Posture.Reactive,
-                threshold=1,
-                within=timedelta(seconds=0),
             ),
             actions=[
                 SendNotification(
@@ -195,6 +221,37 @@ def alert_automations(alerts: Alerts, block_id: Any) -> list[Any]:
             ],
         ),
     ]
+
+
+_HOUSEKEEPING_SUBJECT = "{{ event.payload.subject }}"
+_HOUSEKEEPING_BODY = """\
+{{ event.payload.message }}
+Event: {{ event.event }} ({{ event.id }}), {{ event.occurred }}"""
+
+
+def housekeeping_automation(block_id: Any) -> Any:
+    """Operators' alert for every housekeeping event, through the notification block
+    `block_id`: one notification per event (reactive). The housekeeper emits each finding
+    once (one event per night, per squatter, per stuck limit), so this sends it once."""
+    from prefect.events.actions import SendNotification
+    from prefect.events.schemas.automations import AutomationCore
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return AutomationCore(
+        name=AUTOMATIONS["housekeeping"],
+        description=(
+            "tenantflow: tell operators what the worker's housekeeping found (a schedule slot "
+            "squatted or missed, a concurrency limit full with nobody holding it)."
+        ),
+        trigger=_each_event(set(HOUSEKEEPING_EVENTS.values()), match=ResourceSpecification({})),
+        actions=[
+            SendNotification(
+                block_document_id=block_id,
+                subject=_HOUSEKEEPING_SUBJECT,
+                body=_HOUSEKEEPING_BODY,
+            )
+        ],
+    )
 
 
 async def _save_alert_block(webhook_url: str) -> Any:
@@ -264,11 +321,11 @@ async def ensure_automations(client: Any, alerts: Alerts) -> dict[str, Outcome]:
     if not alerts.webhook_url:
         # NOTE: without a destination there is nothing to send: earlier alert automations
         # are removed, so unsetting the URL turns alerts off.
-        for role in ("failed", "late"):
+        for role in ("failed", "late", "housekeeping"):
             if (outcome := await _remove_automation(client, AUTOMATIONS[role])) is not None:
                 done[AUTOMATIONS[role]] = outcome
         return done
     block_id = await _save_alert_block(alerts.webhook_url)
-    for automation in alert_automations(alerts, block_id):
+    for automation in [*alert_automations(alerts, block_id), housekeeping_automation(block_id)]:
         done[automation.name] = await _ensure_automation(client, automation)
     return done

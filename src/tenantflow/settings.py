@@ -316,6 +316,35 @@ class FaultSettings(BaseSettings):
             "seconds (the schedule is daily: 26 h leaves two hours of slack)."
         ),
     )
+    housekeeping_interval_s: float = Field(
+        default=60.0,
+        ge=5,
+        le=3600,
+        description=(
+            "Seconds between two passes of the worker's housekeeping (tenantflow.housekeeping): "
+            "sealed values removed from finished runs, squatted or missed schedule slots, a "
+            "concurrency limit full with nobody holding it."
+        ),
+    )
+    limit_stuck_after_s: int = Field(
+        default=900,
+        ge=60,
+        le=86400,
+        description=(
+            "Operators are alerted when DB_CONCURRENCY_LIMIT has had more slots taken than its "
+            "running flow runs can hold for this many seconds. Longer than a lease's life "
+            "(300 s) plus ZOMBIE_AFTER_S, so a dead run's slots are given back first."
+        ),
+    )
+    schedule_slot_grace_s: int = Field(
+        default=1800,
+        ge=60,
+        le=86400,
+        description=(
+            "Seconds after a declared schedule's slot (nightly-rollup at 02:15 UTC) when "
+            "operators are alerted if no scheduled run exists for it, or it has not started."
+        ),
+    )
     alert_webhook_url: SecretStr | None = Field(
         default=None,
         description=(
