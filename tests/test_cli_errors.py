@@ -101,13 +101,18 @@ def test_status_of_a_stack_that_is_down(closed_env: dict[str, str], tmp_path: Pa
     result = _run(closed_env, tmp_path, "status")
     assert result.returncode == 3
     assert result.stderr == ""
-    assert result.stdout.count("DOWN") == 6
+    # Seven parts, the tenant and the migrate worker among them.
+    assert result.stdout.count("DOWN") == 7
 
 
 def test_missing_and_bad_settings(closed_env: dict[str, str], tmp_path: Path) -> None:
     missing = _one_line(_run(_base_env(tmp_path), tmp_path, "migrate", "--dry-run"))
     assert missing.startswith("error: settings: ")
-    assert "MIGRATION_DATABASE_URL" in missing and "`make up` writes .env" in missing
+    assert "DATABASE_URL" in missing and "`make up` writes .env" in missing
+    # Only where migrations run is the owner's login set; anywhere else, migrate says so.
+    tenant_worker = {k: v for k, v in closed_env.items() if k != "MIGRATION_DATABASE_URL"}
+    unset = _one_line(_run(tenant_worker, tmp_path, "migrate", "--dry-run"))
+    assert unset.startswith("error: settings: MIGRATION_DATABASE_URL is not set"), unset
 
     bad = {**closed_env, "MIGRATION_DATABASE_URL": "mysql://someone@db/x"}
     assert "MIGRATION_DATABASE_URL" in _one_line(_run(bad, tmp_path, "migrate", "--dry-run"))

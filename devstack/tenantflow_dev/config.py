@@ -27,9 +27,12 @@ SERVICE_USER = "postgres"
 #: The workers' own database login (least privilege); created by the stack before the
 #: migrations run, as a project's administrator would on Supabase.
 WORKER_DB_ROLE = "tenantflow_worker"
-#: The unprivileged OS user the local worker (and its flow runs) runs as when the stack
-#: is started by root; created by the stack itself when missing.
+#: The unprivileged OS user the local tenant worker (and its flow runs) runs as when the
+#: stack is started by root; created by the stack itself when missing.
 WORKER_USER = "tenantflow"
+#: The OS user of the `migrate` pool's worker, the only one holding the schema owner's login:
+#: another user, so a tenant flow run can read neither its environment nor its home.
+MIGRATE_WORKER_USER = "tenantflow-migrate"
 #: The user name of the Prefect API's basic auth (the password is per stack folder).
 PREFECT_API_USER = "tenantflow"
 #: The Prefect server's own database in the stack's cluster, and its login (the owner of
@@ -288,7 +291,9 @@ class StackConfig:
         }
 
     def environment(self) -> dict[str, str]:
-        """What the worker and the Prefect CLI need to talk to this stack."""
+        """What the CLI (`tenantflow migrate` included) and Prefect's CLI need to talk to this
+        stack, as `.env` holds it. The tenant worker gets all but MIGRATION_DATABASE_URL
+        (`LocalWorker.environment`)."""
         return {
             "DATABASE_URL": self.database_url,
             "MIGRATION_DATABASE_URL": self.migration_database_url,

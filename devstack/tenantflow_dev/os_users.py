@@ -2,9 +2,11 @@
 
 PostgreSQL and PgBouncer refuse to run as root, so their processes run as the
 unprivileged `postgres` OS user (created by Debian's PostgreSQL packages) and own their
-folders. The process worker runs flow runs, whose parameters and job variables come from
-whoever can reach the Prefect API, so it runs as the unprivileged `tenantflow` OS user
-(created here when missing). Started by anyone else, every process stays that user's.
+folders. The process workers run flow runs, whose parameters and job variables come from
+whoever can reach the Prefect API, so the tenant worker runs as the unprivileged
+`tenantflow` OS user and the `migrate` pool's worker as `tenantflow-migrate` (each created
+here when missing): a tenant flow run cannot read the migrate worker's environment, which
+holds the schema owner's login. Started by anyone else, every process stays that user's.
 """
 
 from __future__ import annotations
@@ -79,12 +81,12 @@ def service_dir(path: Path) -> Path:
     return path
 
 
-def worker_user_ids() -> tuple[int, int] | None:
-    """uid/gid of the worker's OS user when running as root (created when missing)."""
+def worker_user_ids(user: str = WORKER_USER) -> tuple[int, int] | None:
+    """uid/gid of a worker's OS user when running as root (created when missing)."""
     if not running_as_root():
         return None
     try:
-        entry = pwd.getpwnam(WORKER_USER)
+        entry = pwd.getpwnam(user)
     except KeyError:
         result = subprocess.run(  # noqa: S603
             [
@@ -96,7 +98,7 @@ def worker_user_ids() -> tuple[int, int] | None:
                 "/nonexistent",
                 "--shell",
                 "/usr/sbin/nologin",
-                WORKER_USER,
+                user,
             ],
             capture_output=True,
             text=True,
@@ -104,10 +106,10 @@ def worker_user_ids() -> tuple[int, int] | None:
         )
         try:
             # NOTE: another stack may have created it meanwhile (useradd then exits 9).
-            entry = pwd.getpwnam(WORKER_USER)
+            entry = pwd.getpwnam(user)
         except KeyError:
             output = (result.stderr or result.stdout).strip()
             raise StackError(
-                f"could not create the '{WORKER_USER}' OS user for the worker: {output}"
+                f"could not create the '{user}' OS user for the worker: {output}"
             ) from None
     return entry.pw_uid, entry.pw_gid

@@ -23,7 +23,6 @@ from tenantflow_dev.config import StackConfig
 from tenantflow_dev.demo import DemoRun, run_demo, seed_demo_data
 from tenantflow_dev.errors import StackError
 from tenantflow_dev.health import Health
-from tenantflow_dev.os_users import worker_user_ids
 from tenantflow_dev.pgbouncer import PgBouncer
 from tenantflow_dev.postgres import Postgres
 from tenantflow_dev.prefect_server import PrefectServer
@@ -53,6 +52,9 @@ class Stack:
             AuthServer(self.config),
             PrefectServer(self.config),
             LocalWorker(self.config),
+            # NOTE: `migrate` has a pool and worker of its own, the only one holding the
+            # schema owner's login (docs/operations.md).
+            LocalWorker.for_migrate(self.config),
         ]
 
     def ports(self) -> list[int]:
@@ -164,8 +166,11 @@ class Stack:
     def write_env_file(self) -> None:
         """Write `.env` so `uv run prefect ...` and `tenantflow ...` find the stack.
 
-        It holds the database URLs and the Prefect API's auth string, never the stack's
-        superuser password or JWT secret (those stay in the stack's secrets file).
+        It holds the database URLs (the migration login among them) and the Prefect API's
+        auth string, never the stack's superuser password or JWT secret (those stay in the
+        stack's secrets file). Only its owner reads it: the workers' OS users cannot (their
+        settings come from their environment, and flow runs start in a folder of their
+        own), so no tenant flow run can read the schema owner's login from it.
         """
         lines = [
             "# Written by `tenantflow-dev up` for the local stack. Do not commit.",
@@ -174,13 +179,8 @@ class Stack:
         ]
         path = self.config.env_file
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        # NOTE: flow runs read `.env` from the project folder (tenantflow's and Prefect's
-        # settings do); when they run as the worker's OS user, its group may read it.
-        ids = worker_user_ids()
-        if ids is not None:
-            os.fchown(fd, -1, ids[1])
-            os.fchmod(fd, 0o640)
-        else:
-            os.fchmod(fd, 0o600)
+        # NOTE: an older stack made it group-readable by the worker's OS user; not any more.
+        os.fchown(fd, -1, os.getegid())
+        os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write("\n".join(lines) + "\n")

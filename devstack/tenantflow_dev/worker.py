@@ -1,10 +1,14 @@
-"""The local stack's process worker: `tenantflow worker` as a supervised stack service.
+"""The local stack's process workers: `tenantflow worker` as supervised stack services.
 
-* `LocalWorker` — `tenantflow worker --pool tenantflow-process` (Prefect's process worker,
-  with job variables unable to change what runs: `tenantflow.worker`) as a stack service:
-  a child process in its own session, log and pid files in the stack folder. Started by
-  root, it runs as the unprivileged `tenantflow` OS user, which can read the project and
-  the venv but not the stack's secrets file nor the Prefect server's folder.
+* `LocalWorker` — `tenantflow worker --pool POOL` (Prefect's process worker, running only
+  the code the project declares: `tenantflow.worker`) as a stack service: a child process
+  in its own session, log and pid files in the stack folder. The stack runs two, as
+  production should (docs/operations.md): `prefect-worker` on `tenantflow-process` for the
+  tenant deployments, and `migrate-worker` on `tenantflow-migrate` for `migrate` alone.
+  Only the latter holds the schema owner's login (MIGRATION_DATABASE_URL); each gets an
+  allow-listed environment, not the caller's. Started by root, they run as the
+  unprivileged OS users `tenantflow` and `tenantflow-migrate`, which can read the project
+  and the venv but not the stack's secrets file, `.env`, nor the Prefect server's folder.
 
 Its Prefect set-up (the pool it serves, the deployments) is `tenantflow_dev.prefect_setup`.
 
@@ -31,9 +35,10 @@ from typing import Any
 
 import httpx
 
-from tenantflow.deployments import WORK_POOLS
+from tenantflow.deployments import MIGRATE_POOL, WORK_POOLS
+from tenantflow.flow_environment import MIGRATION_ENV, flow_run_environment
 from tenantflow.project import PROJECT_DIR_ENV
-from tenantflow_dev.config import WORKER_USER, StackConfig
+from tenantflow_dev.config import MIGRATE_WORKER_USER, WORKER_USER, StackConfig
 from tenantflow_dev.errors import StackError
 from tenantflow_dev.health import Health
 from tenantflow_dev.os_users import grant_traversal, worker_user_ids
@@ -47,11 +52,12 @@ from tenantflow_dev.processes import (
     wait_for,
 )
 
-__all__ = ["WORKER_NAME", "LocalWorker"]
+__all__ = ["MIGRATE_WORKER_NAME", "WORKER_NAME", "LocalWorker"]
 
 log = logging.getLogger("tenantflow_dev")
 
 WORKER_NAME = "tenantflow-local"
+MIGRATE_WORKER_NAME = "tenantflow-local-migrate"
 _IN_FLIGHT = ["PENDING", "RUNNING", "CANCELLING"]
 
 
@@ -77,18 +83,19 @@ def _drop_to(uid: int, gid: int) -> None:
 class LocalWorker:
     """`prefect worker start` on a process work pool, as a service of the local stack.
 
+    On `tenantflow-migrate` (`LocalWorker.for_migrate`) it is the migrate worker: its own
+    name, folder and OS user, and the only one given MIGRATION_DATABASE_URL.
+
     Healthy means: the process is alive *and* the Prefect server lists a worker of this
     name on the pool, online, whose last heartbeat is recent.
     """
-
-    name = "prefect-worker"
 
     def __init__(
         self,
         config: StackConfig,
         *,
         pool: str = WORK_POOLS["process"],
-        worker_name: str = WORKER_NAME,
+        worker_name: str | None = None,
         root: Path | None = None,
         drain_seconds: float | None = None,
         limit: int | None = None,
@@ -96,8 +103,12 @@ class LocalWorker:
         self.config = config
         self.pool = pool
         self.limit = limit
-        self.worker_name = worker_name
-        self.root = root or config.stack_dir / "worker"
+        #: Whether it serves `migrate` and so holds the schema owner's login.
+        self.migrate = pool == MIGRATE_POOL
+        self.name = "migrate-worker" if self.migrate else "prefect-worker"
+        self.os_user = MIGRATE_WORKER_USER if self.migrate else WORKER_USER
+        self.worker_name = worker_name or (MIGRATE_WORKER_NAME if self.migrate else WORKER_NAME)
+        self.root = root or config.stack_dir / ("migrate-worker" if self.migrate else "worker")
         self.pidfile = self.root / "worker.pid"
         self.logfile = self.root / "worker.log"
         self.drain_seconds = (
@@ -105,6 +116,11 @@ class LocalWorker:
             if drain_seconds is not None
             else float(os.environ.get("TENANTFLOW_WORKER_DRAIN_SECONDS", "30"))
         )
+
+    @classmethod
+    def for_migrate(cls, config: StackConfig) -> LocalWorker:
+        """The stack's migrate worker: pool `tenantflow-migrate`, the owner's login."""
+        return cls(config, pool=MIGRATE_POOL)
 
     @property
     def address(self) -> str:
@@ -124,8 +140,16 @@ class LocalWorker:
         return self.root / "home"
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        """The worker process's whole environment: what it and its flow runs need.
+
+        Of this process's environment only what a flow run may get at all (basics, Prefect's
+        client settings, tenantflow's settings: `tenantflow.flow_environment`),
+        then the stack's settings; MIGRATION_DATABASE_URL for the migrate worker only.
+        """
+        env = flow_run_environment({}, os.environ, migration=self.migrate)
         env.update(self.config.environment())
+        if not self.migrate:
+            env.pop(MIGRATION_ENV, None)
         env.update(
             {
                 "PREFECT_API_URL": self.api_url,
@@ -136,7 +160,7 @@ class LocalWorker:
                 # NOTE: the worker passes it on to every flow run as
                 # PREFECT_FLOWS_HEARTBEAT_FREQUENCY (the zombie automation's input).
                 "FLOW_HEARTBEAT_S": os.environ.get("FLOW_HEARTBEAT_S", "30"),
-                # NOTE: read by the pull step in each flow run (tenantflow.deployments).
+                # NOTE: where the worker reads prefect.yaml and its flows.
                 PROJECT_DIR_ENV: str(self.config.project_dir),
                 "PYTHONUNBUFFERED": "1",
             }
@@ -146,7 +170,7 @@ class LocalWorker:
     def start(self) -> bool:
         if self.pid() is not None:
             return False
-        if self.pool == WORK_POOLS["process"]:
+        if self.pool in (WORK_POOLS["process"], MIGRATE_POOL):
             # NOTE: the worker is started with --no-create-pool-if-not-found, so a typo
             # never creates a stray pool with Prefect's default template.
             bootstrap(self.config)
@@ -169,7 +193,7 @@ class LocalWorker:
         ]
         env = self.environment()
         if ids is not None:
-            env.update({"HOME": str(self.home), "USER": WORKER_USER, "LOGNAME": WORKER_USER})
+            env.update({"HOME": str(self.home), "USER": self.os_user, "LOGNAME": self.os_user})
         process = spawn_detached(
             argv,
             cwd=self.root,
@@ -202,12 +226,13 @@ class LocalWorker:
         """The worker's folders; as root, the worker's OS user ids (None otherwise).
 
         As root: the worker's OS user may traverse to the project folder (flows/, read by
-        every flow run) and to the interpreter's venv, owns its home (PREFECT_HOME), and
-        reads the project's `.env` through its group (`Stack.write_env_file`).
+        every flow run) and to the interpreter's venv, and owns its home (PREFECT_HOME).
+        It cannot read the project's `.env` (`Stack.write_env_file`): its settings come
+        from its environment alone.
         """
         self.root.mkdir(parents=True, exist_ok=True)
         self.home.mkdir(parents=True, exist_ok=True)
-        ids = worker_user_ids()
+        ids = worker_user_ids(self.os_user)
         if ids is None:
             return None
         self.root.chmod(0o711)

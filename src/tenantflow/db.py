@@ -205,7 +205,7 @@ def build_transaction_engine(settings: Settings) -> AsyncEngine:
 def build_migration_engine(settings: Settings) -> AsyncEngine:
     """Create (not cache) a NullPool engine for the session pooler."""
     return create_async_engine(
-        make_url(settings.migration_database_url.get_secret_value()),
+        make_url(settings.migration_url().get_secret_value()),
         poolclass=NullPool,
         connect_args={"timeout": settings.db_connect_timeout},
         hide_parameters=True,

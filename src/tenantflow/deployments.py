@@ -1,14 +1,16 @@
 """What a Prefect installation needs beside `prefect.yaml`.
 
-* `bootstrap()` creates or updates, idempotently, the work pools, the global
+* `bootstrap()` creates or updates, idempotently, the work pools (always with
+  `tenantflow-migrate`, the process pool of `migrate` alone), the global
   concurrency limit that caps tenant transactions (`tenantflow-db`) and the automations
   of `tenantflow.automations` (zombie runs marked Crashed; operator alerts about
   `nightly-rollup`). Run it before
   `prefect deploy` and before starting workers: a worker does not create its pool.
 * `deploy()` runs `prefect --no-prompt deploy` over `prefect.yaml` in the project folder.
-* `set_project_directory()` is the pull step of every deployment: it moves a flow run into
-  the folder that holds `flows/`, named at run time by `TENANTFLOW_PROJECT_DIR` (the
-  local process worker sets the project folder, the image sets `/app`).
+* `set_project_directory()` is the pull step of every deployment, for Prefect's own docker
+  and kubernetes workers: it moves a flow run into the folder that holds `flows/`, named
+  at run time by `TENANTFLOW_PROJECT_DIR` (the image sets `/app`). The tenantflow process
+  worker runs no pull step (`tenantflow.worker`).
 
 NOTE: Prefect resolves `{{ $VAR }}` placeholders in pull steps when the deployment is
 *created*, from the deployer's environment, so `set_working_directory` with an
@@ -38,9 +40,15 @@ import httpx
 
 from tenantflow.automations import Alerts, Outcome, ensure_automations
 from tenantflow.errors import TenantflowError
-from tenantflow.project import PROJECT_DIR_ENV, DeployError, deployment_names
+from tenantflow.project import (
+    PROJECT_DIR_ENV,
+    DeployError,
+    declared_deployment,
+    deployment_names,
+)
 
 __all__ = [
+    "MIGRATE_POOL",
     "WORK_POOLS",
     "BootstrapError",
     "BootstrapResult",
@@ -57,19 +65,28 @@ log = logging.getLogger("tenantflow.deployments")
 
 PoolType = Literal["process", "docker", "kubernetes"]
 
+#: The tenant deployments' pool, by type.
 WORK_POOLS: dict[PoolType, str] = {
     "process": "tenantflow-process",
     "docker": "tenantflow-docker",
     "kubernetes": "tenantflow-kubernetes",
 }
+#: `migrate`'s own process pool: its worker alone holds MIGRATION_DATABASE_URL.
+MIGRATE_POOL = "tenantflow-migrate"
 
-_POOL_DESCRIPTIONS: dict[PoolType, str] = {
-    "process": (
+_POOL_DESCRIPTIONS: dict[str, str] = {
+    WORK_POOLS["process"]: (
         "tenantflow flow runs as subprocesses of a process worker (the local stack, or the "
         "tenantflow-worker image run as N replicas)."
     ),
-    "docker": "tenantflow flow runs as containers of the tenantflow-worker image.",
-    "kubernetes": "tenantflow flow runs as Kubernetes Jobs of the tenantflow-worker image.",
+    WORK_POOLS["docker"]: "tenantflow flow runs as containers of the tenantflow-worker image.",
+    WORK_POOLS["kubernetes"]: (
+        "tenantflow flow runs as Kubernetes Jobs of the tenantflow-worker image."
+    ),
+    MIGRATE_POOL: (
+        "tenantflow's migrate runs only, as subprocesses of the one process worker that "
+        "holds the schema owner's login (MIGRATION_DATABASE_URL); no tenant flow runs here."
+    ),
 }
 
 
@@ -237,13 +254,12 @@ async def _client(api_url: str | None, auth_string: str | None = None) -> AsyncI
 
 
 async def _ensure_work_pool(
-    client: Any, pool_type: PoolType, template: dict[str, Any]
-) -> tuple[str, Outcome]:
+    client: Any, name: str, pool_type: PoolType, template: dict[str, Any]
+) -> Outcome:
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
-    name = WORK_POOLS[pool_type]
-    description = _POOL_DESCRIPTIONS[pool_type]
+    description = _POOL_DESCRIPTIONS[name]
     try:
         existing = await client.read_work_pool(name)
     except ObjectNotFound:
@@ -253,7 +269,7 @@ async def _ensure_work_pool(
                     name=name, type=pool_type, description=description, base_job_template=template
                 )
             )
-            return name, "created"
+            return "created"
         except ObjectAlreadyExists:
             # NOTE: another bootstrap won the race; carry on as an update.
             existing = await client.read_work_pool(name)
@@ -265,11 +281,11 @@ async def _ensure_work_pool(
     if existing.is_paused:
         log.warning("work pool %s is paused: its workers take no runs until it is resumed", name)
     if existing.base_job_template == template and existing.description == description:
-        return name, "unchanged"
+        return "unchanged"
     await client.update_work_pool(
         name, WorkPoolUpdate(base_job_template=template, description=description)
     )
-    return name, "updated"
+    return "updated"
 
 
 async def _ensure_concurrency_limit(client: Any, name: str, limit: int) -> Outcome:
@@ -313,6 +329,9 @@ async def abootstrap(
 ) -> BootstrapResult:
     """Create or update the work pools, the database concurrency limit and the automations.
 
+    The work pools: one per `pool_types` (the tenant deployments'), and `tenantflow-migrate`
+    (a process pool for `migrate` alone), all with templates that lock what runs.
+
     Safe to run any number of times, also concurrently: an object that already matches is
     left alone (`unchanged`), one that differs is updated in place (its id, runs and held
     slots survive), a work pool of another type is an error rather than replaced.
@@ -335,15 +354,19 @@ async def abootstrap(
             f"DB_FLOW_SLOTS={flow_slots} exceeds DB_CONCURRENCY_SLOTS={concurrency_slots}: "
             "no flow run could ever take its slots"
         )
-    templates = {
-        kind: base_job_template(kind, project_dir, image=None if kind == "process" else image)
+    pools: dict[str, tuple[PoolType, dict[str, Any]]] = {
+        WORK_POOLS[kind]: (
+            kind,
+            base_job_template(kind, project_dir, image=None if kind == "process" else image),
+        )
         for kind in pool_types
     }
+    # NOTE: `migrate` always stays on its own process pool, whatever the tenant pools are.
+    pools[MIGRATE_POOL] = ("process", base_job_template("process", project_dir))
     result = BootstrapResult()
     async with _client(api_url, auth_string) as client:
-        for kind, template in templates.items():
-            name, outcome = await _ensure_work_pool(client, kind, template)
-            result.work_pools[name] = outcome
+        for name, (kind, template) in pools.items():
+            result.work_pools[name] = await _ensure_work_pool(client, name, kind, template)
         result.concurrency_limits[concurrency_limit] = await _ensure_concurrency_limit(
             client, concurrency_limit, concurrency_slots
         )
@@ -382,6 +405,11 @@ def bootstrap(
 # --------------------------------------------------------------------------- deploy
 
 
+def _declared_pool(name: str, project_dir: Path) -> str | None:
+    declared = declared_deployment(name, project_dir)
+    return declared.work_pool if declared else None
+
+
 @dataclass(frozen=True)
 class DeployResult:
     deployments: list[str]
@@ -400,9 +428,11 @@ def deploy(
     """`prefect --no-prompt deploy` of every deployment in `prefect.yaml`.
 
     Without `pool`, one `deploy --all`: every deployment onto the pool `prefect.yaml` names
-    (`tenantflow-process`). With `pool` (scale-out onto a docker or kubernetes pool), one
-    `deploy --name N --pool P` per deployment, because Prefect ignores `--pool` and
-    `--job-variable` when it deploys several deployments in one call.
+    (`tenantflow-process`; `migrate` onto `tenantflow-migrate`). With `pool` (scale-out
+    onto a docker or kubernetes pool), one `deploy --name N --pool P` per tenant deployment,
+    because Prefect ignores `--pool` and `--job-variable` when it deploys several
+    deployments in one call; a deployment declared for `tenantflow-migrate` stays there
+    (`deploy --name migrate`), so the owner's login never reaches the tenant pool.
 
     Args:
         project_dir: the folder with `prefect.yaml` and `flows/` (the command's cwd).
@@ -419,7 +449,12 @@ def deploy(
         calls = [[*base, "--all"]]
     else:
         extra = [f"--job-variable={key}={value}" for key, value in (job_variables or {}).items()]
-        calls = [[*base, "--name", name, "--pool", pool, *extra] for name in names]
+        calls = [
+            [*base, "--name", name]
+            if _declared_pool(name, project_dir) == MIGRATE_POOL
+            else [*base, "--name", name, "--pool", pool, *extra]
+            for name in names
+        ]
     child_env = {**os.environ, **(env or {})}
     if not child_env.get("PREFECT_API_URL"):
         raise DeployError("PREFECT_API_URL is not set: which Prefect server to deploy to?")

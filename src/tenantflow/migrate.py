@@ -220,7 +220,7 @@ def check_session_pooler(settings: Settings) -> None:
     Raises:
         MigrationRefused: before any connection is attempted.
     """
-    migration = make_url(settings.migration_database_url.get_secret_value())
+    migration = make_url(settings.migration_url().get_secret_value())
     refusal = migration_endpoint_refusal(
         migration, make_url(settings.database_url.get_secret_value())
     )
@@ -474,7 +474,7 @@ async def run_migration(
     _check_arguments(revision, downgrade_to)
     script = script_directory()
     _single_head(script)
-    url = make_url(settings.migration_database_url.get_secret_value())
+    url = make_url(settings.migration_url().get_secret_value())
     where = f"{endpoint_of(url)}/{url.database}"
 
     if dry_run:

@@ -63,6 +63,8 @@ class DeclaredDeployment:
     entrypoint: str
     parameters: dict[str, Any]
     schedules: tuple[DeclaredSchedule, ...]
+    #: The work pool `prefect.yaml` puts it on: the only pool whose worker runs it.
+    work_pool: str | None = None
 
     def schedule(self, slug: str | None) -> DeclaredSchedule | None:
         return next((s for s in self.schedules if slug and s.slug == slug), None)
@@ -97,10 +99,12 @@ def declared_deployment(name: str, project_dir: Path | None = None) -> DeclaredD
             for schedule in entry.get("schedules") or []
             if schedule.get("slug") and schedule.get("cron")
         )
+        pool = entry.get("work_pool") or {}
         return DeclaredDeployment(
             name=name,
             entrypoint=str(entry.get("entrypoint")),
             parameters=dict(entry.get("parameters") or {}),
             schedules=schedules,
+            work_pool=str(pool["name"]) if isinstance(pool, dict) and pool.get("name") else None,
         )
     return None

@@ -386,8 +386,15 @@ class Settings(SealSettings, FaultSettings):
     database_url: DatabaseUrl = Field(
         description="Transaction-pooler URL used by flows and tasks (Supabase: port 6543)."
     )
-    migration_database_url: MigrationDatabaseUrl = Field(
-        description="Session-pooler URL used only by migrations (Supabase: port 5432)."
+    # NOTE: optional, because only the machines that migrate hold it: the migrate worker
+    # and whoever runs `tenantflow migrate`. Tenant workers and their flow runs must not
+    # (docs/operations.md); `migration_url()` refuses where it is missing.
+    migration_database_url: MigrationDatabaseUrl | None = Field(
+        default=None,
+        description=(
+            "Session-pooler URL used only by migrations (Supabase: port 5432); the owner's "
+            "login, so set only where migrations run (the migrate worker, the CLI)."
+        ),
     )
     supabase_url: SupabaseUrl = Field(
         description="Project URL, e.g. https://<ref>.supabase.co; Auth lives under /auth/v1."
@@ -565,6 +572,8 @@ class Settings(SealSettings, FaultSettings):
 
     @model_validator(mode="after")
     def _migration_endpoint(self) -> Settings:
+        if self.migration_database_url is None:
+            return self
         refusal = migration_endpoint_refusal(
             make_url(self.migration_database_url.get_secret_value()),
             make_url(self.database_url.get_secret_value()),
@@ -572,6 +581,19 @@ class Settings(SealSettings, FaultSettings):
         if refusal:
             raise ValueError(f"MIGRATION_DATABASE_URL: {refusal}")
         return self
+
+    def migration_url(self) -> SecretStr:
+        """`MIGRATION_DATABASE_URL`, the owner's login, for migrations.
+
+        Raises:
+            SettingsError: it is not set on this machine (a tenant worker never holds it).
+        """
+        if self.migration_database_url is None:
+            raise SettingsError(
+                "MIGRATION_DATABASE_URL is not set: migrations run only where the owner's "
+                "login is (the migrate worker, or `tenantflow migrate` on a machine holding it)"
+            )
+        return self.migration_database_url
 
 
 def _format_errors(error: ValidationError) -> str:

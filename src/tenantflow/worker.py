@@ -4,23 +4,37 @@ Whoever can reach the Prefect API can create flow runs with any job variables, a
 Prefect's process worker takes `command`, `env` and `working_dir` from them (and from the
 work pool's template and the deployment): a run could start any program with the
 worker's credentials, or change the worker's settings (say `SUPABASE_JWT_SECRET`). This
-worker ignores all three, for every flow run, whoever set them: the flow-run process
-always runs Prefect's engine (`python -m prefect.engine` with the worker's interpreter),
-in the project's folder, with the worker's own environment plus the per-run variables
-Prefect itself adds (`PREFECT__FLOW_RUN_ID` and the like).
+worker ignores all three, for every flow run, whoever set them.
 
 Nor does it run what a deployment says through the API: deployments, their entrypoints
 and their pull steps can be created or changed by whoever reaches the API, and pull steps
 are code (`run_shell_script`). The worker looks the run's deployment up by name in its
-own copy of the project's `prefect.yaml` (in `TENANTFLOW_PROJECT_DIR`) and starts the
-engine in that folder on the entrypoint declared there (`PREFECT__FLOW_ENTRYPOINT`, which
-makes Prefect load the flow without any pull step). A run of a deployment the project
-does not declare is refused before any process starts, and ends Crashed saying so.
+own copy of the project's `prefect.yaml` (in `TENANTFLOW_PROJECT_DIR`) and:
 
-The process pool's base job template (`base_job_template()`) has no such variables and
-refuses unknown ones (`additionalProperties: false`), so the Prefect server already
-answers 422 to a run that asks for them; the worker holds even when the pool's template
-has been changed through the API.
+* refuses, before any process starts (the run ends Crashed saying so), a deployment the
+  project does not declare, or one declared for another work pool than the worker's (so
+  a tenant deployment re-pointed at `tenantflow-migrate` never reaches the worker that
+  holds the owner's login);
+* starts `python -m tenantflow.flow_run ENTRYPOINT` (`tenantflow.flow_run`) on the
+  absolute entrypoint declared there, in a fresh temporary folder, so no pull step runs
+  and nothing is imported from the API;
+* loads the flow for its own on_crashed and on_cancellation hooks (the token redaction)
+  from that same declared entrypoint: Prefect's worker would load it from the deployment
+  as the API stores it (`load_flow_from_flow_run`: pull steps, then the entrypoint), in
+  the worker process;
+* gives the flow-run process an allow-listed environment (`flow_run_environment`), not
+  the worker's whole `os.environ`: basics (PATH, HOME, locale, TLS and proxies), Prefect's
+  client settings and per-run variables, and tenantflow's settings; the schema owner's
+  login (`MIGRATION_DATABASE_URL`) only to runs of deployments declared for
+  `tenantflow-migrate`.
+
+The tripwire (`tenantflow.tripwire`), installed when the worker starts, makes every other
+Prefect path that would load a flow or run steps from the API fail loudly instead.
+
+The process pool's base job template (`base_job_template()`) has no `command`, `env` or
+`working_dir` variables and refuses unknown ones (`additionalProperties: false`), so the
+Prefect server already answers 422 to a run that asks for them; the worker holds even when
+the pool's template has been changed through the API.
 
 Every flow run it starts sends Prefect's flow-run heartbeat every `FLOW_HEARTBEAT_S`
 seconds (`PREFECT_FLOWS_HEARTBEAT_FREQUENCY` in the run's environment): the bootstrap's
@@ -29,7 +43,8 @@ dies with the worker.
 
 `tenantflow worker --pool NAME` starts it, as `prefect worker start` would.
 
-What the worker locks, and why: docs/security.md and docs/flows.md.
+What the worker locks, and why (with every code path of Prefect's it closes):
+docs/security.md and docs/flows.md.
 """
 
 from __future__ import annotations
@@ -37,39 +52,63 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
 
+import anyio
 import anyio.abc
-from prefect.utilities.processutils import command_to_string, get_sys_executable
+from prefect.runner._flow_run_executor import FlowRunExecutionResult, FlowRunExecutorContext
+from prefect.runner._process_manager import ProcessHandle
+from prefect.utilities.processutils import (
+    command_from_string,
+    command_to_string,
+    get_sys_executable,
+    run_process,
+    sanitize_subprocess_env,
+)
+from prefect.workers.base import BaseJobConfiguration
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 from pydantic import PrivateAttr, model_validator
 
+from tenantflow.deployments import MIGRATE_POOL
+from tenantflow.flow_environment import BASIC_ENVIRONMENT, MIGRATION_ENV, flow_run_environment
 from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment
 from tenantflow.settings import load_fault_settings
+from tenantflow.tripwire import install_tripwire
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
     from prefect.client.schemas.objects import FlowRun, WorkPool
     from prefect.client.schemas.responses import DeploymentResponse
+    from prefect.flows import Flow
+    from prefect.runner._control_channel import ControlChannel
 
 __all__ = [
+    "BASIC_ENVIRONMENT",
     "ENTRYPOINT_ENV",
     "HEARTBEAT_ENV",
     "LOCKED_VARIABLES",
+    "MIGRATION_ENV",
+    "DeclaredRun",
     "TenantflowJobConfiguration",
     "TenantflowProcessWorker",
     "base_job_template",
+    "declared_run",
     "engine_command",
     "flow_heartbeat_seconds",
+    "flow_run_environment",
     "run_worker",
 ]
 
 #: Job variables a flow run, a deployment or a work pool may not set on this worker.
 LOCKED_VARIABLES = ("command", "env", "working_dir")
-#: Prefect's engine loads the flow from this entrypoint, skipping the deployment's pull steps.
+#: The declared entrypoint, also in the flow run's environment (as Prefect's engine names it).
 ENTRYPOINT_ENV = "PREFECT__FLOW_ENTRYPOINT"
 #: Prefect's engine sends a flow run's heartbeat event this often (seconds, at least 30).
 HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
@@ -81,16 +120,44 @@ def flow_heartbeat_seconds() -> int:
     return load_fault_settings().flow_heartbeat_s
 
 
-def engine_command() -> str:
-    """Prefect's engine, with the worker's own interpreter."""
-    return command_to_string([get_sys_executable(), "-m", "prefect.engine"])
+def engine_command(entrypoint: str) -> str:
+    """The flow-run process: `tenantflow.flow_run` on `entrypoint`, the worker's interpreter."""
+    return command_to_string([get_sys_executable(), "-m", "tenantflow.flow_run", entrypoint])
 
 
-def _declared_entrypoint(deployment: DeploymentResponse | None) -> tuple[Path, str]:
-    """The project folder and the entrypoint `prefect.yaml` declares for `deployment`.
+@dataclass(frozen=True)
+class DeclaredRun:
+    """What `prefect.yaml` declares for a flow run's deployment, for this worker's pool."""
+
+    deployment: str
+    project: Path
+    #: `<absolute path>:<function>`, under the project folder.
+    entrypoint: str
+    work_pool: str
+
+    @property
+    def holds_migration_login(self) -> bool:
+        return self.work_pool == MIGRATE_POOL
+
+    async def load_flow(self, flow_run: FlowRun) -> Flow[..., Any]:
+        """The declared flow (for the worker's on_crashed and on_cancellation hooks).
+
+        NOTE: the flow's own file, imported in the worker as Prefect would import the
+        deployment's; the API's entrypoint, path and pull steps are never read.
+        """
+        from prefect.flows import load_flow_from_entrypoint
+
+        return await anyio.to_thread.run_sync(
+            lambda: load_flow_from_entrypoint(self.entrypoint, use_placeholder_flow=False)
+        )
+
+
+def declared_run(deployment: DeploymentResponse | None, worker_pool: str | None) -> DeclaredRun:
+    """The declared deployment of a flow run, if this worker's pool may run it.
 
     Raises:
-        RuntimeError: no project folder, or a deployment the project does not declare.
+        RuntimeError: no project folder, a deployment the project does not declare, one
+            declared for another work pool, or an entrypoint outside the project folder.
     """
     folder = os.environ.get(PROJECT_DIR_ENV)
     if not folder:
@@ -109,13 +176,27 @@ def _declared_entrypoint(deployment: DeploymentResponse | None) -> tuple[Path, s
             f"deployment {name!r} is not declared in {project / 'prefect.yaml'}: this worker "
             "runs only the project's own deployments"
         )
-    return project, declared.entrypoint
+    if not worker_pool or declared.work_pool != worker_pool:
+        raise RuntimeError(
+            f"deployment {name!r} is declared for work pool {declared.work_pool!r} in "
+            f"{project / 'prefect.yaml'}, not for this worker's pool {worker_pool!r}: a "
+            "worker runs only the deployments declared for its own pool"
+        )
+    path, colon, function = declared.entrypoint.rpartition(":")
+    script = (project / path).resolve()
+    if not colon or not function or project not in script.parents or not script.is_file():
+        raise RuntimeError(
+            f"deployment {name!r}: its declared entrypoint {declared.entrypoint!r} is not a "
+            f"file of {project}"
+        )
+    return DeclaredRun(name or "", project, f"{script}:{function}", worker_pool)
 
 
 class TenantflowJobConfiguration(ProcessJobConfiguration):
     """A process job configuration whose command, environment and folder are the worker's."""
 
     _refusal: str | None = PrivateAttr(default=None)
+    _declared: DeclaredRun | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _drop_locked_values(self) -> Self:
@@ -138,32 +219,105 @@ class TenantflowJobConfiguration(ProcessJobConfiguration):
         self.command = None
         self.env = {}
         self.working_dir = None
-        # Prefect's own: the worker's settings, PREFECT__FLOW_RUN_ID and attribution
-        # variables, on top of the worker's os.environ.
-        super().prepare_for_flow_run(
-            flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
+        self._declared = None
+        # NOTE: the base class's, not ProcessJobConfiguration's: that one merges the
+        # worker's whole os.environ into the run's. This gives Prefect's client settings,
+        # PREFECT__FLOW_RUN_ID and the attribution variables.
+        BaseJobConfiguration.prepare_for_flow_run(
+            self, flow_run, deployment, flow, work_pool, worker_name, worker_id=worker_id
         )
-        self.command = engine_command()
-        # NOTE: an explicit command makes Prefect start exactly it, instead of resolving a
-        # launcher from the flow run's workspace.
+        prefect = dict(self.env)
+        self.env = {}
         self._command_configured = True
         try:
-            project, entrypoint = _declared_entrypoint(deployment)
+            declared = declared_run(deployment, work_pool.name if work_pool else None)
         except RuntimeError as refusal:
             self._refusal = str(refusal)
+            self.command = None
             return
-        self.working_dir = project
-        self.env[ENTRYPOINT_ENV] = entrypoint
-        self.env[HEARTBEAT_ENV] = str(flow_heartbeat_seconds())
+        self._declared = declared
+        self.command = engine_command(declared.entrypoint)
+        self.env = {
+            **flow_run_environment(prefect, migration=declared.holds_migration_login),
+            ENTRYPOINT_ENV: declared.entrypoint,
+            HEARTBEAT_ENV: str(flow_heartbeat_seconds()),
+        }
+
+
+class _EngineStarter:
+    """Starts the flow-run process with exactly the configuration's environment.
+
+    NOTE: Prefect's `EngineCommandStarter` would add the worker's whole `os.environ`; this
+    adds only the per-attempt variables Prefect's runner needs (the run's id, the control
+    channel that carries cancellation) and turns off the engine's own cancellation and
+    crash hooks, which the worker runs instead (as Prefect's starter does).
+    """
+
+    def __init__(
+        self,
+        *,
+        command: str,
+        cwd: Path,
+        env: Mapping[str, str],
+        stream_output: bool,
+        control_channel: ControlChannel | None,
+    ) -> None:
+        self._command = command
+        self._cwd = cwd
+        self._env = dict(env)
+        self._stream_output = stream_output
+        self._control_channel = control_channel
+
+    async def start(
+        self,
+        flow_run: FlowRun,
+        task_status: anyio.abc.TaskStatus[ProcessHandle] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        env: dict[str, str | None] = {
+            **self._env,
+            "PREFECT__FLOW_RUN_ID": str(flow_run.id),
+            "PREFECT__ENABLE_CANCELLATION_AND_CRASHED_HOOKS": "false",
+        }
+        registered = False
+        if self._control_channel is not None:
+            try:
+                port, token = self._control_channel.register(flow_run.id)
+            except RuntimeError:
+                pass  # no loopback listener: Prefect falls back to a plain kill
+            else:
+                env["PREFECT__CONTROL_PORT"] = str(port)
+                env["PREFECT__CONTROL_TOKEN"] = token
+                registered = True
+        handed_off = False
+
+        def handle(process: anyio.abc.Process) -> ProcessHandle:
+            nonlocal handed_off
+            handed_off = True
+            return ProcessHandle(process)
+
+        try:
+            await run_process(
+                command=command_from_string(self._command),
+                stream_output=self._stream_output,
+                task_status=task_status,
+                task_status_handler=handle,
+                env=sanitize_subprocess_env(env),
+                cwd=self._cwd,
+            )
+        except BaseException:
+            if registered and not handed_off and self._control_channel is not None:
+                self._control_channel.unregister(flow_run.id)
+            raise
 
 
 class TenantflowProcessWorker(ProcessWorker):
-    """Prefect's process worker (type `process`) with `TenantflowJobConfiguration`."""
+    """Prefect's process worker (type `process`) that runs only declared code."""
 
     job_configuration = TenantflowJobConfiguration
     _description = (
-        "tenantflow's process worker: flow runs are Prefect's engine with the worker's own "
-        "environment; job variables cannot change the command, environment or folder."
+        "tenantflow's process worker: flow runs are Prefect's engine on the entrypoint the "
+        "project declares, with an allow-listed environment; job variables and deployments "
+        "changed through the API cannot change the command, code, environment or folder."
     )
     _display_name = "tenantflow process"
 
@@ -183,20 +337,71 @@ class TenantflowProcessWorker(ProcessWorker):
         configuration: ProcessJobConfiguration,
         task_status: anyio.abc.TaskStatus[int] | None = None,
     ) -> ProcessWorkerResult:
+        """Start the flow run's process and wait for it, as Prefect's process worker does,
+        but on the declared entrypoint, with the declared flow for the hooks.
+
+        NOTE: a re-implementation, not `super().run()`: Prefect's hands the executor
+        `resolve_flow=load_flow_from_flow_run`, which runs the deployment's pull steps and
+        imports its entrypoint, as the API stores them, to run crash and cancellation hooks.
+        """
         if isinstance(configuration, TenantflowJobConfiguration) and configuration._refusal:
             raise RuntimeError(configuration._refusal)
-        locked = (
-            isinstance(configuration, TenantflowJobConfiguration)
-            and configuration.command == engine_command()
-            and configuration.working_dir is not None
-            and ENTRYPOINT_ENV in configuration.env
+        declared = (
+            configuration._declared
+            if isinstance(configuration, TenantflowJobConfiguration)
+            else None
         )
-        if not locked:
+        if (
+            declared is None
+            or configuration.command != engine_command(declared.entrypoint)
+            or configuration.env.get(ENTRYPOINT_ENV) != declared.entrypoint
+        ):
             raise RuntimeError(
                 "refusing to start a flow run whose job configuration was not prepared by "
                 "the tenantflow worker"
             )
-        return await super().run(flow_run, configuration, task_status)
+        status = task_status or anyio.TASK_STATUS_IGNORED
+        env = {key: value for key, value in configuration.env.items() if value is not None}
+        execution: FlowRunExecutionResult | None = None
+        # NOTE: a folder of the run's own, not the project's: nothing there (a `.env`, a
+        # `prefect.toml`) configures the run; the flow is found by its absolute path.
+        with (
+            tempfile.TemporaryDirectory(prefix="tenantflow-run-") as folder,
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore", DeprecationWarning)
+            async with FlowRunExecutorContext() as ctx:
+                executor = ctx.create_executor(
+                    flow_run,
+                    _EngineStarter(
+                        command=engine_command(declared.entrypoint),
+                        cwd=Path(folder),
+                        env=env,
+                        stream_output=configuration.stream_output,
+                        control_channel=ctx.control_channel,
+                    ),
+                    # NOTE: also wired into the context's cancellation manager, for the
+                    # on_cancellation hooks of a Pending or Running run.
+                    resolve_flow=declared.load_flow,
+                    propose_submitting=False,
+                )
+
+                async def execute(
+                    *, task_status: anyio.abc.TaskStatus[ProcessHandle] = anyio.TASK_STATUS_IGNORED
+                ) -> None:
+                    nonlocal execution
+                    execution = await executor.submit(task_status=task_status)
+
+                async with anyio.create_task_group() as group:
+                    handle: ProcessHandle = await group.start(execute)
+                    if handle.pid is None:
+                        raise RuntimeError("Flow run process has no PID")
+                    status.started(handle.pid)
+        if execution is None or execution.status_code is None:
+            raise RuntimeError("Failed to start flow run process.")
+        return ProcessWorkerResult(
+            status_code=execution.status_code, identifier=str(execution.handle.pid)
+        )
 
 
 def base_job_template() -> dict[str, Any]:
@@ -221,6 +426,9 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
         sys.stdout.write(" ".join(str(item) for item in objects) + "\n")
         sys.stdout.flush()
 
+    # NOTE: before anything of Prefect's could load a flow: from here on, every path that
+    # would take code from the API raises instead (tenantflow.tripwire).
+    install_tripwire()
     # NOTE: as `prefect worker start`: the first SIGTERM becomes a SIGINT (stop polling,
     # cancel the worker's task), a second one a SIGKILL.
     setup_signal_handlers_worker(os.getpid(), "the tenantflow process worker", say)
@@ -235,6 +443,9 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
         # NOTE: a typo never creates a stray pool with a default template.
         create_pool_if_not_found=False,
     )
+    # ---- background tasks of the worker process: start them here, before serving ----
+    # (reserved: the worker's housekeeping task is started on this spot)
+    # ----------------------------------------------------------------------------------
     try:
         await worker.start(run_once=False, with_healthcheck=False, printer=say)
     except asyncio.CancelledError:

@@ -219,6 +219,7 @@ async def sleepy(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[str, UUID]
     pool = f"tenantflow-zombie-test-{uuid.uuid4().hex[:8]}"
     (tmp_path / "project" / "prefect.yaml").write_text(
         f"deployments:\n  - name: {pool}\n    entrypoint: flows/sleepy.py:sleepy\n"
+        f"    work_pool:\n      name: {pool}\n"
     )
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))

@@ -22,6 +22,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
 from tenantflow.deployments import (
+    MIGRATE_POOL,
     WORK_POOLS,
     BootstrapError,
     PoolType,
@@ -51,6 +52,7 @@ EXPECTED = {
     "noop": ("flows/noop.py:noop", set()),
 }
 PULL: list[dict[str, Any]] = [{"tenantflow.deployments.set_project_directory": {}}]
+POOLS = {name: MIGRATE_POOL if name == "migrate" else WORK_POOLS["process"] for name in EXPECTED}
 
 
 def _prefect_yaml() -> dict[str, Any]:
@@ -69,12 +71,14 @@ def test_prefect_yaml_declares_every_deployment() -> None:
     assert deployment_names(PROJECT) == list(EXPECTED)
     assert document["pull"] == PULL
     assert document["definitions"]["work_pools"]["local"]["name"] == WORK_POOLS["process"]
+    assert document["definitions"]["work_pools"]["migrate"]["name"] == MIGRATE_POOL
 
     deployments = {d["name"]: d for d in document["deployments"]}
     for name, (entrypoint, parameters) in EXPECTED.items():
         deployment = deployments[name]
         assert deployment["entrypoint"] == entrypoint
-        assert deployment["work_pool"]["name"] == "tenantflow-process"
+        # `migrate` alone on a pool of its own: its worker alone holds the owner's login.
+        assert deployment["work_pool"]["name"] == POOLS[name]
         assert deployment["description"].strip()
         assert "tenantflow" in deployment["tags"]
         assert deployment["enforce_parameter_schema"] is True
@@ -170,14 +174,21 @@ async def test_bootstrap_is_idempotent(stack: Stack) -> None:
     settings = stack_settings(stack.config)
     await asyncio.to_thread(bootstrap, stack.config)
     again = await asyncio.to_thread(bootstrap, stack.config)
-    assert again.work_pools == {"tenantflow-process": "unchanged"}
+    assert again.work_pools == {"tenantflow-process": "unchanged", MIGRATE_POOL: "unchanged"}
     assert again.concurrency_limits == {settings.db_concurrency_limit: "unchanged"}
 
     async with get_client() as client:
         pools = await client.read_work_pools(
-            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=["tenantflow-process"]))
+            work_pool_filter=WorkPoolFilter(
+                name=WorkPoolFilterName(any_=["tenantflow-process", MIGRATE_POOL])
+            )
         )
-        assert [(p.name, p.type) for p in pools] == [("tenantflow-process", "process")]
+        assert sorted((p.name, p.type) for p in pools) == [
+            (MIGRATE_POOL, "process"),
+            ("tenantflow-process", "process"),
+        ]
+        # Both lock what runs alike.
+        assert pools[0].base_job_template == pools[1].base_job_template == tenantflow_template()
         limits = [
             limit
             for limit in await client.read_global_concurrency_limits(limit=200)
@@ -193,9 +204,9 @@ async def test_bootstrap_is_idempotent(stack: Stack) -> None:
 
         await client.update_work_pool("tenantflow-process", WorkPoolUpdate(description="x"))
     repaired = await asyncio.to_thread(bootstrap, stack.config)
-    assert repaired.work_pools == {"tenantflow-process": "updated"}
+    assert repaired.work_pools == {"tenantflow-process": "updated", MIGRATE_POOL: "unchanged"}
     unchanged = await asyncio.to_thread(bootstrap, stack.config)
-    assert unchanged.work_pools == {"tenantflow-process": "unchanged"}
+    assert unchanged.work_pools == {"tenantflow-process": "unchanged", MIGRATE_POOL: "unchanged"}
 
 
 @pytest.mark.stack
@@ -283,7 +294,7 @@ async def test_deploy_creates_every_deployment_once(stack: Stack) -> None:
         for name, (entrypoint, parameters) in EXPECTED.items():
             deployment = await client.read_deployment_by_name(f"{name}/{name}")
             assert deployment.entrypoint == entrypoint
-            assert deployment.work_pool_name == "tenantflow-process"
+            assert deployment.work_pool_name == POOLS[name]
             assert deployment.pull_steps == PULL
             assert deployment.enforce_parameter_schema
             schema = deployment.parameter_openapi_schema or {}

@@ -17,13 +17,16 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, WorkPool
+from prefect.client.schemas.responses import DeploymentResponse
 from prefect.utilities.schema_tools import ValidationError, validate
 from prefect.workers.base import BaseJobConfiguration
 from pydantic import ConfigDict
 
-from tenantflow.deployments import PoolType, base_job_template
+from tenantflow.deployments import MIGRATE_POOL, PoolType, base_job_template
+from tenantflow.settings import Settings
 from tenantflow.worker import (
+    BASIC_ENVIRONMENT,
     LOCKED_VARIABLES,
     TenantflowJobConfiguration,
     TenantflowProcessWorker,
@@ -139,9 +142,41 @@ def _widened(template: dict[str, Any]) -> dict[str, Any]:
     return widened
 
 
+def _prepared(
+    configuration: TenantflowJobConfiguration, deployment: str, pool: str
+) -> TenantflowJobConfiguration:
+    flow_run = _flow_run()
+    configuration.prepare_for_flow_run(
+        flow_run,
+        deployment=DeploymentResponse.model_validate(
+            {"name": deployment, "flow_id": flow_run.flow_id}
+        ),
+        work_pool=WorkPool.model_validate({"name": pool, "type": "process"}),
+        worker_name="w",
+    )
+    return configuration
+
+
+#: What the worker's environment may hold that no flow run gets.
+WORKER_ONLY = {
+    "MIGRATION_DATABASE_URL": f"postgresql://postgres:{MARKER}@127.0.0.1:5432/postgres",
+    "AWS_SECRET_ACCESS_KEY": MARKER,
+    "PYTHONPATH": f"/srv/{MARKER}",
+    "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"postgresql://prefect:{MARKER}@db/prefect",
+    "PREFECT__FLOW_RUN_ID": str(uuid.uuid4()),
+}
+
+
 @pytest.mark.parametrize("widen", [False, True], ids=["pool-template", "widened-template"])
-async def test_the_worker_runs_the_engine_with_its_own_environment(widen: bool) -> None:
+async def test_the_worker_runs_the_declared_flow_with_an_allow_listed_environment(
+    widen: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Even when the pool's template was widened through the API, the worker holds."""
+    monkeypatch.setenv("TENANTFLOW_PROJECT_DIR", str(PROJECT))
+    monkeypatch.setenv("DATABASE_URL", "postgresql://tenantflow_worker:pw@127.0.0.1:6543/postgres")
+    monkeypatch.setenv("LC_ALL", "C.UTF-8")
+    for key, value in WORKER_ONLY.items():
+        monkeypatch.setenv(key, value)
     template = TenantflowProcessWorker.get_default_base_job_template()
     assert template == _template("process")
     if widen:
@@ -150,21 +185,63 @@ async def test_the_worker_runs_the_engine_with_its_own_environment(widen: bool) 
         await TenantflowJobConfiguration.from_template_and_values(template, HOSTILE)
     )
     assert configuration.command is None and configuration.env == {}
-    flow_run = _flow_run()
-    configuration.prepare_for_flow_run(flow_run, worker_name="w")
-    command = configuration.command
-    assert command is not None
-    assert command == engine_command()
-    assert command.split() == [sys.executable, "-m", "prefect.engine"]
+    _prepared(configuration, "noop", "tenantflow-process")
+    entrypoint = f"{PROJECT / 'flows' / 'noop.py'}:noop"
+    assert configuration.command == engine_command(entrypoint)
+    assert configuration.command is not None
+    assert configuration.command.split() == [
+        sys.executable,
+        "-m",
+        "tenantflow.flow_run",
+        entrypoint,
+    ]
+    # The run's own temporary folder, not one a job variable names.
     assert configuration.working_dir is None
-    assert MARKER not in json.dumps(configuration.env)
-    assert configuration.env["PREFECT__FLOW_RUN_ID"] == str(flow_run.id)
-    # The worker's own environment, plus Prefect's own per-run variables and settings.
-    for key, value in os.environ.items():
-        if not key.startswith("PREFECT"):
-            assert configuration.env[key] == value, key
-    added = set(configuration.env) - set(os.environ)
-    assert all(key.startswith("PREFECT") for key in added), added
+    env = configuration.env
+    assert MARKER not in json.dumps(env)
+    assert env["PREFECT__FLOW_ENTRYPOINT"] == entrypoint
+    assert env["PREFECT__FLOW_RUN_ID"] != WORKER_ONLY["PREFECT__FLOW_RUN_ID"]
+    assert env["PREFECT__DEPLOYMENT_NAME"] == "noop"
+    # What the run needs of the worker's environment, and nothing it does not.
+    for key in ("PATH", "DATABASE_URL", "TENANTFLOW_PROJECT_DIR", "LC_ALL"):
+        assert env[key] == os.environ[key], key
+    assert not set(WORKER_ONLY) - {"PREFECT__FLOW_RUN_ID"} & set(env)
+    settings = {name.upper() for name in Settings.model_fields}
+    strays = {
+        key
+        for key in env
+        if key not in settings | BASIC_ENVIRONMENT and not key.startswith(("PREFECT_", "LC_"))
+    }
+    assert strays == set()
+
+
+def test_only_runs_declared_for_the_migrate_pool_get_the_migration_login(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("TENANTFLOW_PROJECT_DIR", str(PROJECT))
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", WORKER_ONLY["MIGRATION_DATABASE_URL"])
+    migrate = _prepared(TenantflowJobConfiguration(), "migrate", MIGRATE_POOL)
+    assert migrate._refusal is None
+    assert migrate.env["MIGRATION_DATABASE_URL"] == WORKER_ONLY["MIGRATION_DATABASE_URL"]
+    report = _prepared(TenantflowJobConfiguration(), "client-report", "tenantflow-process")
+    assert report._refusal is None
+    assert "MIGRATION_DATABASE_URL" not in report.env
+
+
+@pytest.mark.parametrize(
+    ("deployment", "pool"),
+    [("migrate", "tenantflow-process"), ("client-report", MIGRATE_POOL), ("noop", "other")],
+)
+def test_a_deployment_declared_for_another_pool_is_refused(
+    deployment: str, pool: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deployment re-pointed at another pool through the API never runs there."""
+    monkeypatch.setenv("TENANTFLOW_PROJECT_DIR", str(PROJECT))
+    configuration = _prepared(TenantflowJobConfiguration(), deployment, pool)
+    assert configuration._refusal is not None
+    assert f"deployment {deployment!r} is declared for work pool" in configuration._refusal
+    assert f"not for this worker's pool {pool!r}" in configuration._refusal
+    assert configuration.command is None and configuration.env == {}
 
 
 def test_the_worker_keeps_prefects_own_process_worker_registered() -> None:

@@ -58,12 +58,14 @@ async def deployment(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[str, U
     """A pool of its own and a deployment of the sleepy flow on it."""
     (tmp_path / "project" / "flows").mkdir(parents=True)
     (tmp_path / "project" / "flows" / "sleepy.py").write_text(FLOW)
-    # The worker's OS user starts flow runs in the project folder (pytest's are private).
+    # The worker's OS user reads the flows in the project folder (pytest's are private).
     grant_traversal(tmp_path / "project" / "flows")
     pool = f"tenantflow-worker-test-{uuid.uuid4().hex[:8]}"
-    # NOTE: the worker runs only the deployments its project's prefect.yaml declares.
+    # NOTE: the worker runs only the deployments its project's prefect.yaml declares for
+    # its own pool.
     (tmp_path / "project" / "prefect.yaml").write_text(
         f"deployments:\n  - name: {pool}\n    entrypoint: flows/sleepy.py:sleepy\n"
+        f"    work_pool:\n      name: {pool}\n"
     )
     async with get_client() as client:
         await client.create_work_pool(WorkPoolCreate(name=pool, type="process"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import grp
 import os
 import socket
 import subprocess
@@ -69,12 +68,9 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     # The seal key is JSON: it must come back whole.
     assert env_file["SEAL_PRIVATE_KEYS"] == config.secrets.seal_private_key
     env_stat = (config.project_dir / ".env").stat()
-    if os.geteuid() == 0:
-        # Flow runs run as the worker's OS user, which reads it through its group.
-        assert oct(env_stat.st_mode & 0o777) == "0o640"
-        assert grp.getgrgid(env_stat.st_gid).gr_name == "tenantflow"
-    else:
-        assert oct(env_stat.st_mode & 0o777) == "0o600"
+    # It holds the schema owner's login: its owner's only, never the workers' OS users'.
+    assert oct(env_stat.st_mode & 0o777) == "0o600"
+    assert env_stat.st_uid == os.geteuid()
 
     again = _cli(second_stack, "up", "--services-only")
     assert again.returncode == 0, again.stdout + again.stderr

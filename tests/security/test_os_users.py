@@ -1,9 +1,10 @@
 """What other OS users, the worker's included, can read of the stack.
 
 The Prefect server's folder (and SQLite database, when it uses one) is root's only; when
-the stack runs as root the worker (and so every flow run) is the unprivileged `tenantflow`
-user, which reads the project and `.env` but neither the stack's secrets file nor the
-Prefect server's folder.
+the stack runs as root the tenant worker (and so every tenant flow run) is the unprivileged
+`tenantflow` user, which reads the project but neither the stack's secrets file, `.env`
+(which holds the schema owner's login), the Prefect server's folder, nor anything of the
+migrate worker, which runs as `tenantflow-migrate`.
 """
 
 from __future__ import annotations
@@ -62,11 +63,22 @@ def test_the_prefect_servers_files_are_root_only(stack: Stack) -> None:
 
 
 @as_root
-def test_the_worker_runs_as_an_unprivileged_user(stack: Stack) -> None:
-    pid = LocalWorker(stack.config).pid()
+@pytest.mark.parametrize(
+    ("migrate", "user"),
+    [(False, "tenantflow"), (True, "tenantflow-migrate")],
+    ids=["tenant", "migrate"],
+)
+def test_each_worker_runs_as_an_unprivileged_user_of_its_own(
+    stack: Stack, migrate: bool, user: str
+) -> None:
+    worker_service = LocalWorker.for_migrate(stack.config) if migrate else LocalWorker(stack.config)
+    pid = worker_service.pid()
     assert pid is not None
-    worker = pwd.getpwnam("tenantflow")
+    worker = pwd.getpwnam(user)
     assert worker.pw_uid != 0
+    assert (
+        worker.pw_uid != pwd.getpwnam("tenantflow-migrate" if not migrate else "tenantflow").pw_uid
+    )
     uids, gids = _ids(pid)
     assert uids == [worker.pw_uid] * 4
     assert gids == [worker.pw_gid] * 4
@@ -75,7 +87,7 @@ def test_the_worker_runs_as_an_unprivileged_user(stack: Stack) -> None:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines()
         if line.startswith("Groups:")
     )
-    assert "0" not in groups
+    assert groups == []
 
 
 @as_root
@@ -94,8 +106,16 @@ def test_the_worker_user_cannot_read_the_stacks_secrets(stack: Stack) -> None:
         assert denied.stdout == ""
     listing = _as_worker_user("ls", str(config.prefect_home))
     assert listing.returncode != 0
+    # Nor `.env`, which holds the schema owner's login, nor the migrate worker's home.
+    for command, path in (("cat", config.env_file), ("ls", LocalWorker.for_migrate(config).home)):
+        denied = _as_worker_user(command, str(path))
+        assert denied.returncode != 0 and "Permission denied" in denied.stderr, path
+        assert denied.stdout == ""
     # What its flow runs need, it can read.
-    for path in (config.env_file, config.project_dir / "flows" / "nightly_rollup.py"):
+    for path in (
+        config.project_dir / "prefect.yaml",
+        config.project_dir / "flows" / "nightly_rollup.py",
+    ):
         assert _as_worker_user("cat", str(path)).returncode == 0, path
     # And nothing it may not write.
     assert _as_worker_user("touch", str(config.prefect_home / "x")).returncode != 0

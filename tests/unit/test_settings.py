@@ -170,8 +170,18 @@ def test_missing_required_settings_name_each_field(monkeypatch: pytest.MonkeyPat
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(SettingsError) as caught:
         load_settings(_env_file=None)
-    for name in ("DATABASE_URL", "MIGRATION_DATABASE_URL", "SUPABASE_URL", "SUPABASE_ANON_KEY"):
+    for name in ("DATABASE_URL", "SUPABASE_URL", "SUPABASE_ANON_KEY"):
         assert name in str(caught.value)
+
+
+def test_the_migration_login_is_needed_only_to_migrate() -> None:
+    """Tenant workers never hold the schema owner's login: their settings load without it."""
+    settings = build(migration_database_url=None)
+    assert settings.migration_database_url is None
+    with pytest.raises(SettingsError, match="MIGRATION_DATABASE_URL is not set"):
+        settings.migration_url()
+    held = build()
+    assert held.migration_url() == held.migration_database_url
 
 
 def test_environment_values_are_read_and_errors_hide_them(
