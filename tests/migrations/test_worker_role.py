@@ -37,8 +37,10 @@ async def worker(stack: Stack) -> AsyncIterator[asyncpg.Connection]:
 
 
 async def _state(admin: asyncpg.Connection) -> tuple:
-    """What the attacks would change: audit rows, the trigger, the sequence, the owner."""
+    """What the attacks would change: audit rows, the trigger, the sequence, the owner,
+    the recorded schema revision."""
     return (
+        await admin.fetchval("SELECT string_agg(version_num, ',') FROM public.alembic_version"),
         await admin.fetchval("SELECT count(*) FROM public.audit_log"),
         await admin.fetchval(
             "SELECT tgenabled FROM pg_trigger WHERE tgname = 'audit_log_append_only'"
@@ -68,6 +70,10 @@ async def _state(admin: asyncpg.Connection) -> tuple:
         ("service_role", f"SELECT setval({AUDIT_SEQUENCE}, 1)"),
         ("service_role", "DROP TABLE public.client_events"),
         ("service_role", "SELECT * FROM tenantflow_private.sealed_token_uses"),
+        ("service_role", "UPDATE public.alembic_version SET version_num = 'forged'"),
+        ("service_role", "DELETE FROM public.alembic_version"),
+        ("service_role", "SELECT version_num FROM public.alembic_version"),
+        ("authenticated", "UPDATE public.alembic_version SET version_num = 'forged'"),
         ("authenticated", f"SELECT setval({AUDIT_SEQUENCE}, 1)"),
         ("authenticated", "SELECT tenantflow_private.operator_app_metadata(gen_random_uuid())"),
         ("postgres", "SELECT 1"),
