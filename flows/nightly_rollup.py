@@ -18,41 +18,48 @@ from prefect import get_run_logger
 from tenantflow.budget import database_slots
 from tenantflow.rollup import (
     RollupOutcome,
+    default_day,
     publish_rollup,
     publish_shards,
     raise_if_any_failed,
     roll_up_clients,
-    yesterday_utc,
 )
 from tenantflow.settings import get_settings
 from tenantflow.shards import run_in_shards
-from tenantflow.tenancy import SealedAccessToken, authorize_run, current_flow_run_id, tenant_flow
+from tenantflow.tenancy import (
+    OptionalSealedAccessToken,
+    authorize_run,
+    current_flow_run_id,
+    tenant_flow,
+)
 
 
 @tenant_flow(name="nightly-rollup", timeout_seconds=3600)
 async def nightly_rollup(
     day: date | None = None,
     client_ids: list[UUID] | None = None,
-    access_token: SealedAccessToken | None = None,
+    access_token: OptionalSealedAccessToken = None,
 ) -> dict[str, int]:
     """Roll each active client's events of one UTC day up into `client_daily_metrics`.
 
     Args:
-        day: The day to roll up (UTC). Empty: yesterday.
+        day: The day to roll up (UTC). Empty: the day before the scheduled slot
+            (yesterday, for a run started by hand).
         client_ids: Only these clients. Empty: every active client.
         access_token: Needed only when started by hand: a tenantflow operator's sealed
-            access token (`tenantflow seal --flow nightly-rollup`, with the same
-            `--client` ids as this run, or none for every client). Scheduled runs need none.
+            access token for exactly this run (`tenantflow seal --flow nightly-rollup`,
+            with the same `--client` ids, or none for every client, and `--param
+            day=...` if a day is given). Scheduled runs need none.
     """
     logger = get_run_logger()
     settings = get_settings()
-    day = day or yesterday_utc()
     contexts = await authorize_run(
         action="nightly-rollup",
         mode="service",
         access_token=access_token,
         client_ids=client_ids,
     )
+    day = day or default_day(contexts)
     outcomes: list[RollupOutcome]
     if len(contexts) > settings.tenant_shard_size:
         logger.info(

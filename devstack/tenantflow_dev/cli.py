@@ -16,7 +16,7 @@ import time
 from collections.abc import Sequence
 from uuid import UUID
 
-from tenantflow.cli import CommandError, report_failure
+from tenantflow.cli import CommandError, parameter_argument, parameters_of, report_failure
 from tenantflow_dev.config import StackConfig
 from tenantflow_dev.errors import StackError
 from tenantflow_dev.health import Health
@@ -66,9 +66,11 @@ def _demo(stack: Stack) -> bool:
         "  nightly-rollup-shard/...        started by nightly-rollup only (its shards)\n"
         "  migrate/migrate                 schema upgrades / dry runs (operators)\n"
         "  noop/noop                       does nothing: the worker's floor (make bench)\n"
-        "\nSealed access tokens to paste into the run forms (each is good for one run within "
-        "an hour;\n`tenantflow-dev token --email E --flow F [--client ID]` seals more):\n"
+        "\nSealed access tokens to paste into the run forms (each is good for one run with "
+        "exactly these\nparameters within an hour; `tenantflow-dev token --email E --flow F "
+        "[--client ID] [--param NAME=VALUE]`\nseals more):\n"
         "  client-report, client_id:  %s   (%s, where %s is owner)\n"
+        "  client-report, period_start: %s, period_end: %s\n"
         "  client-report, access_token:  %s\n"
         "  nightly-rollup (operator, every client), access_token:  %s",
         demo.flow_run_id,
@@ -80,6 +82,8 @@ def _demo(stack: Stack) -> bool:
         demo.member_client.id,
         demo.member_client.name,
         demo.member_email,
+        demo.report_period[0],
+        demo.report_period[1],
         demo.member_token,
         demo.operator_token,
     )
@@ -156,6 +160,7 @@ def _token(args: argparse.Namespace) -> int:
                     args.email,
                     flow=args.flow,
                     client_ids=args.client or None,
+                    parameters=parameters_of(args.param),
                     ttl_s=args.expires_in,
                     operator=args.operator,
                 )
@@ -230,6 +235,13 @@ def _parser() -> argparse.ArgumentParser:
         type=UUID,
         metavar="CLIENT_ID",
         help="a client id of the run (repeat; none: a sweep of every client)",
+    )
+    token.add_argument(
+        "--param",
+        action="append",
+        type=parameter_argument,
+        metavar="NAME=VALUE",
+        help="another parameter of the run, as the run will get it (repeat; the seal binds them)",
     )
     token.add_argument(
         "--operator", action="store_true", help="put the tenantflow_operator grant in the token"

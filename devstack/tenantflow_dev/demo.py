@@ -10,10 +10,11 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 import asyncpg
 
@@ -139,10 +140,12 @@ async def sealed_token(
     *,
     flow: str,
     client_ids: Sequence[uuid.UUID] | None,
+    parameters: Mapping[str, Any] | None = None,
     ttl_s: int = DEMO_SEAL_LIFETIME,
     operator: bool = False,
 ) -> str:
-    """A fresh access token of `email`, sealed to the stack's workers for one run of `flow`."""
+    """A fresh access token of `email`, sealed to the stack's workers for one run of `flow`
+    with `parameters` (its other parameters)."""
     token = await mint_access_token(
         config, email, operator=operator, expires_in=max(ttl_s, DEMO_TOKEN_LIFETIME)
     )
@@ -151,6 +154,7 @@ async def sealed_token(
         public_key(config.secrets.seal_private_key),
         flow=flow,
         client_ids=client_ids,
+        parameters=parameters,
         ttl_s=ttl_s,
     )
 
@@ -166,6 +170,8 @@ class DemoRun:
     ui_url: str
     member_email: str
     member_client: DemoClient
+    #: The period the member's sealed token is bound to (a seal binds every parameter).
+    report_period: tuple[date, date]
     member_token: str = field(repr=False)
     operator_token: str = field(repr=False)
 
@@ -200,6 +206,8 @@ async def run_demo(config: StackConfig) -> DemoRun:
             tags=["demo"],
         )
     state = run.state
+    today = datetime.now(UTC).date()
+    period = (today - timedelta(days=30), today)
     return DemoRun(
         flow_run_id=run.id,
         state=(state.name or "Unknown") if state else "Unknown",
@@ -208,8 +216,13 @@ async def run_demo(config: StackConfig) -> DemoRun:
         ui_url=f"{config.prefect_ui_url}/runs/flow-run/{run.id}",
         member_email=DEMO_MEMBER,
         member_client=ACME,
+        report_period=period,
         member_token=await sealed_token(
-            config, DEMO_MEMBER, flow="client-report", client_ids=[ACME.id]
+            config,
+            DEMO_MEMBER,
+            flow="client-report",
+            client_ids=[ACME.id],
+            parameters={"period_start": period[0], "period_end": period[1]},
         ),
         operator_token=await sealed_token(
             config, DEMO_OPERATOR, flow="nightly-rollup", client_ids=None

@@ -26,7 +26,14 @@ from tenantflow.errors import TenantflowError
 if TYPE_CHECKING:
     from tenantflow.settings import SealSettings
 
-__all__ = ["CommandError", "ProjectNotFound", "main", "report_failure"]
+__all__ = [
+    "CommandError",
+    "ProjectNotFound",
+    "main",
+    "parameter_argument",
+    "parameters_of",
+    "report_failure",
+]
 
 log = logging.getLogger("tenantflow")
 
@@ -194,6 +201,33 @@ def _read_token() -> str:
     return token
 
 
+_PARAMETER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def parameter_argument(text: str) -> tuple[str, object]:
+    """`NAME=VALUE` of `--param`: the value is JSON where it parses (`false`, `3`,
+    `["a"]`), else the text itself (`2026-11-01`, `head`)."""
+    import json
+
+    name, equals, value = text.partition("=")
+    if not equals or not _PARAMETER_NAME.fullmatch(name):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text[:40]!r}")
+    try:
+        return name, json.loads(value)
+    except ValueError:
+        return name, value
+
+
+def parameters_of(pairs: Sequence[tuple[str, object]] | None) -> dict[str, object]:
+    """The `--param` pairs as a run's parameters; a name given twice is refused."""
+    parameters: dict[str, object] = {}
+    for name, value in pairs or ():
+        if name in parameters:
+            raise CommandError(f"--param {name} is given twice")
+        parameters[name] = value
+    return parameters
+
+
 def _seal(args: argparse.Namespace) -> int:
     """Seal a plain access token (stdin) to the workers' public key; stdout gets the value."""
     from tenantflow.sealing import SealError, public_key, seal_access_token
@@ -212,17 +246,28 @@ def _seal(args: argparse.Namespace) -> int:
             "`tenantflow seal-key public`) or set SEAL_PRIVATE_KEYS"
         )
     ttl = settings.seal_default_ttl_s if args.ttl is None else args.ttl
+    parameters = parameters_of(args.param)
     token = _read_token()
     now = time.time()
     try:
         sealed = seal_access_token(
-            token, jwk, flow=args.flow, client_ids=args.client, ttl_s=ttl, now=now
+            token,
+            jwk,
+            flow=args.flow,
+            client_ids=args.client,
+            parameters=parameters,
+            ttl_s=ttl,
+            now=now,
         )
     except ValueError as error:
         raise CommandError(str(error)) from None
     clients = ", ".join(args.client) if args.client else "every active client"
+    bound = ", ".join(f"{name}={value}" for name, value in parameters.items()) or "none"
     expires = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(int(now) + ttl))
-    sys.stderr.write(f"sealed for flow {args.flow}, {clients}; valid until {expires}\n")
+    sys.stderr.write(
+        f"sealed for one run of flow {args.flow}, {clients}; other parameters: {bound}; "
+        f"valid until {expires}\n"
+    )
     sys.stdout.write(sealed + "\n")
     return 0
 
@@ -249,6 +294,17 @@ def _add_seal_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         action="append",
         metavar="ID",
         help="a client id of the run (repeat for several; none: every active client)",
+    )
+    seal.add_argument(
+        "--param",
+        action="append",
+        type=parameter_argument,
+        metavar="NAME=VALUE",
+        help=(
+            "another parameter of the run, exactly as the run will get it (repeat; the seal "
+            "opens only in a run with these parameters; those left at their defaults may "
+            "be left out)"
+        ),
     )
     seal.add_argument(
         "--ttl", type=int, metavar="SECONDS", help="lifetime (default SEAL_DEFAULT_TTL_S, 900)"

@@ -77,7 +77,7 @@ from tenantflow.project import (
     deployment_names,
 )
 from tenantflow.sealing import looks_like_plain_jwt
-from tenantflow.tenancy.run_token import REDACTED
+from tenantflow.tenancy.run_token import REDACTED, SPENT
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -99,10 +99,9 @@ __all__ = [
     "scheduler_key",
 ]
 
-#: What a finished run's `access_token` is replaced with: its seal served (or will never
-#: serve) its one run, and must not be copied into another.
-SPENT: Final = "[removed by tenantflow: a sealed token is good for one run]"
-#: Values that are already placeholders: never rewritten.
+#: Values that are already placeholders: never rewritten. (`SPENT` is what a finished
+#: run's `access_token` is replaced with: its seal served, or will never serve, its one
+#: run, and must not be copied into another.)
 _PLACEHOLDERS: Final = frozenset({SPENT, REDACTED})
 #: The states in which a run is over: its `access_token` is not needed any more.
 FINAL_STATES: Final = (

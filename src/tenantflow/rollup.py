@@ -29,6 +29,7 @@ __all__ = [
     "RollupFailed",
     "RollupOutcome",
     "day_bounds",
+    "default_day",
     "failed_clients_markdown",
     "publish_rollup",
     "publish_shards",
@@ -71,6 +72,16 @@ class ClientRollup:
 
 def yesterday_utc() -> date:
     return datetime.now(UTC).date() - timedelta(days=1)
+
+
+def default_day(contexts: Sequence[TenantContext]) -> date:
+    """The day a rollup without a `day` rolls up: the UTC day before the slot its schedule
+    fired for (a run late past midnight still does its own night), or yesterday for a run
+    started by hand."""
+    slot = contexts[0].actor.slot if contexts else None
+    if slot is None:
+        return yesterday_utc()
+    return slot.astimezone(UTC).date() - timedelta(days=1)
 
 
 def day_bounds(day: date) -> tuple[datetime, datetime]:

@@ -9,9 +9,9 @@ Format: a JWE in compact serialization (five base64url segments)::
 
     protected header  {"alg": "ECDH-ES+A256KW", "enc": "A256GCM", "kid": KID,
                        "cty": "tenantflow-seal+json", "epk": {...}}
-    payload (JSON)    {"v": 1, "tok": ACCESS_TOKEN, "flow": FLOW_NAME,
-                       "clients": ["<uuid>", ...] | null, "iat": INT, "exp": INT,
-                       "jti": RANDOM_128_BIT_ID}
+    payload (JSON)    {"v": 2, "tok": ACCESS_TOKEN, "flow": FLOW_NAME,
+                       "clients": ["<uuid>", ...] | null, "params": SHA256_HEX,
+                       "iat": INT, "exp": INT, "jti": RANDOM_128_BIT_ID}
 
 - key agreement ECDH-ES on EC P-256 with an ephemeral sender key, the content key wrapped
   with AES-256 key wrap, the payload encrypted with AES-256-GCM (the protected header is the
@@ -21,13 +21,15 @@ Format: a JWE in compact serialization (five base64url segments)::
 - the payload binds the token to one flow, to the client ids of the run (`null`: every
   active client, for service sweeps; more than `CLIENT_LIST_LIMIT` ids as
   `{"sha256": <hex of the sorted ids, one a line>, "count": n}`, so the value stays small)
-  and to a short lifetime (`iat`..`exp`);
+  to every other parameter of the run (`params`: the SHA-256 of their canonical JSON,
+  `parameters_digest()`; the run's period, day, revision...), and to a short lifetime
+  (`iat`..`exp`);
 - `jti` is returned as `OpenedSeal.seal_id`, so the caller can refuse a second use.
 
 `open_sealed_token()` checks, in this order: size, shape, header, decryption, payload schema,
-time, flow, clients. Every refusal is a `SealError` subclass whose message is safe to show an
-operator: it never holds the token, a key or ciphertext, and it is raised without its cause
-chain (a library error can carry bytes of the input).
+time, flow, clients, parameters. Every refusal is a `SealError` subclass whose message is safe
+to show an operator: it never holds the token, a key or ciphertext, and it is raised without
+its cause chain (a library error can carry bytes of the input).
 
 Why tokens are sealed, and how keys rotate: docs/security.md.
 """
@@ -51,6 +53,7 @@ from uuid import UUID
 from joserfc import jwe
 from joserfc.jwk import ECKey
 from pydantic import SecretStr
+from pydantic_core import PydanticSerializationError, to_jsonable_python
 
 from tenantflow.errors import TenantflowError
 
@@ -61,6 +64,7 @@ __all__ = [
     "ENCRYPTION",
     "MAX_SEALED_BYTES",
     "MAX_TOKEN_BYTES",
+    "UNBOUND_PARAMETERS",
     "NotSealed",
     "OpenedSeal",
     "SealError",
@@ -72,11 +76,14 @@ __all__ = [
     "SealUndecryptable",
     "SealWrongClients",
     "SealWrongFlow",
+    "SealWrongParameters",
+    "canonical_parameters",
     "generate_private_key",
     "key_ids",
     "looks_like_plain_jwt",
     "looks_sealed",
     "open_sealed_token",
+    "parameters_digest",
     "public_key",
     "seal_access_token",
 ]
@@ -85,7 +92,7 @@ ALGORITHM = "ECDH-ES+A256KW"
 ENCRYPTION = "A256GCM"
 CONTENT_TYPE = "tenantflow-seal+json"
 CURVE = "P-256"
-VERSION = 1
+VERSION = 2
 MAX_SEALED_BYTES = 16 * 1024
 MAX_TOKEN_BYTES = 8 * 1024
 MAX_TTL_S = 86_400
@@ -100,7 +107,10 @@ CLIENT_LIST_LIMIT = 20
 # everything else first, so a second line of defence, not the only one.
 _REGISTRY = jwe.JWERegistry(algorithms=[ALGORITHM, ENCRYPTION])
 _HEADER_KEYS = frozenset({"alg", "enc", "kid", "cty", "epk"})
-_PAYLOAD_KEYS = frozenset({"v", "tok", "flow", "clients", "iat", "exp", "jti"})
+_PAYLOAD_KEYS = frozenset({"v", "tok", "flow", "clients", "params", "iat", "exp", "jti"})
+#: Parameters a seal's `params` digest never covers: the seal itself, and the run's clients
+#: (the flows' `client_id` / `client_ids`, which the seal's `clients` binds already).
+UNBOUND_PARAMETERS = frozenset({"access_token", "client_id", "client_ids"})
 _SEGMENT = r"[A-Za-z0-9_-]+"
 # NOTE: both shapes start with "eyJ", base64url of '{"', the start of a JSON header.
 _PLAIN_JWT = re.compile(rf"eyJ{_SEGMENT}\.{_SEGMENT}\.[A-Za-z0-9_-]*")
@@ -162,6 +172,12 @@ class SealWrongClients(SealError):
     """The token was sealed for other clients than this run's."""
 
     code = "seal_wrong_clients"
+
+
+class SealWrongParameters(SealError):
+    """The token was sealed for a run with other parameters (period, day, revision...)."""
+
+    code = "seal_wrong_parameters"
 
 
 class SealKeyInvalid(SealError, ValueError):
@@ -402,22 +418,85 @@ def _sealed_clients(clients: list[str] | None) -> list[str] | dict[str, Any] | N
     return {"sha256": _clients_digest(clients), "count": len(clients)}
 
 
+def _canonical_value(value: Any) -> Any:
+    """One parameter value in the JSON form both sides of a seal agree on."""
+    plain = to_jsonable_python(value)
+    if isinstance(plain, str):
+        try:
+            return str(UUID(plain)) if len(plain) == 36 else plain
+        except ValueError:
+            return plain
+    if isinstance(plain, list):
+        items = [_canonical_value(item) for item in plain]
+        # NOTE: a list of ids (client_ids) is a set to the flows: its order is not bound.
+        if items and all(isinstance(item, str) and _is_uuid(item) for item in items):
+            return sorted(items)
+        return items
+    if isinstance(plain, dict):
+        return {str(key): _canonical_value(item) for key, item in plain.items()}
+    return plain
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        UUID(value)
+    except ValueError:
+        return False
+    return len(value) == 36
+
+
+def canonical_parameters(
+    parameters: Mapping[str, Any], *, leave_out: frozenset[str] = UNBOUND_PARAMETERS
+) -> dict[str, Any]:
+    """A run's parameters as a seal binds them: all but `leave_out`, in JSON form.
+
+    Unset (`None`) values are left out, dates are ISO strings, ids lowercase, a list of ids
+    sorted: the same run described by a caller (strings) and by the flow (typed values)
+    gives the same form.
+    """
+    if not isinstance(parameters, Mapping):
+        raise ValueError("parameters must be a mapping of parameter names to values")
+    try:
+        return {
+            str(name): _canonical_value(value)
+            for name, value in sorted(parameters.items())
+            if name not in leave_out and value is not None
+        }
+    except PydanticSerializationError:
+        raise ValueError("a parameter value cannot be expressed in JSON") from None
+
+
+def parameters_digest(parameters: Mapping[str, Any]) -> str:
+    """The SHA-256 (hex) of a run's canonical parameters (`canonical_parameters`): what a
+    seal's `params` holds."""
+    document = json.dumps(
+        canonical_parameters(parameters), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(document.encode()).hexdigest()
+
+
 def seal_access_token(
     token: str,
     public_key: str | Mapping[str, Any],
     *,
     flow: str,
     client_ids: Sequence[UUID | str] | None,
+    parameters: Mapping[str, Any] | None = None,
     ttl_s: int = 900,
     now: float | None = None,
 ) -> str:
-    """Seal an access token to the workers' public key, for one flow and its clients.
+    """Seal an access token to the workers' public key, for one run: its flow, its clients
+    and every other parameter it will be started with.
 
     Args:
         token: The plain access token (a JWT).
         public_key: The workers' public JWK, as JSON text or a mapping; it must have a `kid`.
         flow: The name of the flow that may open it.
         client_ids: The run's client ids; None for every active client (service sweeps).
+        parameters: The run's other parameters exactly as it will be started with them
+            (the token and the clients aside, `UNBOUND_PARAMETERS`; unset ones and those left
+            to their defaults may be left out). A worker refuses the seal in a run whose
+            parameters differ.
         ttl_s: Lifetime in seconds, 1 to 86400.
         now: The current Unix time (tests); by default the clock.
 
@@ -441,6 +520,7 @@ def seal_access_token(
     if isinstance(ttl_s, bool) or not isinstance(ttl_s, int) or not 1 <= ttl_s <= MAX_TTL_S:
         raise ValueError(f"ttl_s must be a whole number of seconds from 1 to {MAX_TTL_S}")
     clients = _sealed_clients(_client_strings(client_ids))
+    params = parameters_digest(parameters or {})
     key, kid = _parse_public_key(public_key)
     issued = int(time.time() if now is None else now)
     payload = {
@@ -448,6 +528,7 @@ def seal_access_token(
         "tok": token,
         "flow": flow,
         "clients": clients,
+        "params": params,
         "iat": issued,
         "exp": issued + ttl_s,
         "jti": secrets.token_urlsafe(16),
@@ -556,10 +637,15 @@ def _check_payload(plaintext: bytes) -> dict[str, Any]:
         raise SealMalformed("the sealed payload is not JSON") from None
     if not isinstance(payload, dict) or set(payload) != _PAYLOAD_KEYS:
         raise SealMalformed(
-            "the sealed payload must hold exactly v, tok, flow, clients, iat, exp and jti"
+            "the sealed payload must hold exactly v, tok, flow, clients, params, iat, exp "
+            "and jti (a seal of an older tenantflow: seal it again)"
         )
     if not _is_int(payload["v"]) or payload["v"] != VERSION:
         raise SealMalformed(f"the sealed payload's version is not {VERSION}")
+    if not isinstance(payload["params"], str) or not re.fullmatch(
+        r"[0-9a-f]{64}", payload["params"]
+    ):
+        raise SealMalformed("the sealed payload's `params` digest is malformed")
     for name in ("tok", "flow", "jti"):
         if not isinstance(payload[name], str) or not payload[name]:
             raise SealMalformed(f"the sealed payload's `{name}` must be a non-empty string")
@@ -659,12 +745,35 @@ def _check_binding(
     return None if wanted is None else tuple(sorted(wanted, key=str))
 
 
+def _check_parameters(
+    payload: Mapping[str, Any], parameters: Mapping[str, Any], defaults: Mapping[str, Any]
+) -> None:
+    """The run's parameters must be those sealed: all of them, or all but those left to
+    their defaults (a sealer need not know a flow's defaults)."""
+    given = canonical_parameters(parameters)
+    plain = canonical_parameters(defaults)
+    without_defaults = {name: value for name, value in given.items() if plain.get(name) != value}
+    candidates = {parameters_digest(given), parameters_digest(without_defaults)}
+    if not any(hmac.compare_digest(digest, payload["params"]) for digest in candidates):
+        raise SealWrongParameters(
+            "the token was sealed for a run with other parameters than this one's (a seal "
+            f"binds every parameter of its run; this run has {_render_names(given)}); "
+            "seal a fresh one with exactly this run's parameters"
+        )
+
+
+def _render_names(parameters: Mapping[str, Any]) -> str:
+    return ", ".join(sorted(parameters)) if parameters else "no other parameters"
+
+
 def open_sealed_token(
     sealed: str,
     private_keys: str,
     *,
     flow: str,
     client_ids: Sequence[UUID] | None,
+    parameters: Mapping[str, Any],
+    defaults: Mapping[str, Any] | None = None,
     max_ttl_s: int = 3600,
     leeway_s: float = 10,
     now: float | None = None,
@@ -680,6 +789,10 @@ def open_sealed_token(
         flow: The name of the flow being run.
         client_ids: This run's client ids; None for every active client. Compared as sets:
             None only matches a token sealed for None.
+        parameters: Every parameter this run was started with, as the flow received them
+            (`access_token` is ignored); their digest must be the sealed one.
+        defaults: The flow's parameter defaults: a seal that left out parameters at their
+            defaults matches too.
         max_ttl_s: Longest lifetime (`exp - iat`) accepted.
         leeway_s: Clock skew tolerated on `exp` and `iat`, in seconds.
         now: The current Unix time (tests); by default the clock.
@@ -692,6 +805,7 @@ def open_sealed_token(
     payload = _check_payload(_decrypt(value, kid, private_keys))
     _check_time(payload, time.time() if now is None else now, leeway_s, max_ttl_s)
     clients = _check_binding(payload, flow, client_ids)
+    _check_parameters(payload, parameters, defaults or {})
     return OpenedSeal(
         token=SecretStr(payload["tok"]),
         seal_id=payload["jti"],

@@ -419,6 +419,26 @@ class Settings(SealSettings, FaultSettings):
         le=300,
         description="Clock skew tolerated on exp, nbf and iat, in seconds.",
     )
+    schedule_early_s: float = Field(
+        default=60.0,
+        ge=0,
+        le=600,
+        description=(
+            "How early before its slot a scheduled run may start and still act as the "
+            "scheduler, in seconds: the worker's prefetch (10 s by default) plus clock skew. "
+            "A run moved earlier through the Prefect API is refused."
+        ),
+    )
+    schedule_late_s: float = Field(
+        default=21600.0,
+        ge=60,
+        le=86400,
+        description=(
+            "How late after its slot a scheduled run may start and still act as the "
+            "scheduler, in seconds (6 hours: a night's run still happens after a worker "
+            "outage; later than that, an operator starts it with a sealed token)."
+        ),
+    )
     auth_jwks_cache_s: float = Field(
         default=600.0,
         gt=0,

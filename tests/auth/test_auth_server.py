@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import date
 from pathlib import Path
 
 import asyncpg
@@ -14,7 +15,7 @@ import jwt
 import pytest
 
 from tenantflow.auth import OPERATOR_ROLE, app_metadata_grants_operator, verify_access_token
-from tenantflow.sealing import SealWrongFlow, open_sealed_token
+from tenantflow.sealing import OpenedSeal, SealWrongFlow, SealWrongParameters, open_sealed_token
 from tenantflow.settings import Settings
 from tenantflow_dev import Stack
 from tenantflow_dev.auth_stand_in import UnknownUser, create_user, mint_access_token, set_operator
@@ -236,29 +237,47 @@ async def test_cli_prints_only_a_verifiable_token(
     assert "no user" in missing.stderr
 
 
-async def test_cli_seals_for_one_flow_and_its_clients(
+async def test_cli_seals_for_one_flow_its_clients_and_its_parameters(
     stack: Stack, settings: Settings, user: StackUser
 ) -> None:
     client = uuid.uuid4()
     result = _cli(
-        stack, "token", "--email", user.email, "--flow", "client-report", "--client", str(client)
+        stack,
+        "token",
+        "--email",
+        user.email,
+        "--flow",
+        "client-report",
+        "--client",
+        str(client),
+        "--param",
+        "period_start=2026-11-01",
+        "--param",
+        "period_end=2026-11-30",
     )
     assert result.returncode == 0, result.stderr
     sealed = result.stdout.strip()
     assert result.stdout.count("\n") == 1 and sealed.count(".") == 4
-    opened = open_sealed_token(
-        sealed,
-        stack.config.secrets.seal_private_key,
-        flow="client-report",
-        client_ids=[client],
-    )
+    # The run's parameters as the flow receives them (dates, not text).
+    period = {"period_start": date(2026, 11, 1), "period_end": date(2026, 11, 30)}
+
+    def open_for(flow: str, **parameters: object) -> OpenedSeal:
+        return open_sealed_token(
+            sealed,
+            stack.config.secrets.seal_private_key,
+            flow=flow,
+            client_ids=[client],
+            parameters={"client_id": client, **period, **parameters},
+        )
+
+    opened = open_for("client-report")
     assert (opened.expires_at - opened.issued_at).total_seconds() == 900
     verified = await verify_access_token(opened.token, settings=settings)
     assert verified.sub == user.id
     with pytest.raises(SealWrongFlow):
-        open_sealed_token(
-            sealed, stack.config.secrets.seal_private_key, flow="migrate", client_ids=[client]
-        )
+        open_for("migrate")
+    with pytest.raises(SealWrongParameters):
+        open_for("client-report", period_end=date(2026, 12, 31))
     unsealed = _cli(stack, "token", "--email", user.email)
     assert unsealed.returncode == 2 and unsealed.stdout == ""
     assert "--flow is needed" in unsealed.stderr

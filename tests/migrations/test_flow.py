@@ -38,8 +38,11 @@ async def _artifacts(flow_run_id: uuid.UUID) -> dict[str | None, str]:
     return {artifact.key: str(artifact.data) for artifact in artifacts}
 
 
-async def _operator(world: World) -> str:
-    return await world.sealed("operator", flow="migrate", clients=None, operator=True)
+async def _operator(world: World, **parameters: object) -> str:
+    """An operator's token sealed for one `migrate` run with `parameters`."""
+    return await world.sealed(
+        "operator", flow="migrate", clients=None, operator=True, parameters=parameters
+    )
 
 
 async def test_flow_dry_run_reports_the_sql_and_changes_nothing(
@@ -49,7 +52,8 @@ async def test_flow_dry_run_reports_the_sql_and_changes_nothing(
     conn = await scratch_env.connect()
     try:
         before = await fingerprint(conn)
-        state = await migrate(access_token=await _operator(world), dry_run=True, return_state=True)
+        sealed = await _operator(world, dry_run=True)
+        state = await migrate(access_token=sealed, dry_run=True, return_state=True)
         assert state.is_completed(), state.message
         result: MigrationResult = await state.aresult()
         assert result.dry_run and result.target == HEAD
@@ -164,5 +168,16 @@ async def test_cli_downgrades_only_when_confirmed(
         code = await asyncio.to_thread(cli.main, ["migrate", "--downgrade-to", "base", "--yes"])
         assert code == 0
         assert await conn.fetchval("SELECT to_regclass('public.clients')") is None
+    finally:
+        await conn.close()
+        # NOTE: roles are cluster-wide: the downgrade took `authenticated` and
+        # `service_role` from the workers' role for every database of the cluster, the
+        # stack's own too. Upgrading the scratch database again gives them back.
+        await run_migration(settings=scratch_schema_env.settings())
+    conn = await scratch_schema_env.connect()
+    try:
+        member_of = "SELECT pg_has_role('tenantflow_worker', $1, 'MEMBER')"
+        assert await conn.fetchval(member_of, "service_role")
+        assert await conn.fetchval(member_of, "authenticated")
     finally:
         await conn.close()

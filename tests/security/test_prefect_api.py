@@ -30,9 +30,10 @@ def _count_runs(stack: Stack, deployment_id: str) -> int:
     return count
 
 
-def _deployment(stack: Stack) -> dict[str, Any]:
+def deployment_of(stack: Stack, name: str = "migrate") -> dict[str, Any]:
+    """The project's deployment `name` as the API returns it."""
     response = httpx.get(
-        f"{stack.config.prefect_api_url}/deployments/name/migrate/migrate",
+        f"{stack.config.prefect_api_url}/deployments/name/{name}/{name}",
         headers=stack.config.prefect_api_headers(),
         timeout=10,
     )
@@ -47,7 +48,7 @@ def _basic(value: str) -> dict[str, str]:
 
 def test_the_api_wants_the_auth_string(stack: Stack) -> None:
     api = stack.config.prefect_api_url
-    deployment = _deployment(stack)
+    deployment = deployment_of(stack)
     before = _count_runs(stack, deployment["id"])
     user = stack.config.secrets.prefect_auth_string.split(":", 1)[0]
     wrong = [
@@ -89,7 +90,7 @@ def test_the_api_wants_the_auth_string(stack: Stack) -> None:
 def test_no_other_web_page_may_call_the_api(stack: Stack) -> None:
     api = stack.config.prefect_api_url
     ui = stack.config.prefect_ui_url
-    deployment = _deployment(stack)
+    deployment = deployment_of(stack)
     before = _count_runs(stack, deployment["id"])
     preflight = {
         "Access-Control-Request-Method": "POST",

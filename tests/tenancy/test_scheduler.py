@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import PrefectClient, get_client
@@ -20,10 +22,15 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
+from prefect.states import Completed, Running, Scheduled
 
+from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
 from tenantflow.project import declared_deployment
+from tenantflow.rollup import default_day
+from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy import AccessDenied, ActorKind, TenantContext, authorize_run
+from tenantflow.tenancy.guard import RunArguments
 from tests.world import World
 
 pytestmark = pytest.mark.stack
@@ -58,13 +65,30 @@ async def _scheduled_runs(
     return [r for r in runs if r.auto_scheduled and r.created_by and r.created_by.id == schedule_id]
 
 
-async def _as_scheduler(run: FlowRun) -> list[TenantContext]:
+def _at_the_slot() -> Settings:
+    """Settings whose early tolerance covers the scheduled runs of the next two nights, so
+    a test can act as their slot's time has come."""
+    return get_settings().model_copy(update={"schedule_early_s": 3 * 86400.0})
+
+
+async def _as_scheduler(
+    run: FlowRun,
+    *,
+    received: dict[str, Any] | None = None,
+    settings: Settings | None = None,
+) -> list[TenantContext]:
+    """The guard in `run`, as if its flow had received `received` (by default the run's
+    stored parameters) at its slot (or at the time `settings` say)."""
     return await authorize_run(
         action="nightly-rollup",
         mode="service",
         access_token=None,
         client_ids=None,
         flow_run_id=run.id,
+        arguments=RunArguments.of(
+            nightly_rollup.fn, run.parameters if received is None else received
+        ),
+        settings=settings or _at_the_slot(),
     )
 
 
@@ -72,6 +96,13 @@ def _declared_schedule_id(deployment: DeploymentResponse) -> uuid.UUID:
     assert DECLARED is not None
     [slug] = [s.slug for s in DECLARED.schedules]
     return next(s.id for s in deployment.schedules if s.slug == slug)
+
+
+async def _next_night(rollup: DeploymentResponse) -> FlowRun:
+    """The declared schedule's next run (the scheduler asked to schedule now)."""
+    async with get_client() as client:
+        [run, *_] = await _scheduled_runs(client, rollup, _declared_schedule_id(rollup))
+    return run
 
 
 async def test_the_declared_schedule_is_the_scheduler(
@@ -88,15 +119,15 @@ async def test_the_declared_schedule_is_the_scheduler(
 async def test_a_patched_scheduled_run_is_not_the_scheduler(
     world: World, rollup: DeploymentResponse
 ) -> None:
+    run = await _next_night(rollup)
+    # The attack: parameters patched in before the run starts (the flow receives them),
+    # and patched back to the declared ones once it runs. The guard decides on what the
+    # flow received; the run's stored parameters are the declared ones again.
+    patched = {"client_ids": [str(world.clients["a"])], "day": "2020-01-01"}
+    with pytest.raises(AccessDenied, match="started with other parameters than schedule"):
+        await _as_scheduler(run, received=patched)
     async with get_client() as client:
-        [run, *_] = await _scheduled_runs(client, rollup, _declared_schedule_id(rollup))
-        patched = {"client_ids": [str(world.clients["a"])], "day": "2020-01-01"}
-        await client.update_flow_run(run.id, parameters=patched)
-        try:
-            with pytest.raises(AccessDenied, match="parameters differ from schedule"):
-                await _as_scheduler(run)
-        finally:
-            await client.update_flow_run(run.id, parameters=run.parameters)
+        assert (await client.read_flow_run(run.id)).parameters == {}
     reason = await world.sql(
         "fetchval",
         "SELECT reason FROM public.audit_log WHERE flow_run_id = $1 AND outcome = 'denied'",
@@ -150,3 +181,99 @@ async def test_a_declared_schedule_changed_through_the_api_is_not_the_scheduler(
         # Back as declared, its runs are the scheduler's again.
         [run, *_] = await _scheduled_runs(client, rollup, schedule_id)
         assert (await _as_scheduler(run))[0].actor.kind is ActorKind.SCHEDULER
+
+
+def _slot_of(run: FlowRun) -> datetime:
+    assert run.idempotency_key is not None
+    return datetime.fromisoformat(run.idempotency_key.split(" ", 3)[3])
+
+
+async def test_a_scheduled_run_is_the_scheduler_only_at_its_slot(
+    world: World, rollup: DeploymentResponse
+) -> None:
+    run = await _next_night(rollup)
+    slot = _slot_of(run)
+    assert slot == run.expected_start_time and slot > datetime.now(UTC)
+    # Now, well before its slot, with the production tolerance: refused, naming the slot.
+    with pytest.raises(AccessDenied, match=f"for the {slot:%Y-%m-%d %H:%M} .* before it"):
+        await _as_scheduler(run, settings=get_settings())
+    # At its slot it is the scheduler, and its day is the night before its slot, whatever
+    # the wall clock says.
+    contexts = await _as_scheduler(run)
+    assert contexts[0].actor.slot == slot
+    assert default_day(contexts) == slot.date() - timedelta(days=1)
+
+
+async def test_a_scheduled_run_moved_to_now_is_still_early_for_its_slot(
+    world: World, rollup: DeploymentResponse
+) -> None:
+    run = await _next_night(rollup)
+    slot = _slot_of(run)
+    async with get_client() as client:
+        await client.set_flow_run_state(
+            run.id, Scheduled(scheduled_time=datetime.now(UTC)), force=True
+        )
+        try:
+            moved = await client.read_flow_run(run.id)
+            assert moved.next_scheduled_start_time is not None
+            assert moved.next_scheduled_start_time < slot - timedelta(hours=1)
+            # Its scheduled time moved; the slot it is for (its idempotency key) did not.
+            with pytest.raises(AccessDenied, match="before it; the scheduler runs only at"):
+                await _as_scheduler(moved, settings=get_settings())
+        finally:
+            await client.set_flow_run_state(run.id, Scheduled(scheduled_time=slot), force=True)
+
+
+async def test_a_scheduled_run_that_ended_once_does_not_run_again(
+    world: World, rollup: DeploymentResponse
+) -> None:
+    run = await _next_night(rollup)
+    slot = _slot_of(run)
+    async with get_client() as client:
+        try:
+            assert (await _as_scheduler(run))[0].actor.kind is ActorKind.SCHEDULER
+            for state in (Running(), Completed(), Scheduled(scheduled_time=slot)):
+                await client.set_flow_run_state(run.id, state, force=True)
+            with pytest.raises(AccessDenied, match="already ended once \\(Completed at"):
+                await _as_scheduler(run)
+        finally:
+            # NOTE: its state history cannot be undone; without it, the scheduler makes the
+            # slot's run again (the idempotency key is free once more).
+            await client.delete_flow_run(run.id)
+        [again, *_] = await _scheduled_runs(client, rollup, _declared_schedule_id(rollup))
+    assert again.id != run.id and _slot_of(again) == slot
+    reasons = await world.sql(
+        "fetch",
+        "SELECT outcome, reason FROM public.audit_log WHERE flow_run_id = $1 ORDER BY id",
+        run.id,
+    )
+    # (Other tests of this run's slot were admitted before; this one's last word is no.)
+    assert "allowed" in [r["outcome"] for r in reasons[:-1]]
+    assert reasons[-1]["outcome"] == "denied" and "already ended once" in reasons[-1]["reason"]
+
+
+async def test_the_guard_reads_the_arguments_the_flow_received_not_the_stored_ones(
+    stack: object,
+) -> None:
+    from prefect import flow
+
+    from tenantflow.tenancy import current_flow_run_id
+    from tenantflow.tenancy.guard import received_arguments
+
+    @flow(name="received-arguments-probe", persist_result=False)
+    async def probe(day: str | None = None, client_ids: list[str] | None = None) -> Any:
+        run_id = current_flow_run_id()
+        async with get_client() as client:
+            # What an API holder does once the run is Running: patch the parameters back.
+            await client.update_flow_run(run_id, parameters={})
+            stored = (await client.read_flow_run(run_id)).parameters
+        arguments = received_arguments(run_id)
+        assert arguments is not None
+        return stored, dict(arguments.received), dict(arguments.defaults)
+
+    stored, received, defaults = await probe(day="2020-01-01")
+    assert stored == {}
+    assert received == {"day": "2020-01-01", "client_ids": None}
+    assert defaults == {"day": None, "client_ids": None}
+    # Outside that flow run, nothing is taken for its arguments.
+    assert received_arguments(uuid.uuid4()) is None

@@ -13,11 +13,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun
+from prefect.states import Completed, Running, Scheduled
 
 from tenantflow.db import dispose_engines
 from tenantflow.sealing import generate_private_key, public_key, seal_access_token
 from tenantflow.settings import get_settings
 from tenantflow.tenancy import REDACTED, AccessDenied, ActorKind, authorize_run
+from tenantflow.tenancy.guard import RunArguments
 from tests.world import World
 
 pytestmark = pytest.mark.stack
@@ -31,14 +33,28 @@ async def _dispose() -> AsyncIterator[None]:
     await dispose_engines()
 
 
-async def _report(world: World, sealed: str, run: FlowRun, client: str = "a") -> list:
+async def _report(
+    world: World,
+    sealed: str,
+    run: FlowRun,
+    client: str = "a",
+    arguments: RunArguments | None = None,
+) -> list:
+    """The guard of a `client-report` run on `client`, its flow having received
+    `arguments` (by default the run's parameters as created)."""
     return await authorize_run(
         action="client-report",
         mode="user",
         access_token=sealed,
         client_ids=[world.clients[client]],
         flow_run_id=run.id,
+        arguments=arguments or _received(run),
     )
+
+
+def _received(run: FlowRun) -> RunArguments:
+    """What the flow of a parked run would receive: its parameters as created."""
+    return RunArguments(dict(run.parameters))
 
 
 async def _decisions(world: World, run: FlowRun) -> list[tuple[str, str]]:
@@ -98,6 +114,7 @@ async def test_a_seal_for_another_client_or_flow_is_refused_and_not_used_up(
             access_token=sealed,
             client_ids=[world.clients["a"]],
             flow_run_id=wrong_flow.id,
+            arguments=_received(wrong_flow),
         )
     for run in (wrong_client, wrong_flow):
         assert [outcome for outcome, _ in await _decisions(world, run)] == ["denied"]
@@ -162,18 +179,21 @@ async def test_the_failure_hook_removes_a_plain_token(world: World, parked_runs:
     for flow_ in (client_report, nightly_rollup, migrate):
         assert redact_token_on_failure in flow_.on_failure_hooks
         assert redact_token_on_failure in flow_.on_crashed_hooks
+        assert redact_token_on_failure in flow_.on_cancellation_hooks
 
 
 async def test_a_worker_without_seal_keys_says_so(world: World, parked_runs: Runs) -> None:
     sealed = await world.sealed("member_a", flow="client-report", clients=["a"])
     settings = get_settings().model_copy(update={"seal_private_keys": None})
+    run = await parked_runs(access_token=sealed)
     with pytest.raises(AccessDenied, match="SEAL_PRIVATE_KEYS is not set"):
         await authorize_run(
             action="client-report",
             mode="user",
             access_token=sealed,
             client_ids=[world.clients["a"]],
-            flow_run_id=(await parked_runs(access_token=sealed)).id,
+            flow_run_id=run.id,
+            arguments=_received(run),
             settings=settings,
         )
 
@@ -201,6 +221,7 @@ async def test_migrate_admits_operators_only(world: World, parked_runs: Runs) ->
                     access_token=sealed,
                     client_ids=None,
                     flow_run_id=run.id,
+                    arguments=_received(run),
                 )
             assert [o for o, _ in await _decisions(world, run)] == ["denied"]
             continue
@@ -211,6 +232,7 @@ async def test_migrate_admits_operators_only(world: World, parked_runs: Runs) ->
                 access_token=sealed,
                 client_ids=None,
                 flow_run_id=run.id,
+                arguments=_received(run),
             )
             == []
         )
@@ -222,5 +244,64 @@ async def test_migrate_admits_operators_only(world: World, parked_runs: Runs) ->
             mode="operator",
             access_token=None,
             client_ids=None,
-            flow_run_id=(await parked_runs()).id,
+            flow_run_id=(bare := await parked_runs()).id,
+            arguments=_received(bare),
         )
+
+
+PERIOD = {"period_start": "2026-11-01", "period_end": "2026-11-30"}
+
+
+async def test_a_seal_opens_only_in_a_run_with_the_parameters_it_was_sealed_for(
+    world: World, parked_runs: Runs
+) -> None:
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=PERIOD)
+    # Copied into a run of the same flow and client with a period of the copier's choosing.
+    copied = await parked_runs(access_token=sealed, **{**PERIOD, "period_end": "2026-12-31"})
+    with pytest.raises(AccessDenied, match="sealed for a run with other parameters") as caught:
+        await _report(world, sealed, copied)
+    assert "2026-12-31" not in str(caught.value)
+    assert [outcome for outcome, _ in await _decisions(world, copied)] == ["denied"]
+    # Refused before it was used: the run it was sealed for still opens it.
+    intended = await parked_runs(access_token=sealed, **PERIOD)
+    [ctx] = await _report(world, sealed, intended)
+    assert ctx.actor.user_id == world.users["member_a"]
+
+
+async def test_the_seal_is_checked_against_what_the_flow_received_not_the_api(
+    world: World, parked_runs: Runs
+) -> None:
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=PERIOD)
+    # The stored parameters were patched back to the sealed ones once the run started; the
+    # flow itself was started with another period.
+    run = await parked_runs(access_token=sealed, **PERIOD)
+    received = RunArguments({**PERIOD, "period_start": "2020-01-01", "access_token": sealed})
+    with pytest.raises(AccessDenied, match="other parameters"):
+        await _report(world, sealed, run, arguments=received)
+
+
+async def test_a_run_put_back_after_it_ended_does_not_open_its_seal_again(
+    world: World, parked_runs: Runs
+) -> None:
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=PERIOD)
+    run = await parked_runs(access_token=sealed, **PERIOD)
+    [ctx] = await _report(world, sealed, run)
+    assert ctx.client_id == world.clients["a"]
+    async with get_client() as client:
+        for state in (Running(), Completed(), Scheduled()):
+            await client.set_flow_run_state(run.id, state, force=True)
+    with pytest.raises(AccessDenied, match="already ended once") as caught:
+        await _report(world, sealed, run)
+    assert "freshly sealed access token" in str(caught.value)
+    assert [outcome for outcome, _ in await _decisions(world, run)] == ["allowed", "denied"]
+
+
+async def test_a_run_whose_seal_was_removed_says_to_start_a_new_one(
+    world: World, parked_runs: Runs
+) -> None:
+    from tenantflow.tenancy.run_token import SPENT
+
+    run = await parked_runs(access_token=SPENT)
+    with pytest.raises(AccessDenied, match=r"removed when the run ended.*start a new run"):
+        await _report(world, SPENT, run)
+    assert [outcome for outcome, _ in await _decisions(world, run)] == ["denied"]

@@ -45,11 +45,14 @@ def test_it_hands_prefect_the_function_itself() -> None:
     assert (tenant.retries, tenant.persist_result) == (0, False)
 
 
-def test_the_redaction_hook_runs_first_on_failure_and_crash() -> None:
-    tenant = tenant_flow(name="t-report", on_failure=[_after], on_crashed=[_after])(_report)
+def test_the_redaction_hook_runs_first_on_failure_crash_and_cancellation() -> None:
+    tenant = tenant_flow(
+        name="t-report", on_failure=[_after], on_crashed=[_after], on_cancellation=[_after]
+    )(_report)
     assert tenant.on_failure_hooks == [redact_token_on_failure, _after]
     assert tenant.on_crashed_hooks == [redact_token_on_failure, _after]
-    assert tenant.on_cancellation_hooks == [] and tenant.on_completion_hooks == []
+    assert tenant.on_cancellation_hooks == [redact_token_on_failure, _after]
+    assert tenant.on_completion_hooks == []
 
 
 def test_a_flow_without_an_access_token_parameter_is_refused() -> None:

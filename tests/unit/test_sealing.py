@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import date
 from pathlib import Path
 from typing import Any
 from uuid import UUID
@@ -36,11 +37,14 @@ from tenantflow.sealing import (
     SealUndecryptable,
     SealWrongClients,
     SealWrongFlow,
+    SealWrongParameters,
+    canonical_parameters,
     generate_private_key,
     key_ids,
     looks_like_plain_jwt,
     looks_sealed,
     open_sealed_token,
+    parameters_digest,
     public_key,
     seal_access_token,
 )
@@ -84,7 +88,12 @@ def seal(
 
 
 def open_(sealed: str, **changes: Any) -> OpenedSeal:
-    options: dict[str, Any] = {"flow": FLOW, "client_ids": [CLIENT], "now": NOW + 1}
+    options: dict[str, Any] = {
+        "flow": FLOW,
+        "client_ids": [CLIENT],
+        "parameters": {},
+        "now": NOW + 1,
+    }
     return open_sealed_token(sealed, changes.pop("keys", KEY), **{**options, **changes})
 
 
@@ -166,7 +175,7 @@ def test_every_seal_is_unique() -> None:
 
 def test_sealed_for_every_client_opens_only_for_every_client() -> None:
     sealed = seal_access_token(TOKEN, public_key(KEY), flow="nightly-rollup", client_ids=None)
-    opened = open_sealed_token(sealed, KEY, flow="nightly-rollup", client_ids=None)
+    opened = open_sealed_token(sealed, KEY, flow="nightly-rollup", client_ids=None, parameters={})
     assert opened.client_ids is None
     assert opened.token.get_secret_value() == TOKEN
 
@@ -406,10 +415,11 @@ def _seal_payload(payload: dict[str, Any]) -> str:
 
 
 GOOD_PAYLOAD: dict[str, Any] = {
-    "v": 1,
+    "v": 2,
     "tok": TOKEN,
     "flow": FLOW,
     "clients": [str(CLIENT)],
+    "params": parameters_digest({}),
     "iat": int(NOW),
     "exp": int(NOW) + 900,
     "jti": "abc",
@@ -419,7 +429,8 @@ GOOD_PAYLOAD: dict[str, Any] = {
 @pytest.mark.parametrize(
     "changes",
     [
-        {"v": 2},
+        {"v": 1},
+        {"v": 3},
         {"v": True},
         {"v": None},
         {"tok": ""},
@@ -432,6 +443,9 @@ GOOD_PAYLOAD: dict[str, Any] = {
         {"clients": []},
         {"clients": ["nope"]},
         {"clients": str(CLIENT)},
+        {"params": None},
+        {"params": "ab" * 31},
+        {"params": parameters_digest({}).upper()},
         {"extra": 1},
     ],
 )
@@ -443,6 +457,69 @@ def test_payload_schema_is_enforced(changes: dict[str, Any]) -> None:
 def test_payload_without_a_field_is_malformed() -> None:
     payload = {name: value for name, value in GOOD_PAYLOAD.items() if name != "jti"}
     refused(SealMalformed, _seal_payload(payload))
+
+
+def test_a_seal_of_the_first_format_without_parameters_is_refused() -> None:
+    # The first format bound no parameters: such a seal would open for any period or day.
+    first = {name: value for name, value in GOOD_PAYLOAD.items() if name != "params"}
+    assert "seal it again" in refused(SealMalformed, _seal_payload({**first, "v": 1}))
+
+
+# --- parameters --------------------------------------------------------------------------------
+
+PERIOD = {"period_start": "2026-11-01", "period_end": "2026-11-30"}
+
+
+def _sealed_with(parameters: dict[str, Any]) -> str:
+    return seal_access_token(
+        TOKEN, public_key(KEY), flow=FLOW, client_ids=[CLIENT], parameters=parameters, now=NOW
+    )
+
+
+def test_a_seal_opens_only_with_the_parameters_it_was_sealed_for() -> None:
+    sealed = _sealed_with(PERIOD)
+    # The flow receives typed values (dates, ids) where the sealer wrote strings.
+    typed = {"period_start": date(2026, 11, 1), "period_end": date(2026, 11, 30)}
+    assert open_(sealed, parameters={**typed, "client_id": CLIENT}).seal_id
+    for other in (
+        {**typed, "period_end": date(2026, 12, 31)},
+        {"period_start": date(2026, 11, 1)},
+        {**typed, "dry_run": True},
+        {},
+    ):
+        message = refused(SealWrongParameters, sealed, parameters=other)
+        assert "other parameters" in message and "2026" not in message
+
+
+def test_the_token_and_the_clients_are_not_part_of_the_parameters() -> None:
+    digest = parameters_digest(PERIOD)
+    other_client = {**PERIOD, "client_id": uuid.uuid4(), "client_ids": [uuid.uuid4()]}
+    assert parameters_digest({**other_client, "access_token": "x"}) == digest
+    assert set(canonical_parameters(other_client)) == set(PERIOD)
+
+
+def test_unset_parameters_and_defaults_may_be_left_out_when_sealing() -> None:
+    sealed = _sealed_with({"revision": "abc123"})
+    defaults = {"revision": "head", "dry_run": False, "day": None}
+    received = {"revision": "abc123", "dry_run": False, "day": None}
+    assert open_(sealed, parameters=received, defaults=defaults).seal_id
+    # A parameter away from its default is bound: it cannot be left out.
+    refused(
+        SealWrongParameters, sealed, parameters={**received, "dry_run": True}, defaults=defaults
+    )
+    # Sealed with every parameter spelled out opens too.
+    full = _sealed_with({"revision": "abc123", "dry_run": False})
+    assert open_(full, parameters=received, defaults=defaults).seal_id
+
+
+def test_canonical_parameters_are_the_same_from_strings_and_from_typed_values() -> None:
+    ids = [uuid.uuid4() for _ in range(3)]
+    typed = {"day": date(2026, 12, 1), "ids": ids, "n": 3, "flag": False}
+    text = {"day": "2026-12-01", "ids": [str(i).upper() for i in reversed(ids)], "n": 3}
+    assert parameters_digest(typed) == parameters_digest({**text, "flag": False})
+    assert parameters_digest(typed) != parameters_digest({**text, "flag": True})
+    with pytest.raises(ValueError, match="JSON"):
+        canonical_parameters({"x": object()})
 
 
 # --- refusals: shape ---------------------------------------------------------------------------
@@ -625,7 +702,9 @@ def test_cli_generate_public_seal_end_to_end(tmp_path: Path) -> None:
     )  # fmt: skip
     assert sealed.returncode == 0, sealed.stderr
     assert TOKEN not in sealed.stdout + sealed.stderr
-    opened = open_sealed_token(sealed.stdout.strip(), private, flow=FLOW, client_ids=[CLIENT])
+    opened = open_sealed_token(
+        sealed.stdout.strip(), private, flow=FLOW, client_ids=[CLIENT], parameters={}
+    )
     assert opened.token.get_secret_value() == TOKEN
     lifetime = opened.expires_at.timestamp() - opened.issued_at.timestamp()
     assert lifetime == 120 and opened.issued_at.timestamp() >= int(started)
@@ -650,11 +729,13 @@ def test_a_long_client_list_is_sealed_by_its_digest_and_bound_all_the_same() -> 
         "header.payload.signature", public_key(private), flow="f", client_ids=clients
     )
     assert len(sealed) < 2000  # a list of a thousand ids would be ~50 KB
-    opened = open_sealed_token(sealed, private, flow="f", client_ids=list(reversed(clients)))
+    opened = open_sealed_token(
+        sealed, private, flow="f", client_ids=list(reversed(clients)), parameters={}
+    )
     assert opened.client_ids == tuple(sorted(clients, key=str))
     for other in (clients[:-1], [*clients[:-1], uuid.uuid4()], None):
         with pytest.raises(SealWrongClients, match="sealed by their digest"):
-            open_sealed_token(sealed, private, flow="f", client_ids=other)
+            open_sealed_token(sealed, private, flow="f", client_ids=other, parameters={})
     short = seal_access_token(
         "header.payload.signature",
         public_key(private),
@@ -662,5 +743,29 @@ def test_a_long_client_list_is_sealed_by_its_digest_and_bound_all_the_same() -> 
         client_ids=clients[:CLIENT_LIST_LIMIT],
     )
     assert open_sealed_token(
-        short, private, flow="f", client_ids=clients[:CLIENT_LIST_LIMIT]
+        short, private, flow="f", client_ids=clients[:CLIENT_LIST_LIMIT], parameters={}
     ).client_ids == tuple(sorted(clients[:CLIENT_LIST_LIMIT], key=str))
+
+
+def test_cli_seals_for_the_run_parameters_given(tmp_path: Path) -> None:
+    private = generate_private_key("cli-key")
+    env = {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp_path), "SEAL_PRIVATE_KEYS": private}
+    sealed = _cli(
+        "seal", "--flow", "migrate", "--param", "dry_run=true", "--param", "revision=abc123",
+        env=env, cwd=tmp_path, stdin=TOKEN + "\n",
+    )  # fmt: skip
+    assert sealed.returncode == 0, sealed.stderr
+    assert "other parameters: dry_run=True, revision=abc123" in sealed.stderr
+    value = sealed.stdout.strip()
+    # `true` is JSON (a bool), `abc123` is text: as the flow receives them.
+    received = {"revision": "abc123", "dry_run": True}
+    assert open_sealed_token(value, private, flow="migrate", client_ids=None, parameters=received)
+    with pytest.raises(SealWrongParameters):
+        open_sealed_token(
+            value, private, flow="migrate", client_ids=None, parameters={"revision": "abc123"}
+        )
+    twice = ["--param", "a=1", "--param", "a=2"]
+    for bad, says in ((["--param", "dry_run"], "expected NAME=VALUE"), (twice, "given twice")):
+        refused = _cli("seal", "--flow", "migrate", *bad, env=env, cwd=tmp_path, stdin=TOKEN)
+        assert refused.returncode == 2 and refused.stdout == ""
+        assert says in refused.stderr and TOKEN not in refused.stderr

@@ -34,7 +34,12 @@ from tenantflow.tenancy.guard import (
     current_flow_run_id,
     require_membership,
 )
-from tenantflow.tenancy.run_token import REDACTED, SealedAccessToken, redact_token_on_failure
+from tenantflow.tenancy.run_token import (
+    REDACTED,
+    OptionalSealedAccessToken,
+    SealedAccessToken,
+    redact_token_on_failure,
+)
 from tenantflow.tenancy.sessions import SERVICE_CLAIMS, SERVICE_ROLE, tenant_session
 from tenantflow.tenancy.shards import (
     SHARD_GRANT_LIFETIME,
@@ -56,6 +61,7 @@ __all__ = [
     "Actor",
     "ActorKind",
     "Mode",
+    "OptionalSealedAccessToken",
     "SealedAccessToken",
     "ShardGrant",
     "ShardResult",

@@ -8,6 +8,7 @@ client; only the guard's own modules can issue one, and tenant work takes nothin
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Final
 from uuid import UUID
@@ -30,6 +31,8 @@ class Actor:
     user_id: UUID | None = None
     email: str | None = None
     claims: VerifiedClaims | None = field(default=None, repr=False, compare=False)
+    #: The scheduler only: the slot its schedule fired for (what `day` defaults from).
+    slot: datetime | None = None
 
     def describe(self) -> str:
         if self.kind is ActorKind.SCHEDULER:

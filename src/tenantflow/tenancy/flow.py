@@ -1,8 +1,9 @@
 """`tenant_flow`: Prefect's `@flow` for a flow that takes an `access_token`.
 
 What every such flow repeated is here once: the hooks that remove a plain token from the
-run's stored parameters when the run fails or crashes before its guard runs, no retries,
-no persisted result. The flow itself still calls its guard first (`authorize_run`).
+run's stored parameters when the run fails, crashes or is cancelled before its guard
+runs, no retries, no persisted result. The flow itself still calls its guard first
+(`authorize_run`).
 
 The decorated function is handed to Prefect's `flow` as it is, not wrapped: Prefect
 reads the parameter schema (names, types, docstring descriptions, defaults) from the
@@ -34,6 +35,7 @@ def tenant_flow(
     persist_result: bool = False,
     on_failure: Sequence[FlowStateHook[..., Any]] = (),
     on_crashed: Sequence[FlowStateHook[..., Any]] = (),
+    on_cancellation: Sequence[FlowStateHook[..., Any]] = (),
     **options: Any,
 ) -> Callable[[Callable[P, R]], Flow[P, R]]:
     """Prefect's `@flow(name=..., ...)` for a flow with an `access_token` parameter.
@@ -42,7 +44,8 @@ def tenant_flow(
         name: the flow's name (what a sealed token is sealed for).
         retries: Prefect's retries; none by default: a refused run is not retried.
         persist_result: Prefect's; off by default.
-        on_failure, on_crashed: more hooks, run after the one that redacts the token.
+        on_failure, on_crashed, on_cancellation: more hooks, run after the one that
+            redacts the token.
         options: every other argument of Prefect's `flow` (`description`,
             `timeout_seconds`, `log_prints`, ...), passed on as given.
 
@@ -65,6 +68,7 @@ def tenant_flow(
             persist_result=persist_result,
             on_failure=[*redact, *on_failure],
             on_crashed=[*redact, *on_crashed],
+            on_cancellation=[*redact, *on_cancellation],
             **options,
         )
         return decorator(fn)

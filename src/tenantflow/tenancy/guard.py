@@ -24,9 +24,11 @@ reason.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
-from typing import Final, Literal
+import inspect
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Final, Literal
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -45,6 +47,7 @@ from tenantflow.auth import (
 from tenantflow.db import Executor
 from tenantflow.project import DeployError, declared_deployment
 from tenantflow.schema import MEMBER_ROLES
+from tenantflow.sealing import canonical_parameters
 from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy.actors import _SEAL, AccessDenied, Actor, ActorKind, TenantContext
 from tenantflow.tenancy.run_token import open_run_token
@@ -53,11 +56,13 @@ from tenantflow.tenancy.sessions import guard_unit
 __all__ = [
     "AUTH_ATTEMPTS",
     "Mode",
+    "RunArguments",
     "audit",
     "authorize_run",
     "authorize_token",
     "current_flow_run_id",
     "current_flow_run_id_or_none",
+    "received_arguments",
     "require_membership",
 ]
 
@@ -102,6 +107,75 @@ async def audit(
 async def _read_flow_run(flow_run_id: UUID) -> FlowRun:
     async with get_client() as client:
         return await client.read_flow_run(flow_run_id)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunArguments:
+    """The arguments a flow function received (its defaults applied), and those defaults.
+
+    The guard decides on these, never on the run's stored parameters: whoever reaches the
+    Prefect API can change those at any time, even while the run is Running.
+    """
+
+    received: Mapping[str, Any] = field(repr=False)
+    defaults: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def of(cls, fn: Callable[..., Any], parameters: Mapping[str, Any]) -> RunArguments:
+        """`fn`'s arguments when called with `parameters`, as Prefect's engine calls it."""
+        signature = inspect.signature(fn)
+        try:
+            bound = signature.bind_partial(**parameters)
+        except TypeError:
+            raise AccessDenied("this run's parameters do not fit the flow's signature") from None
+        bound.apply_defaults()
+        defaults = {
+            name: parameter.default
+            for name, parameter in signature.parameters.items()
+            if parameter.default is not inspect.Parameter.empty
+        }
+        return cls(dict(bound.arguments), defaults)
+
+
+def received_arguments(flow_run_id: UUID | None) -> RunArguments | None:
+    """The arguments the flow of the current flow run received, if it is `flow_run_id`."""
+    context = FlowRunContext.get()
+    if (
+        context is None
+        or context.flow_run is None
+        or context.flow is None
+        or context.flow_run.id != flow_run_id
+    ):
+        return None
+    return RunArguments.of(context.flow.fn, context.parameters or {})
+
+
+_TOKEN_ONLY: Final = frozenset({"access_token"})
+_FINAL_STATES: Final = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+
+
+async def _first_execution(flow_run: FlowRun, *, sealed: bool) -> None:
+    """Refuse a run that already reached a final state once and was put back through the
+    Prefect API (re-stated to Scheduled, retried from the UI): a run is admitted for one
+    execution. Prefect keeps every state a run went through, and no API call removes one.
+
+    Raises:
+        AccessDenied: the run ended before.
+    """
+    async with get_client() as client:
+        states = await client.read_flow_run_states(flow_run.id)
+    ended = [state for state in states if state.type.value in _FINAL_STATES]
+    if ended:
+        first = ended[0]
+        raise AccessDenied(
+            f"this flow run already ended once ({first.name} at "
+            f"{first.timestamp:%Y-%m-%d %H:%M:%S} UTC) and was put back to run again; a run "
+            "is admitted for one execution only: start a new run"
+            + (" with a freshly sealed access token" if sealed else "")
+        )
 
 
 # --------------------------------------------------------------------------- actor
@@ -175,12 +249,17 @@ _NO_TOKEN_REASON = "no access_token: " + (
 )
 
 
-async def _scheduler(flow_run: FlowRun | None) -> Actor:
-    """The scheduler, if the project's own declared schedule created this run as declared.
+async def _scheduler(
+    settings: Settings, flow_run: FlowRun | None, arguments: RunArguments | None
+) -> Actor:
+    """The scheduler, if the project's own declared schedule created this run as declared,
+    and it runs now, at its slot, with the declared parameters.
 
-    `auto_scheduled` and `created_by` cannot be set by an API client; the schedule they
-    point at, the deployment's parameters and the run's parameters can all be changed
-    through the API, so each is compared with the worker's own `prefect.yaml`.
+    `auto_scheduled`, `created_by` and the idempotency key (which names the slot the
+    schedule fired for) cannot be set or changed by an API client; the schedule they point
+    at, the deployment's parameters, the run's stored parameters and its scheduled time all
+    can, so each is compared with the worker's own `prefect.yaml`, the arguments the flow
+    actually received, and the clock.
     """
     created_by = flow_run.created_by if flow_run is not None else None
     if (
@@ -214,17 +293,55 @@ async def _scheduler(flow_run: FlowRun | None) -> Actor:
             f"schedule {expected.slug} was changed through the Prefect API ({cron} {timezone}, "
             f"declared {expected.cron} {expected.timezone}); redeploy the project"
         )
-    parameters = {**declared.parameters, **expected.parameters}
-    if flow_run.parameters != parameters:
-        changed = sorted(set(flow_run.parameters) ^ set(parameters)) or sorted(
-            k for k in parameters if flow_run.parameters.get(k) != parameters[k]
+    arguments = _needed(arguments)
+    # NOTE: every parameter counts here (the clients too), only the token aside.
+    received = canonical_parameters(arguments.received, leave_out=_TOKEN_ONLY)
+    wanted = canonical_parameters(
+        {**arguments.defaults, **declared.parameters, **expected.parameters},
+        leave_out=_TOKEN_ONLY,
+    )
+    if received != wanted:
+        changed = sorted(
+            name for name in set(received) | set(wanted) if received.get(name) != wanted.get(name)
         )
         raise AccessDenied(
-            f"this scheduled run's parameters differ from schedule {expected.slug}'s in "
-            f"prefect.yaml ({', '.join(changed)}); a run with other parameters needs an "
-            "operator's sealed access token"
+            f"this scheduled run was started with other parameters than schedule "
+            f"{expected.slug}'s in prefect.yaml ({', '.join(changed)}); a run with other "
+            "parameters needs an operator's sealed access token"
         )
-    return Actor(ActorKind.SCHEDULER)
+    slot = _slot(flow_run, deployment.id, schedule.id)
+    now = datetime.now(UTC)
+    early, late = (slot - now).total_seconds(), (now - slot).total_seconds()
+    if early > settings.schedule_early_s or late > settings.schedule_late_s:
+        when = f"{early:.0f} s before" if early > 0 else f"{late:.0f} s after"
+        raise AccessDenied(
+            f"this scheduled run is for the {slot:%Y-%m-%d %H:%M %Z} slot of schedule "
+            f"{expected.slug} but started {when} it; the scheduler runs only at its slot "
+            f"(from {settings.schedule_early_s:.0f} s before to "
+            f"{settings.schedule_late_s:.0f} s after); an operator's sealed access token "
+            "starts it at another time"
+        )
+    return Actor(ActorKind.SCHEDULER, slot=slot)
+
+
+def _slot(flow_run: FlowRun, deployment_id: UUID, schedule_id: UUID) -> datetime:
+    """The slot the schedule fired for, from the idempotency key Prefect's scheduler gave
+    the run (`scheduled <deployment> <schedule> <slot>`): API clients cannot change a
+    run's key, as they can change its scheduled time."""
+    prefix = f"scheduled {deployment_id} {schedule_id} "
+    key = flow_run.idempotency_key or ""
+    try:
+        if not key.startswith(prefix):
+            raise ValueError(key)
+        slot = datetime.fromisoformat(key[len(prefix) :])
+        if slot.tzinfo is None:
+            raise ValueError(key)
+    except ValueError:
+        raise AccessDenied(
+            "this scheduled run carries no slot of its schedule (its idempotency key is not "
+            "the scheduler's); only runs the scheduler created may run without an access_token"
+        ) from None
+    return slot
 
 
 # --------------------------------------------------------------------------- clients
@@ -335,6 +452,7 @@ async def authorize_run(
     min_role: str | None = None,
     allow_anonymous: bool = False,
     flow_run_id: UUID | None = None,
+    arguments: RunArguments | None = None,
     settings: Settings | None = None,
 ) -> list[TenantContext]:
     """Open the run's sealed token, settle the actor, check it, audit, issue contexts.
@@ -350,6 +468,9 @@ async def authorize_run(
             client. User mode takes exactly one. The sealed token must name the same.
         min_role: user mode: the lowest membership role allowed.
         flow_run_id: defaults to the current flow run.
+        arguments: what the flow function received; by default read from the current
+            flow run's context (Prefect's engine keeps there what it called the function
+            with). Only code outside the flow run (tests) passes them.
 
     Raises:
         AccessDenied: with the reason; the decision is already in `audit_log`.
@@ -357,9 +478,21 @@ async def authorize_run(
     settings = settings or get_settings()
     flow_run_id = flow_run_id or current_flow_run_id_or_none()
     flow_run = await _read_flow_run(flow_run_id) if flow_run_id else None
+    arguments = arguments or received_arguments(flow_run_id)
 
     async def open_token(access_token: SecretStr) -> SecretStr:
-        return await open_run_token(settings, access_token, flow_run, action, client_ids)
+        # NOTE: outside any flow run there is nothing to compare; the seal is refused
+        # for that reason (`open_run_token`), before its parameters are looked at.
+        run = RunArguments({}) if flow_run is None else _needed(arguments)
+        return await open_run_token(
+            settings,
+            access_token,
+            flow_run,
+            action,
+            client_ids,
+            parameters=run.received,
+            defaults=run.defaults,
+        )
 
     return await _decide(
         settings,
@@ -371,7 +504,17 @@ async def authorize_run(
         min_role,
         allow_anonymous,
         flow_run,
+        arguments,
     )
+
+
+def _needed(arguments: RunArguments | None) -> RunArguments:
+    if arguments is None:
+        raise AccessDenied(
+            "the guard decides on the arguments the flow itself received: it runs inside "
+            "the flow run it authorizes"
+        )
+    return arguments
 
 
 async def authorize_token(
@@ -383,6 +526,7 @@ async def authorize_token(
     min_role: str | None = None,
     allow_anonymous: bool = False,
     flow_run_id: UUID | None = None,
+    arguments: RunArguments | None = None,
     settings: Settings | None = None,
 ) -> list[TenantContext]:
     """The guard's decision for a plain access token that is already in hand.
@@ -408,6 +552,7 @@ async def authorize_token(
         min_role,
         allow_anonymous,
         flow_run,
+        arguments or received_arguments(flow_run_id),
     )
 
 
@@ -421,16 +566,19 @@ async def _decide(
     min_role: str | None,
     allow_anonymous: bool,
     flow_run: FlowRun | None,
+    arguments: RunArguments | None,
 ) -> list[TenantContext]:
     flow_run_id = flow_run.id if flow_run is not None else None
     actor: Actor | None = None
     asked: list[UUID | None] = list(client_ids) if client_ids is not None else [None]
     try:
+        if flow_run is not None:
+            await _first_execution(flow_run, sealed=access_token is not None)
         if access_token is not None:
             access_token = await open_token(access_token)
             actor = await _verify_actor(settings, access_token, allow_anonymous)
         else:
-            actor = await _scheduler(flow_run)
+            actor = await _scheduler(settings, flow_run, arguments)
         contexts = await _admit(settings, actor, mode, client_ids, min_role, flow_run_id)
     except AccessDenied as denied:
         await audit(

@@ -12,7 +12,7 @@ before its guard runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Final
 from uuid import UUID
 
@@ -28,6 +28,9 @@ from tenantflow.tenancy.sessions import guard_unit
 
 __all__ = [
     "REDACTED",
+    "SCHEMA_EXPECTED",
+    "SPENT",
+    "OptionalSealedAccessToken",
     "SealedAccessToken",
     "open_run_token",
     "redact_token_on_failure",
@@ -36,32 +39,63 @@ __all__ = [
 
 #: What a plain (unsealed) token found in a run's stored parameters is replaced with.
 REDACTED: Final = "[redacted by tenantflow: a plain access token is never kept]"
+#: What a sealed token is replaced with once its run has ended (the workers' housekeeping):
+#: it can open nothing any more, and a copy of it could not be replayed either.
+SPENT: Final = "[removed by tenantflow: a sealed token is good for one run]"
 
-#: The type of every flow's `access_token` parameter: a sealed token (JWE compact
+#: The one value the parameter schema lets through that is not shaped as a sealed token:
+#: what the server's refusal of any other value says was expected (the guard refuses it).
+SCHEMA_EXPECTED: Final = "a sealed access token (tenantflow seal)"
+
+_SEALED_SHAPE: Final = {
+    "not": {"pattern": r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){4}$", "maxLength": 16384}
+}
+_DESCRIPTION: Final = (
+    "A sealed access token for exactly this run: `tenantflow seal --flow FLOW --client "
+    "CLIENT_ID --param NAME=VALUE ...` (or tenantflow.sealing.seal_access_token) turns a "
+    "Supabase access token into one, bound to the run's flow, clients and other "
+    "parameters. A plain access token is refused."
+)
+
+# NOTE: the whole JSON schema is given, so the run form and the server see exactly a
+# string of this shape (pydantic's own schema of SecretStr would add `writeOnly`).
+# The shape is checked as `if: not sealed-shaped, then: const`: the server's refusal
+# (409) quotes the expected `const`, never the value (a `pattern`, `maxLength` or `anyOf`
+# refusal would echo a plain JWT back into the response, the UI and whatever logs it).
+# The check is in the JSON schema only (which the server enforces when a run is
+# created): one that pydantic ran in the flow would make Prefect log the refused value;
+# the guard refuses it instead, without repeating it.
+# `format: password` gives the run form a one-line box: the value is ciphertext, but
+# about 2 KB without a space, which a text area spreads across the page.
+
+#: The type of a flow's required `access_token` parameter: a sealed token (JWE compact
 #: serialization, five base64url segments), which the flow receives as a `SecretStr`.
 #: With the deployment's parameter schema enforced, the Prefect server refuses anything
 #: else (a plain JWT pasted by mistake) before it stores it; the guard refuses it again,
 #: and removes it, for runs created around the schema.
 SealedAccessToken = Annotated[
     SecretStr,
-    # NOTE: the whole JSON schema is given, so the run form and the server see exactly a
-    # string of this shape (pydantic's own schema of SecretStr would add `writeOnly`).
-    # The pattern is in the JSON schema only (which the server enforces when a run is
-    # created): a pattern that pydantic checked in the flow would make Prefect log the
-    # refused value; the guard refuses it instead, without repeating it.
-    # `format: password` gives the run form a one-line box: the value is ciphertext,
-    # but about 2 KB without a space, which a text area spreads across the page.
     WithJsonSchema(
         {
             "type": "string",
-            "pattern": r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+){4}$",
-            "maxLength": 16384,
             "format": "password",
-            "description": (
-                "A sealed access token: `tenantflow seal --flow FLOW --client CLIENT_ID` "
-                "(or tenantflow.sealing.seal_access_token) turns a Supabase access token "
-                "into one. A plain access token is refused."
-            ),
+            "if": _SEALED_SHAPE,
+            "then": {"const": SCHEMA_EXPECTED},
+            "description": _DESCRIPTION,
+        }
+    ),
+]
+
+#: The same, for a flow whose token may be left out (the scheduler's runs have none).
+OptionalSealedAccessToken = Annotated[
+    SecretStr | None,
+    WithJsonSchema(
+        {
+            "anyOf": [{"type": "string", "format": "password"}, {"type": "null"}],
+            # NOTE: outside the `anyOf`, whose refusal would repeat the value.
+            "if": {"type": "string", **_SEALED_SHAPE},
+            "then": {"const": SCHEMA_EXPECTED},
+            "description": _DESCRIPTION,
         }
     ),
 ]
@@ -82,8 +116,9 @@ async def redact_token_parameter(flow_run: FlowRun) -> None:
 
 
 async def redact_token_on_failure(flow: Any, flow_run: FlowRun, state: State[Any] | None) -> None:
-    """Flow hook (`on_failure`, `on_crashed`): a run that failed before its guard ran (on
-    invalid parameters, say) still gets a plain token removed from its parameters."""
+    """Flow hook (`on_failure`, `on_crashed`, `on_cancellation`): a run that ended before
+    its guard ran (on invalid parameters, say) still gets a plain token removed from its
+    parameters."""
     await redact_token_parameter(flow_run)
 
 
@@ -114,8 +149,15 @@ async def open_run_token(
     flow_run: FlowRun | None,
     flow: str,
     client_ids: Sequence[UUID] | None,
+    *,
+    parameters: Mapping[str, Any],
+    defaults: Mapping[str, Any],
 ) -> SecretStr:
     """Open the run's sealed token and claim it for this run (single use).
+
+    `parameters` are the arguments the flow function received (not the stored
+    parameters, which the Prefect API can change at any time), `defaults` its
+    signature's: the seal must have been made for exactly those.
 
     Returns the access token inside the seal, still a `SecretStr`.
     """
@@ -125,6 +167,16 @@ async def open_run_token(
     value = access_token.get_secret_value()
     if flow_run is not None and looks_like_plain_jwt(value):
         await redact_token_parameter(flow_run)
+    if value == SCHEMA_EXPECTED:
+        raise AccessDenied(
+            "this run's access_token is not a sealed access token; "
+            "start a new run with one (tenantflow seal)"
+        )
+    if value == SPENT:
+        raise AccessDenied(
+            "this run's sealed access token was removed when the run ended (a sealed token "
+            "is good for one execution of one run); start a new run with a fresh one"
+        )
     if value == REDACTED:
         raise AccessDenied(
             "this run's access_token was a plain access token and has been removed; "
@@ -143,6 +195,8 @@ async def open_run_token(
             settings.seal_private_keys.get_secret_value(),
             flow=flow,
             client_ids=client_ids,
+            parameters=parameters,
+            defaults=defaults,
             max_ttl_s=settings.seal_max_ttl_s,
             leeway_s=settings.auth_leeway_s,
         )
