@@ -50,13 +50,14 @@ docs/security.md and docs/flows.md.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 from uuid import UUID
@@ -78,6 +79,7 @@ from pydantic import PrivateAttr, model_validator
 
 from tenantflow.deployments import MIGRATE_POOL
 from tenantflow.flow_environment import BASIC_ENVIRONMENT, MIGRATION_ENV, flow_run_environment
+from tenantflow.housekeeping import run_housekeeping
 from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment
 from tenantflow.settings import load_fault_settings
 from tenantflow.tripwire import install_tripwire
@@ -443,13 +445,25 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
         # NOTE: a typo never creates a stray pool with a default template.
         create_pool_if_not_found=False,
     )
-    # ---- background tasks of the worker process: start them here, before serving ----
-    # (reserved: the worker's housekeeping task is started on this spot)
-    # ----------------------------------------------------------------------------------
+    # NOTE: beside the worker, in its process (no API call can stop it): sealed values
+    # removed from ended runs, plain tokens from any run, squatted or missed schedule
+    # slots and a full limit nobody holds reported (tenantflow.housekeeping).
+    housekeeping = asyncio.create_task(run_housekeeping(pool=pool), name="housekeeping")
+    housekeeping.add_done_callback(partial(_housekeeping_ended, say))
     try:
         await worker.start(run_once=False, with_healthcheck=False, printer=say)
     except asyncio.CancelledError:
         say(f"Worker {worker.name!r} stopped!")
+    finally:
+        housekeeping.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await housekeeping
+
+
+def _housekeeping_ended(say: Callable[..., None], task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        error = task.exception()
+        say(f"housekeeping stopped: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
 
 
 def run_worker(pool: str, *, name: str | None = None, limit: int | None = None) -> int:
