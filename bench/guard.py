@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 
 from bench.table import Row, ratio, say
 from tenantflow.auth import clear_jwks_cache, verify_access_token
@@ -55,10 +56,21 @@ async def guard_rows(config: StackConfig, settings: Settings) -> list[Row]:
         clear_jwks_cache()
 
     keys = config.secrets.seal_private_key
-    sealed = seal_access_token(es, public_key(keys), flow="client-report", client_ids=[ACME.id])
+    # A report's run: the seal binds its period; opening compares the run's arguments.
+    today = datetime.now(UTC).date()
+    period = {"period_start": today - timedelta(days=7), "period_end": today}
+    sealed = seal_access_token(
+        es, public_key(keys), flow="client-report", client_ids=[ACME.id], parameters=period
+    )
 
     async def open_once() -> object:
-        return open_sealed_token(sealed, keys, flow="client-report", client_ids=[ACME.id])
+        return open_sealed_token(
+            sealed,
+            keys,
+            flow="client-report",
+            client_ids=[ACME.id],
+            parameters={"client_id": ACME.id, **period},
+        )
 
     open_us = await _median_us(open_once, LOCAL_CALLS // 3)
     for name, value in (

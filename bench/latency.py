@@ -16,15 +16,16 @@ RUNS = 3
 
 async def _report(config: StackConfig) -> TimedRun:
     today = datetime.now(UTC).date()
-    token = await sealed_token(config, DEMO_MEMBER, flow="client-report", client_ids=[ACME.id])
+    period = {
+        "period_start": (today - timedelta(days=7)).isoformat(),
+        "period_end": today.isoformat(),
+    }
+    token = await sealed_token(
+        config, DEMO_MEMBER, flow="client-report", client_ids=[ACME.id], parameters=period
+    )
     return await run_deployment_timed(
         "client-report/client-report",
-        {
-            "client_id": str(ACME.id),
-            "period_start": (today - timedelta(days=7)).isoformat(),
-            "period_end": today.isoformat(),
-            "access_token": token,
-        },
+        {"client_id": str(ACME.id), **period, "access_token": token},
         poll=0.25,
     )
 

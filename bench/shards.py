@@ -30,7 +30,11 @@ async def _sweep(stack: Stack, day: date, shard_size: int) -> tuple[float, objec
     get_settings.cache_clear()
     try:
         token = await sealed_token(
-            stack.config, DEMO_OPERATOR, flow="nightly-rollup", client_ids=None
+            stack.config,
+            DEMO_OPERATOR,
+            flow="nightly-rollup",
+            client_ids=None,
+            parameters={"day": day},
         )
         started = time.perf_counter()
         state = await nightly_rollup(day=day, access_token=token, return_state=True)

@@ -300,10 +300,13 @@ async def sweep(config: StackConfig, settings: Settings, size: int, day: date) -
         )
         await _forget_day(config, day)
         before = await prefect_database_bytes(config)
-        token = await sealed_token(config, DEMO_OPERATOR, flow="nightly-rollup", client_ids=None)
+        parameters = {"day": day.isoformat()}
+        token = await sealed_token(
+            config, DEMO_OPERATOR, flow="nightly-rollup", client_ids=None, parameters=parameters
+        )
         async with sample_connections(config) as peak:
             run = await run_deployment_timed(
-                ROLLUP_DEPLOYMENT, {"day": day.isoformat(), "access_token": token}
+                ROLLUP_DEPLOYMENT, {**parameters, "access_token": token}
             )
         if not run.ok:
             raise RuntimeError(f"nightly-rollup run {run.id} ended {run.state}: {run.message}")

@@ -105,8 +105,8 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
         for who in ("operator", "member_a", "member_b")
     }
     clients = [str(world.clients["a"]), str(world.clients["b"])]
-    report = {"client_id": str(world.clients["a"]), "period_start": today - timedelta(days=1)}
-    report["period_end"] = today
+    period = {"period_start": today - timedelta(days=1), "period_end": today}
+    report = {"client_id": str(world.clients["a"]), **period}
     runs = {
         "migrate": await _deployment_run(
             "migrate/migrate",
@@ -118,7 +118,10 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
                 "day": today,
                 "client_ids": clients,
                 "access_token": world.seal(
-                    tokens["operator"], flow="nightly-rollup", clients=["a", "b"]
+                    tokens["operator"],
+                    flow="nightly-rollup",
+                    clients=["a", "b"],
+                    parameters={"day": today},
                 ),
             },
         ),
@@ -126,14 +129,18 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
             "client-report/client-report",
             {
                 **report,
-                "access_token": world.seal(tokens["member_a"], flow="client-report", clients=["a"]),
+                "access_token": world.seal(
+                    tokens["member_a"], flow="client-report", clients=["a"], parameters=period
+                ),
             },
         ),
         "report_outsider": await _deployment_run(
             "client-report/client-report",
             {
                 **report,
-                "access_token": world.seal(tokens["member_b"], flow="client-report", clients=["a"]),
+                "access_token": world.seal(
+                    tokens["member_b"], flow="client-report", clients=["a"], parameters=period
+                ),
             },
         ),
     }
@@ -196,14 +203,10 @@ async def test_every_deployment_through_the_worker(world: World) -> None:
 async def test_runs_that_never_start_hold_only_ciphertext(world: World) -> None:
     """Cancelled, scheduled for later, refused at creation: no token in Prefect at all."""
     token = await world.token("member_a")
-    sealed = world.seal(token, flow="client-report", clients=["a"])
     today = datetime.now(UTC).date()
-    parameters = {
-        "client_id": str(world.clients["a"]),
-        "period_start": str(today),
-        "period_end": str(today),
-        "access_token": sealed,
-    }
+    period = {"period_start": str(today), "period_end": str(today)}
+    sealed = world.seal(token, flow="client-report", clients=["a"], parameters=period)
+    parameters = {"client_id": str(world.clients["a"]), **period, "access_token": sealed}
     async with get_client() as client:
         deployment = await client.read_deployment_by_name("client-report/client-report")
         later = await client.create_flow_run_from_deployment(
@@ -236,12 +239,20 @@ async def test_runs_that_never_start_hold_only_ciphertext(world: World) -> None:
 
 
 async def test_the_migrate_deployment_cannot_downgrade(world: World) -> None:
-    sealed = world.seal(await world.token("operator", operator=True), flow="migrate", clients=None)
+    # NOTE: sealed with the run's real parameters, so what stops the run is the
+    # parameter itself, not a seal made for another run.
+    downgrade = {"downgrade_to": "base"}
+    sealed = world.seal(
+        await world.token("operator", operator=True),
+        flow="migrate",
+        clients=None,
+        parameters=downgrade,
+    )
     async with get_client() as client:
         deployment = await client.read_deployment_by_name("migrate/migrate")
         try:
             run = await client.create_flow_run_from_deployment(
-                deployment.id, parameters={"access_token": sealed, "downgrade_to": "base"}
+                deployment.id, parameters={"access_token": sealed, **downgrade}
             )
         except PrefectHTTPStatusError as refused:
             assert refused.response.status_code in (409, 422)

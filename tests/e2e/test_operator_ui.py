@@ -6,9 +6,11 @@ browser download is never used). The browser opens the address `make up` prints,
 on the UI's login form with the stack's Prefect API auth string, follows the server to
 its default UI (Prefect 3.9's React UI under `/v2/`), goes to the
 `client-report` deployment, starts a custom run filling the form as an operator would
-(client id, two dates through the date picker, the member's sealed token),
-waits for Completed on the run page and opens the report artifact. The API and the
-database then confirm what the page showed, and that the token was not kept.
+(client id, two dates through the date picker; the member's plain access token pasted by
+mistake, which the form and the server refuse without repeating it; then the member's
+token sealed for exactly this run), waits for Completed on the run page and opens the
+report artifact. The API and the database then confirm what the page showed, and that
+the token was not kept.
 
 Evidence lands in `test-output/operator-ui/` (gitignored): a screenshot per milestone,
 `timings.json`, and on failure a screenshot and the page's HTML (token removed) for the
@@ -46,7 +48,12 @@ from playwright.async_api import (
     TimeoutError as PlaywrightTimeoutError,
 )
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.filters import (
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    FlowRunFilterName,
+)
 from prefect.client.schemas.objects import StateType
 
 from tenantflow.sealing import public_key, seal_access_token
@@ -183,6 +190,14 @@ async def context(browser: Browser, stack: Stack) -> AsyncIterator[BrowserContex
         await context.close()
 
 
+def _creates_the_run(response: Response) -> bool:
+    return response.request.method == "POST" and response.url.endswith("/create_flow_run")
+
+
+def _validates_the_form(response: Response) -> bool:
+    return response.request.method == "POST" and response.url.endswith("/ui/schemas/validate")
+
+
 def _field(page: Page, schema: dict[str, Any], name: str) -> Locator:
     """A parameter's input, found by its label: the schema's title, or the name itself.
 
@@ -218,12 +233,8 @@ async def _submit(page: Page) -> tuple[uuid.UUID, int]:
     locked" when other runs keep the server busy). Returns the id of the flow run the
     UI created and the number of clicks.
     """
-
-    def creates_the_run(response: Response) -> bool:
-        return response.request.method == "POST" and response.url.endswith("/create_flow_run")
-
     for attempt in range(1, SUBMIT_ATTEMPTS + 1):
-        async with page.expect_response(creates_the_run) as answer:
+        async with page.expect_response(_creates_the_run) as answer:
             await page.get_by_role("button", name="Submit", exact=True).click()
         response = await answer.value
         if response.ok:
@@ -271,15 +282,17 @@ async def test_operator_runs_a_client_report_from_the_ui(
     OUTPUT.mkdir(parents=True)
     config = stack.config
     token = await mint_access_token(config, MEMBER, expires_in=600)
+    run_name = f"operator-ui-{uuid.uuid4().hex[:8]}"
+    period_end = datetime.now(UTC).date()
+    period_start = period_end - timedelta(days=6)
+    # NOTE: a seal binds every parameter of its run: the dates the operator will pick.
     sealed = seal_access_token(
         token,
         public_key(config.secrets.seal_private_key),
         flow="client-report",
         client_ids=[ACME.id],
+        parameters={"period_start": period_start, "period_end": period_end},
     )
-    run_name = f"operator-ui-{uuid.uuid4().hex[:8]}"
-    period_end = datetime.now(UTC).date()
-    period_start = period_end - timedelta(days=6)
     async with get_client() as client:
         deployment = await client.read_deployment_by_name(DEPLOYMENT)
 
@@ -324,10 +337,46 @@ async def test_operator_runs_a_client_report_from_the_ui(
         await _field(page, schema, "client_id").fill(str(ACME.id))
         await _fill_date(_field(page, schema, "period_start"), period_start)
         await _fill_date(_field(page, schema, "period_end"), period_end)
-        # The sealed token, as `make up` prints it, in a one-line box.
         token_box = _field(page, schema, "access_token")
         assert await token_box.get_attribute("type") == "password"
+
+    async with evidence.step("a plain token is refused without being repeated"):
+        # The operator pastes the member's plain access token by mistake: the form shows
+        # the schema's refusal, which names what was expected, never the value, and the
+        # server refuses to create the run.
+        await token_box.fill(token)
+        async with page.expect_response(_creates_the_run) as answer:
+            await page.get_by_role("button", name="Submit", exact=True).click()
+        response = await answer.value
+        assert response.status in (409, 422), response.status
+        refused = await response.text()
+        refusal = page.get_by_text("a sealed access token (tenantflow seal)' was expected")
+        await refusal.filter(visible=True).first.wait_for()
+        toast = page.get_by_role("listitem").filter(has_text="Error creating flow run")
+        await toast.wait_for()
+        await evidence.shot("01-plain-token-refused")
+        # What the page shows (input values aside) and what the server answered.
+        for text in (await page.locator("body").inner_text(), refused):
+            assert token not in text
+            assert token.split(".")[1] not in text and token.split(".")[2] not in text
+        async with get_client() as client:
+            created = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=[run_name]))
+            )
+        assert created == [], "a run was created with a plain access token"
+        # The toast covers Submit, and stays while the pointer rests on it.
+        await page.mouse.move(0, 0)
+        await toast.wait_for(state="hidden")
+
+    async with evidence.step("paste the sealed token"):
+        # The sealed token, as `make up` prints it, in the same one-line box.
         await token_box.fill(sealed)
+        # NOTE: once Prefect 3.9's form has shown errors, its next Submit only validates
+        # the form again (through the server) and clears them; the click after submits.
+        async with page.expect_response(_validates_the_form) as checked:
+            await page.get_by_role("button", name="Submit", exact=True).click()
+        assert (await (await checked.value).json())["valid"] is True
+        await refusal.filter(visible=True).first.wait_for(state="hidden")
         await evidence.shot("01-custom-run-form")
 
     async with evidence.step("submit"):

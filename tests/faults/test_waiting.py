@@ -16,18 +16,16 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 async def test_a_token_that_expired_in_the_queue_is_refused_clearly(world: World) -> None:
     # NOTE: the worker tolerates AUTH_LEEWAY_S (10 s) of clock skew past `exp`.
-    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], ttl_s=1)
     today = datetime.now(UTC).date()
+    period = {"period_start": str(today), "period_end": str(today)}
+    sealed = await world.sealed(
+        "member_a", flow="client-report", clients=["a"], parameters=period, ttl_s=1
+    )
     async with get_client() as client:
         deployment = await client.read_deployment_by_name("client-report/client-report")
         run = await client.create_flow_run_from_deployment(
             deployment.id,
-            parameters={
-                "client_id": str(world.clients["a"]),
-                "period_start": str(today),
-                "period_end": str(today),
-                "access_token": sealed,
-            },
+            parameters={"client_id": str(world.clients["a"]), **period, "access_token": sealed},
             state=Scheduled(scheduled_time=datetime.now(UTC) + timedelta(seconds=14)),
         )
         async with asyncio.timeout(120):

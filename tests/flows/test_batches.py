@@ -78,7 +78,13 @@ async def test_a_sweep_runs_a_task_run_per_batch_and_every_client_once(
     clients = [*many_clients, world.clients["a"]]
 
     async def sweep() -> tuple[dict, uuid.UUID]:
-        sealed = await world.sealed("operator", flow="nightly-rollup", clients=None, operator=True)
+        sealed = await world.sealed(
+            "operator",
+            flow="nightly-rollup",
+            clients=None,
+            operator=True,
+            parameters={"day": today},
+        )
         state = await nightly_rollup(day=today, access_token=sealed, return_state=True)
         assert state.is_completed(), state.message
         run_id = state.state_details.flow_run_id
@@ -120,16 +126,21 @@ async def test_a_transient_fault_is_retried_for_that_client_alone(world: World) 
     """The first upsert of client `a` fails with a serialization failure (40001): that
     client is retried and completes; `b` never notices."""
     flaky, fine = world.clients["a"], world.clients["b"]
+    today = datetime.now(UTC).date()
     first_call_fails = (
         "IF nextval('public.{name}_calls') = 1 THEN "
         "RAISE EXCEPTION 'injected serialization failure' USING ERRCODE = '40001'; END IF;"
     )
     async with world.metrics_trigger(flaky, first_call_fails, counter=True) as name:
         state = await nightly_rollup(
-            day=datetime.now(UTC).date(),
+            day=today,
             client_ids=[flaky, fine],
             access_token=await world.sealed(
-                "operator", flow="nightly-rollup", clients=["a", "b"], operator=True
+                "operator",
+                flow="nightly-rollup",
+                clients=["a", "b"],
+                operator=True,
+                parameters={"day": today},
             ),
             return_state=True,
         )
@@ -137,17 +148,22 @@ async def test_a_transient_fault_is_retried_for_that_client_alone(world: World) 
     assert state.is_completed(), state.message
     assert calls == 2  # the failed attempt, then the retry
     metrics = await _metrics(world, [flaky, fine])
-    expected = await world.day_totals([flaky, fine], datetime.now(UTC).date())
+    expected = await world.day_totals([flaky, fine], today)
     assert {c: (e, r) for c, (e, r, _) in metrics.items()} == expected
 
 
 async def test_a_failing_client_leaves_its_batch_completed(world: World) -> None:
+    today = datetime.now(UTC).date()
     async with world.metrics_trigger(world.clients["a"], "RAISE EXCEPTION 'refused';"):
         state = await nightly_rollup(
-            day=datetime.now(UTC).date(),
+            day=today,
             client_ids=[world.clients["a"], world.clients["b"]],
             access_token=await world.sealed(
-                "operator", flow="nightly-rollup", clients=["a", "b"], operator=True
+                "operator",
+                flow="nightly-rollup",
+                clients=["a", "b"],
+                operator=True,
+                parameters={"day": today},
             ),
             return_state=True,
         )

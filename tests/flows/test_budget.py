@@ -80,11 +80,13 @@ async def test_two_rollups_of_a_thousand_clients_stay_within_the_budget(
                 env={
                     **env,
                     # NOTE: a thousand ids: sealed by their digest (tenantflow.sealing).
+                    # The run's only other parameter, `day`, is left empty (yesterday).
                     "TENANTFLOW_TEST_TOKEN": seal_access_token(
                         await world.token("operator"),
                         public_key(world.stack.config.secrets.seal_private_key),
                         flow="nightly-rollup",
                         client_ids=thousand_clients,
+                        parameters={},
                     ),
                 },
                 stdout=asyncio.subprocess.PIPE,

@@ -67,11 +67,11 @@ async def _everything_stored_about(run_id: uuid.UUID) -> str:
 async def test_client_report_as_a_member(world: World) -> None:
     token = await world.token("member_a")
     today = datetime.now(UTC).date()
+    period = {"period_start": today - timedelta(days=2), "period_end": today}
     state = await client_report(
         client_id=world.clients["a"],
-        period_start=today - timedelta(days=2),
-        period_end=today,
-        access_token=world.seal(token, flow="client-report", clients=["a"]),
+        **period,
+        access_token=world.seal(token, flow="client-report", clients=["a"], parameters=period),
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -126,15 +126,20 @@ async def test_a_denied_run_fails_before_any_tenant_query(
     token = await world.token("member_b" if who == "member_b" else "member_a")
     if who == "forged":
         token = token[:-6] + ("AAAAAA" if not token.endswith("AAAAAA") else "BBBBBB")
-    value = world.seal(token, flow="client-report", clients=["b" if who == "other_client" else "a"])
+    today = datetime.now(UTC).date()
+    period = {"period_start": today, "period_end": today}
+    value = world.seal(
+        token,
+        flow="client-report",
+        clients=["b" if who == "other_client" else "a"],
+        parameters=period,
+    )
     if who == "plain":
         value = token
-    today = datetime.now(UTC).date()
     await _reset_statements(world)
     state = await client_report(
         client_id=world.clients["a"],
-        period_start=today,
-        period_end=today,
+        **period,
         access_token=value,
         return_state=True,
     )
@@ -149,11 +154,13 @@ async def test_a_denied_run_fails_before_any_tenant_query(
 async def test_the_statement_probe_does_see_tenant_queries(world: World) -> None:
     await _reset_statements(world)
     today = datetime.now(UTC).date()
+    period = {"period_start": today, "period_end": today}
     state = await client_report(
         client_id=world.clients["a"],
-        period_start=today,
-        period_end=today,
-        access_token=await world.sealed("member_a", flow="client-report", clients=["a"]),
+        **period,
+        access_token=await world.sealed(
+            "member_a", flow="client-report", clients=["a"], parameters=period
+        ),
         return_state=True,
     )
     assert state.is_completed(), state.message
@@ -173,11 +180,14 @@ async def test_a_bad_period_fails_clearly_and_keeps_the_seal(
     world: World, start: int | None, end: int | None, reason: str
 ) -> None:
     today = datetime.now(UTC).date()
-    sealed = await world.sealed("member_a", flow="client-report", clients=["a"])
+    period = {
+        "period_start": date(1999, 12, 31) if start is None else today + timedelta(days=start),
+        "period_end": date(9999, 12, 31) if end is None else today + timedelta(days=end),
+    }
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=period)
     state = await client_report(
         client_id=world.clients["a"],
-        period_start=date(1999, 12, 31) if start is None else today + timedelta(days=start),
-        period_end=date(9999, 12, 31) if end is None else today + timedelta(days=end),
+        **period,
         access_token=sealed,
         return_state=True,
     )
@@ -205,7 +215,13 @@ async def test_nightly_rollup_by_an_operator_is_idempotent(world: World) -> None
         return [tuple(r) for r in rows]
 
     def sealed() -> Awaitable[str]:
-        return world.sealed("operator", flow="nightly-rollup", clients=["a", "b"], operator=True)
+        return world.sealed(
+            "operator",
+            flow="nightly-rollup",
+            clients=["a", "b"],
+            operator=True,
+            parameters={"day": day},
+        )
 
     first = await nightly_rollup(day=day, client_ids=clients, access_token=await sealed())
     once = await metrics()
@@ -228,12 +244,17 @@ async def test_one_failing_client_does_not_stop_the_others(world: World) -> None
     others are rolled up."""
     failing, fine = world.clients["a"], world.clients["b"]
     refuse = "RAISE EXCEPTION 'refused by a test trigger';"
+    today = datetime.now(UTC).date()
     async with world.metrics_trigger(failing, refuse):
         state = await nightly_rollup(
-            day=datetime.now(UTC).date(),
+            day=today,
             client_ids=[failing, fine],
             access_token=await world.sealed(
-                "operator", flow="nightly-rollup", clients=["a", "b"], operator=True
+                "operator",
+                flow="nightly-rollup",
+                clients=["a", "b"],
+                operator=True,
+                parameters={"day": today},
             ),
             return_state=True,
         )

@@ -197,14 +197,16 @@ async def test_stored_hostile_job_variables_do_not_reach_the_flow_run(
         "working_dir": str(tmp_path),
     }
     today = datetime.now(UTC).date()
+    period = {"period_start": str(today), "period_end": str(today)}
 
     def parameters() -> dict[str, Any]:
         token = _self_signed_member_token(stack, world, secret)
         return {
             "client_id": str(world.clients["a"]),
-            "period_start": str(today),
-            "period_end": str(today),
-            "access_token": world.seal(token, flow="client-report", clients=["a"]),
+            **period,
+            "access_token": world.seal(
+                token, flow="client-report", clients=["a"], parameters=period
+            ),
         }
 
     async with get_client() as client:
@@ -248,9 +250,12 @@ async def test_stored_hostile_job_variables_do_not_reach_the_flow_run(
             await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=original))
         assert (await client.read_work_pool(POOL)).base_job_template == original
     for done in finished:
-        # The worker ran the declared flow, whose guard refused the forged token.
+        # The worker ran the declared flow, whose guard refused the forged token (the
+        # seal itself, made for exactly this run, opened).
+        message = done.state.message or ""
         assert done.state_type == StateType.FAILED, done.state
-        assert "access token refused" in (done.state.message or ""), done.state.message
+        assert "access token refused" in message, message
+        assert "sealed access token refused" not in message, message
     assert not marker_file.exists()
     reports = await world.sql(
         "fetchval",
