@@ -36,8 +36,9 @@ async def client_report(
         period_end: Last day of the period, UTC, inclusive (at most 366 days in all,
             not after tomorrow).
         access_token: The sealed access token of the user the report is for, a member of
-            the client: `tenantflow seal --flow client-report --client CLIENT_ID` turns
-            the user's Supabase access token into one. A plain token is refused.
+            the client, for exactly this run: `tenantflow seal --flow client-report
+            --client CLIENT_ID --param period_start=DAY --param period_end=DAY` turns the
+            user's Supabase access token into one. A plain token is refused.
     """
     logger = get_run_logger()
     period = ReportPeriod(start=period_start, end=period_end)

@@ -27,8 +27,9 @@ async def migrate(
     """Upgrade the schema to `revision` (default: head), or show the SQL (`dry_run`).
 
     Args:
-        access_token: A tenantflow operator's sealed access token
-            (`tenantflow seal --flow migrate`).
+        access_token: A tenantflow operator's sealed access token for exactly this run
+            (`tenantflow seal --flow migrate`, plus `--param revision=REV` or `--param
+            dry_run=true` when those are not left at their defaults).
         revision: `head` or a revision id to upgrade to.
         dry_run: only render the SQL a real run would execute (into the artifact).
     """

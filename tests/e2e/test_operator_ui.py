@@ -57,6 +57,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import StateType
 
 from tenantflow.sealing import public_key, seal_access_token
+from tenantflow.tenancy.run_token import SPENT
 from tenantflow_dev import Stack
 from tenantflow_dev.auth_stand_in import mint_access_token
 from tenantflow_dev.demo import ACME, DEMO_MEMBERSHIPS
@@ -436,7 +437,9 @@ async def test_operator_runs_a_client_report_from_the_ui(
     assert run.name == run_name
     assert run.deployment_id == deployment.id
     assert run.state and run.state.type == StateType.COMPLETED
-    assert run.parameters["access_token"] == sealed
+    # The value the form stored; once the run ended, the workers' housekeeping may have
+    # removed it already.
+    assert run.parameters["access_token"] in (sealed, SPENT)
     assert token.split(".")[2] not in json.dumps(run.parameters)
     assert run.parameters["client_id"] == str(ACME.id)
     # The date picker kept the days the operator typed (no time-zone shift).

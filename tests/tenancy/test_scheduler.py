@@ -19,7 +19,7 @@ from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
 )
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.responses import DeploymentResponse
 from prefect.client.schemas.schedules import CronSchedule
 from prefect.states import Completed, Running, Scheduled
@@ -232,7 +232,8 @@ async def test_a_scheduled_run_that_ended_once_does_not_run_again(
     async with get_client() as client:
         try:
             assert (await _as_scheduler(run))[0].actor.kind is ActorKind.SCHEDULER
-            for state in (Running(), Completed(), Scheduled(scheduled_time=slot)):
+            states: list[State[Any]] = [Running(), Completed(), Scheduled(scheduled_time=slot)]
+            for state in states:
                 await client.set_flow_run_state(run.id, state, force=True)
             with pytest.raises(AccessDenied, match="already ended once \\(Completed at"):
                 await _as_scheduler(run)

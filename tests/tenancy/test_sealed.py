@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.states import Completed, Running, Scheduled
 
 from tenantflow.db import dispose_engines
@@ -288,7 +289,8 @@ async def test_a_run_put_back_after_it_ended_does_not_open_its_seal_again(
     [ctx] = await _report(world, sealed, run)
     assert ctx.client_id == world.clients["a"]
     async with get_client() as client:
-        for state in (Running(), Completed(), Scheduled()):
+        states: list[State[Any]] = [Running(), Completed(), Scheduled()]
+        for state in states:
             await client.set_flow_run_state(run.id, state, force=True)
     with pytest.raises(AccessDenied, match="already ended once") as caught:
         await _report(world, sealed, run)
