@@ -84,7 +84,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import DeploymentSchedule
     from prefect.client.schemas.responses import DeploymentResponse
 
-    from tenantflow.settings import Settings
+    from tenantflow.settings import FaultSettings
 
 __all__ = [
     "FINAL_STATES",
@@ -159,7 +159,7 @@ class HousekeepingConfig:
     tags: tuple[str, ...] = ()
 
     @classmethod
-    def from_settings(cls, settings: Settings, **changes: Any) -> HousekeepingConfig:
+    def from_settings(cls, settings: FaultSettings, **changes: Any) -> HousekeepingConfig:
         """The worker's housekeeping: its database limit and windows from `settings`."""
         config = cls(
             limits=(settings.db_concurrency_limit,),
@@ -247,9 +247,10 @@ async def run_housekeeping(
     Raises:
         SettingsError: the worker's settings are invalid (read once, before the first pass).
     """
-    from tenantflow.settings import get_settings
+    from tenantflow.settings import load_fault_settings
 
-    settings = get_settings()
+    # NOTE: the light settings only: housekeeping talks to Prefect, never to the database.
+    settings = load_fault_settings()
     config = config or HousekeepingConfig.from_settings(settings)
     interval = interval_s if interval_s is not None else settings.housekeeping_interval_s
     log = logger or get_logger("tenantflow.housekeeping")

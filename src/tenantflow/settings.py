@@ -316,6 +316,24 @@ class FaultSettings(BaseSettings):
             "seconds (the schedule is daily: 26 h leaves two hours of slack)."
         ),
     )
+    # NOTE: here, not with the other database settings: the worker's housekeeping reads
+    # them without the database URLs.
+    db_concurrency_limit: str = Field(
+        default="tenantflow-db",
+        description=(
+            "Name of the Prefect global concurrency limit that caps tenant transactions "
+            "across all workers (strict: a missing limit is an error, not a warning)."
+        ),
+    )
+    db_flow_slots: int = Field(
+        default=5,
+        ge=1,
+        le=100,
+        description=(
+            "Slots of that limit one flow run takes (once, for its whole database work); "
+            "its tenant transactions run at most this many at a time."
+        ),
+    )
     housekeeping_interval_s: float = Field(
         default=60.0,
         ge=5,
@@ -500,13 +518,6 @@ class Settings(SealSettings, FaultSettings):
         ge=0,
         description="statement_timeout set with SET LOCAL in every transaction (0: none).",
     )
-    db_concurrency_limit: str = Field(
-        default="tenantflow-db",
-        description=(
-            "Name of the Prefect global concurrency limit that caps tenant transactions "
-            "across all workers (strict: a missing limit is an error, not a warning)."
-        ),
-    )
     db_concurrency_slots: int = Field(
         default=10,
         ge=1,
@@ -515,15 +526,6 @@ class Settings(SealSettings, FaultSettings):
             "Size of that limit, written by the deployments bootstrap: how many tenant "
             "transactions may run at once across all workers. Keep it at or below the "
             "transaction pooler's pool size (20 locally) and at or above DB_FLOW_SLOTS."
-        ),
-    )
-    db_flow_slots: int = Field(
-        default=5,
-        ge=1,
-        le=100,
-        description=(
-            "Slots of that limit one flow run takes (once, for its whole database work); "
-            "its tenant transactions run at most this many at a time."
         ),
     )
     db_slot_timeout_s: float = Field(

@@ -456,7 +456,9 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
         say(f"Worker {worker.name!r} stopped!")
     finally:
         housekeeping.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        # NOTE: a housekeeping that ended on an error has said so (`_housekeeping_ended`);
+        # it never changes how the worker itself ends.
+        with contextlib.suppress(asyncio.CancelledError, Exception):
             await housekeeping
 
 
