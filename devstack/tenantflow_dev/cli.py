@@ -1,9 +1,12 @@
-"""The `tenantflow-dev` command: the local dev stack (up, down, status, restart) and its tokens.
+"""The `tenantflow-dev` command: the local dev stack (up, down, status, restart), its tokens
+and its sign-ins (mailbox).
 
 Failures end in one line on stderr, as with `tenantflow` (the product's `report_failure`
 reports both): a refusal (`StackError`, `CommandError`) exits 2, `--debug` adds the
-traceback. Nothing here prints a secret but the Prefect UI's login string, which is what
-an operator pastes into the UI's login form.
+traceback. Nothing here prints a secret unasked but what a developer signs in with on this
+local stack: the Prefect UI's login string, and the demo users' passwords (`make up`).
+`status --secrets` adds the stack's API keys (the service-role key among them), and
+`mailbox` the one-time codes the Auth stand-in "emailed".
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from uuid import UUID
 
 from tenantflow.cli import CommandError, parameter_argument, parameters_of, report_failure
 from tenantflow_dev.config import StackConfig
+from tenantflow_dev.demo import DEMO_OPERATOR
 from tenantflow_dev.errors import StackError
 from tenantflow_dev.health import Health
 from tenantflow_dev.stack import Stack
@@ -72,7 +76,11 @@ def _demo(stack: Stack) -> bool:
         "  client-report, client_id:  %s   (%s, where %s is owner)\n"
         "  client-report, period_start: %s, period_end: %s\n"
         "  client-report, access_token:  %s\n"
-        "  nightly-rollup (operator, every client), access_token:  %s",
+        "  nightly-rollup (operator, every client), access_token:  %s\n"
+        "\nSign-ins of the Supabase Auth stand-in (password, or a one-time code: "
+        "`tenantflow-dev mailbox --email E`):\n"
+        "  operator: %s  password: %s\n"
+        "  member:   %s  password: %s",
         demo.flow_run_id,
         demo.state,
         demo.seconds,
@@ -86,6 +94,10 @@ def _demo(stack: Stack) -> bool:
         demo.report_period[1],
         demo.member_token,
         demo.operator_token,
+        DEMO_OPERATOR,
+        stack.config.secrets.demo_password(DEMO_OPERATOR),
+        demo.member_email,
+        stack.config.secrets.demo_password(demo.member_email),
     )
     return demo.state == "Completed"
 
@@ -129,9 +141,61 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    rows = Stack().status()
+    stack = Stack()
+    rows = stack.status()
     log.info("%s", _table(rows))
+    if args.secrets:
+        secrets = stack.config.secrets
+        # NOTE: the service-role key bypasses RLS and is the Auth admin API's key: shown only
+        # here, never written to `.env` nor given to a worker.
+        log.info(
+            "\nSUPABASE_URL=%s\nSUPABASE_ANON_KEY=%s\nSUPABASE_SERVICE_ROLE_KEY=%s",
+            stack.config.supabase_url,
+            secrets.anon_key,
+            secrets.service_role_key,
+        )
     return 0 if all(row.healthy for row in rows) else 3
+
+
+def _mailbox(args: argparse.Namespace) -> int:
+    """The latest one-time code sent to a user (or to each user), as the stand-in "mailed" it.
+
+    stdout gets, one line a user: the email, the code and when it expires (`--email E
+    --code-only`: the code alone, to pipe).
+    """
+    from tenantflow_dev.auth_stand_in import latest_one_time_code, mailbox_folder, read_mailbox
+
+    config = Stack().config
+    if args.email:
+        emails = [args.email.strip().lower()]
+    else:
+        folder = mailbox_folder(config)
+        emails = sorted(path.name for path in folder.iterdir()) if folder.exists() else []
+    if args.code_only:
+        if not args.email:
+            raise CommandError("--code-only needs --email")
+        code = latest_one_time_code(config, args.email)
+        if code is None:
+            sys.stderr.write(f"no one-time code was sent to {args.email}\n")
+            return 1
+        sys.stdout.write(code + "\n")
+        return 0
+    found = False
+    for email in emails:
+        mails = read_mailbox(config, email)
+        if mails:
+            found = True
+            latest = mails[-1]
+            sys.stdout.write(
+                f"{latest.email}  code: {latest.code}  "
+                f"(sent {latest.sent_at:%Y-%m-%d %H:%M:%S}Z, "
+                f"expires {latest.expires_at:%H:%M:%S}Z)\n"
+            )
+    if not found:
+        who = args.email or "anyone"
+        sys.stderr.write(f"no one-time code was sent to {who}\n")
+        return 1
+    return 0
 
 
 def _token(args: argparse.Namespace) -> int:
@@ -217,7 +281,20 @@ def _parser() -> argparse.ArgumentParser:
     down = commands.add_parser("down", help="stop everything the local stack started")
     down.set_defaults(handler=_down)
     status = commands.add_parser("status", help="each part of the stack, its address and health")
+    status.add_argument(
+        "--secrets",
+        action="store_true",
+        help="also print the stack's Supabase API keys (anon and service-role)",
+    )
     status.set_defaults(handler=_status)
+    mailbox = commands.add_parser(
+        "mailbox", help="the latest one-time sign-in code the Auth stand-in sent (per user)"
+    )
+    mailbox.add_argument("--email", help="only this user's (default: every user's)")
+    mailbox.add_argument(
+        "--code-only", action="store_true", help="with --email: print the bare code"
+    )
+    mailbox.set_defaults(handler=_mailbox)
     restart = commands.add_parser("restart", help="stop one part of the stack and start it again")
     restart.add_argument(
         "part", nargs="?", help="the part to stop and start again, as `status` names it"

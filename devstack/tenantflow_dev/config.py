@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
+import hmac
 import json
 import os
 import secrets
@@ -19,7 +21,7 @@ from urllib.parse import quote
 
 import jwt
 
-from tenantflow.sealing import generate_private_key
+from tenantflow.sealing import generate_private_key, public_key
 
 __all__ = ["StackConfig", "StackSecrets"]
 
@@ -71,6 +73,8 @@ class StackSecrets:
     prefect_auth_string: str
     #: The password of the Prefect server's database role `prefect`.
     prefect_db_password: str
+    #: Seeds the demo users' passwords (`demo_password()`): random per stack folder.
+    demo_password_seed: str
 
     @property
     def anon_key(self) -> str:
@@ -79,6 +83,13 @@ class StackSecrets:
     @property
     def service_role_key(self) -> str:
         return self._api_key("service_role")
+
+    def demo_password(self, email: str) -> str:
+        """The sign-in password of a demo user of this stack (`tenantflow-dev up` prints it)."""
+        digest = hmac.new(
+            self.demo_password_seed.encode(), email.strip().lower().encode(), hashlib.sha256
+        ).digest()
+        return base64.urlsafe_b64encode(digest[:15]).decode()
 
     def _api_key(self, role: str) -> str:
         claims = {"iss": _API_KEY_ISSUER, "role": role, "exp": _API_KEY_EXPIRY}
@@ -94,6 +105,7 @@ class StackSecrets:
             "seal_private_key",
             "prefect_auth_string",
             "prefect_db_password",
+            "demo_password_seed",
         )
         if path.exists():
             data = json.loads(path.read_text())
@@ -114,6 +126,7 @@ class StackSecrets:
                 prefect_auth_string=data.get("prefect_auth_string")
                 or f"{PREFECT_API_USER}:{secrets.token_urlsafe(24)}",
                 prefect_db_password=data.get("prefect_db_password") or secrets.token_urlsafe(24),
+                demo_password_seed=data.get("demo_password_seed") or secrets.token_urlsafe(32),
             )
             temporary = path.with_suffix(".tmp")
             fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -126,6 +139,11 @@ class StackSecrets:
 def _env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
+
+
+def _env_float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return float(value) if value else default
 
 
 def _prefect_database() -> PrefectDatabase:
@@ -160,6 +178,11 @@ class StackConfig:
     #: `make up` starts; only tests that delete the cluster afterwards set it
     #: (TENANTFLOW_THROWAWAY_CLUSTER=1).
     throwaway: bool = False
+    #: The Auth stand-in's GoTrue settings: how long a used refresh token is accepted again
+    #: (GOTRUE_SECURITY_REFRESH_TOKEN_REUSE_INTERVAL, 10 s) and how long an emailed one-time
+    #: code is good for (GOTRUE_MAILER_OTP_EXP, 1 h).
+    auth_refresh_token_reuse_interval_s: float = 10.0
+    auth_otp_expiry_s: float = 3600.0
 
     @classmethod
     def from_env(cls, project_dir: Path | None = None) -> StackConfig:
@@ -177,6 +200,10 @@ class StackConfig:
             prefect_port=_env_int("TENANTFLOW_PREFECT_PORT", 4200),
             prefect_database=_prefect_database(),
             throwaway=os.environ.get("TENANTFLOW_THROWAWAY_CLUSTER", "").strip() == "1",
+            auth_refresh_token_reuse_interval_s=_env_float(
+                "TENANTFLOW_AUTH_REFRESH_TOKEN_REUSE_INTERVAL", 10.0
+            ),
+            auth_otp_expiry_s=_env_float("TENANTFLOW_AUTH_OTP_EXPIRY", 3600.0),
         )
 
     @property
@@ -288,6 +315,10 @@ class StackConfig:
             "TENANTFLOW_PREFECT_PORT": str(self.prefect_port),
             "TENANTFLOW_PREFECT_DATABASE": self.prefect_database,
             "TENANTFLOW_THROWAWAY_CLUSTER": "1" if self.throwaway else "0",
+            "TENANTFLOW_AUTH_REFRESH_TOKEN_REUSE_INTERVAL": str(
+                self.auth_refresh_token_reuse_interval_s
+            ),
+            "TENANTFLOW_AUTH_OTP_EXPIRY": str(self.auth_otp_expiry_s),
         }
 
     def environment(self) -> dict[str, str]:
@@ -300,6 +331,9 @@ class StackConfig:
             "SUPABASE_URL": self.supabase_url,
             "SUPABASE_ANON_KEY": self.secrets.anon_key,
             "SEAL_PRIVATE_KEYS": self.secrets.seal_private_key,
+            # NOTE: public: what the operator CLI seals with. The service-role key is never
+            # here (`tenantflow-dev status --secrets` shows it to the developer).
+            "SEAL_PUBLIC_KEY": public_key(self.secrets.seal_private_key),
             "PREFECT_API_URL": self.prefect_api_url,
             "PREFECT_API_AUTH_STRING": self.secrets.prefect_auth_string,
         }

@@ -78,9 +78,16 @@ async def seed_demo_data(config: StackConfig) -> dict[str, int]:
                 "ON CONFLICT (id) DO NOTHING",
                 [(c.id, c.name, c.status) for c in DEMO_CLIENTS],
             )
-            await create_user(config, DEMO_OPERATOR, operator=True, conn=conn)
+            passwords = config.secrets.demo_password
+            await create_user(
+                config,
+                DEMO_OPERATOR,
+                operator=True,
+                password=passwords(DEMO_OPERATOR),
+                conn=conn,
+            )
             for email, client, role, accepted in DEMO_MEMBERSHIPS:
-                user_id = await create_user(config, email, conn=conn)
+                user_id = await create_user(config, email, password=passwords(email), conn=conn)
                 await conn.execute(
                     "INSERT INTO public.memberships (user_id, client_id, role, accepted_at) "
                     "VALUES ($1, $2, $3, CASE WHEN $4 THEN now() END) "

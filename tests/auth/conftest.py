@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import threading
 import time
@@ -58,15 +59,17 @@ async def token(stack: Stack, user: StackUser) -> str:
     return await mint_access_token(stack.config, user.email)
 
 
-@pytest.fixture(scope="session")
-def private_stand_in(stack: Stack) -> Iterator[StackConfig]:
-    """A second instance of the Auth stand-in, served over HTTP from this process.
+@contextlib.contextmanager
+def served_stand_in(stack: Stack, **settings: Any) -> Iterator[StackConfig]:
+    """Another instance of the Auth stand-in, served over HTTP from this process.
 
-    Same keys, secrets and database as the stack's, but its own port and request counters,
-    so tests that count JWKS or /user requests are not disturbed by anyone else using the
-    shared stack. Tokens for it must be minted with the returned config (its `iss`).
+    Same keys, secrets and database as the stack's, but its own port, request counters and
+    `settings` (StackConfig fields, e.g. `auth_refresh_token_reuse_interval_s`), as the
+    stack's own process would have with its TENANTFLOW_AUTH_* environment.
     """
-    config = dataclasses.replace(stack.config, auth_port=free_ports(1, stack.config.host)[0])
+    config = dataclasses.replace(
+        stack.config, auth_port=free_ports(1, stack.config.host)[0], **settings
+    )
     server = uvicorn.Server(
         uvicorn.Config(
             create_app(config),
@@ -82,9 +85,31 @@ def private_stand_in(stack: Stack) -> Iterator[StackConfig]:
     while not server.started:
         assert time.monotonic() < deadline, "the private Auth stand-in did not start"
         time.sleep(0.02)
-    yield config
-    server.should_exit = True
-    thread.join(timeout=10)
+    try:
+        yield config
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def private_stand_in(stack: Stack) -> Iterator[StackConfig]:
+    """A private stand-in with the stack's settings: tests that count JWKS or /user requests
+    are not disturbed by anyone else using the shared stack. Tokens for it must be minted
+    with the returned config (its `iss`)."""
+    with served_stand_in(stack) as config:
+        yield config
+
+
+@pytest.fixture(scope="session")
+def impatient_stand_in(stack: Stack) -> Iterator[StackConfig]:
+    """A private stand-in whose used refresh tokens are never accepted again and whose
+    one-time codes expire at once (reuse interval and OTP expiry 0, both GoTrue settings),
+    so the refusals after those intervals are tested without waiting them out."""
+    with served_stand_in(
+        stack, auth_refresh_token_reuse_interval_s=0.0, auth_otp_expiry_s=0.0
+    ) as config:
+        yield config
 
 
 @pytest.fixture

@@ -3,8 +3,9 @@
 One concern per module: `keys` (the signing-key store and token signing), `users`
 (`auth.users` and the stand-in's own `auth.sessions`), `tokens` (signing a user in: the
 access token GoTrue would mint), `app` (the HTTP application and its endpoints), and
-`service` (`AuthServer`, the app as a process of the local stack). This package gathers
-their public names.
+`mailbox` (one-time codes, delivered to files in the stack folder), and `service`
+(`AuthServer`, the app as a process of the local stack). This package gathers their public
+names.
 """
 
 from __future__ import annotations
@@ -20,6 +21,12 @@ from tenantflow_dev.auth_stand_in.keys import (
     remove_signing_key,
     sign_token,
 )
+from tenantflow_dev.auth_stand_in.mailbox import (
+    Mail,
+    latest_one_time_code,
+    mailbox_folder,
+    read_mailbox,
+)
 from tenantflow_dev.auth_stand_in.service import AuthServer
 from tenantflow_dev.auth_stand_in.tokens import mint_access_token
 from tenantflow_dev.auth_stand_in.users import (
@@ -33,6 +40,7 @@ from tenantflow_dev.auth_stand_in.users import (
 __all__ = [
     "AuthServer",
     "KeyAlgorithm",
+    "Mail",
     "SigningKey",
     "TokenAlgorithm",
     "UnknownUser",
@@ -42,8 +50,11 @@ __all__ = [
     "delete_user",
     "ensure_auth_schema",
     "ensure_signing_keys",
+    "latest_one_time_code",
     "load_signing_keys",
+    "mailbox_folder",
     "mint_access_token",
+    "read_mailbox",
     "remove_signing_key",
     "set_operator",
     "sign_token",
