@@ -260,6 +260,14 @@ def _merged(current: Mapping[str, Any], changes: Any) -> dict[str, Any]:
     return merged
 
 
+async def _user_id_of(conn: asyncpg.Connection, email: str) -> uuid.UUID | None:
+    """The id of the (non-SSO) user with this email, as GoTrue finds users by email."""
+    found: uuid.UUID | None = await conn.fetchval(
+        "SELECT id FROM auth.users WHERE email = $1 AND NOT is_sso_user", email
+    )
+    return found
+
+
 def _query_int(request: Request, name: str, default: int) -> int:
     value = request.query_params.get(name, "")
     if not value:
@@ -400,9 +408,7 @@ def create_app(config: StackConfig) -> Starlette:
                     422, "validation_failed", "An email address or phone number is required"
                 )
             async with stand_in.connection() as conn:
-                user_id = await conn.fetchval(
-                    "SELECT id FROM auth.users WHERE email = $1 AND NOT is_sso_user", email
-                )
+                user_id = await _user_id_of(conn, email)
                 if user_id is None:
                     if body.get("create_user", True) is False:
                         raise _Refusal(422, "otp_disabled", "Signups not allowed for otp")
@@ -425,9 +431,8 @@ def create_app(config: StackConfig) -> Starlette:
             json.dumps({"provider": "email", "providers": ["email"]}),
             json.dumps(data if isinstance(data, dict) else {}),
         )
-        found: uuid.UUID = await conn.fetchval(
-            "SELECT id FROM auth.users WHERE email = $1 AND NOT is_sso_user", email
-        )
+        found = await _user_id_of(conn, email)
+        assert found is not None  # noqa: S101 - inserted just now, or there already
         return found
 
     async def verify(request: Request) -> Response:
@@ -446,9 +451,7 @@ def create_app(config: StackConfig) -> Starlette:
                     "Only an email address or phone number should be provided on verify",
                 )
             async with stand_in.connection() as conn:
-                user_id = await conn.fetchval(
-                    "SELECT id FROM auth.users WHERE email = $1 AND NOT is_sso_user", email
-                )
+                user_id = await _user_id_of(conn, email)
                 if user_id is None:
                     raise _Refusal(403, "otp_expired", "Token has expired or is invalid")
                 await consume_one_time_code(config, conn, user_id, email, code)
