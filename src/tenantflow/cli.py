@@ -1,4 +1,5 @@
-"""The `tenantflow` command: migrations, sealing, the worker and deployments.
+"""The `tenantflow` command: migrations, sealing, the worker, deployments, and an operator's
+own sign-in (`login`, `whoami`, `token`, `logout`, `operator`).
 
 Every command fails in one line on stderr with what to do (`--debug` adds the traceback);
 `report_failure` is that reporting, public so other commands (the dev stack's
@@ -24,7 +25,9 @@ from urllib.parse import urlsplit
 from tenantflow.errors import TenantflowError
 
 if TYPE_CHECKING:
-    from tenantflow.settings import SealSettings
+    from pydantic import SecretStr
+
+    from tenantflow.settings import OperatorSettings, SealSettings
 
 __all__ = [
     "CommandError",
@@ -272,6 +275,27 @@ def _seal(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_binding_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--client` and `--param`: what a seal is bound to besides the flow."""
+    parser.add_argument(
+        "--client",
+        action="append",
+        metavar="ID",
+        help="a client id of the run (repeat for several; none: every active client)",
+    )
+    parser.add_argument(
+        "--param",
+        action="append",
+        type=parameter_argument,
+        metavar="NAME=VALUE",
+        help=(
+            "another parameter of the run, exactly as the run will get it (repeat; the seal "
+            "opens only in a run with these parameters; those left at their defaults may "
+            "be left out)"
+        ),
+    )
+
+
 def _add_seal_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     seal_key = commands.add_parser(
         "seal-key", help="the workers' key pair for sealed access tokens"
@@ -289,23 +313,7 @@ def _add_seal_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         "seal", help="seal an access token (read from stdin) for a flow run's parameters"
     )
     seal.add_argument("--flow", required=True, help="the flow that may open it, e.g. client-report")
-    seal.add_argument(
-        "--client",
-        action="append",
-        metavar="ID",
-        help="a client id of the run (repeat for several; none: every active client)",
-    )
-    seal.add_argument(
-        "--param",
-        action="append",
-        type=parameter_argument,
-        metavar="NAME=VALUE",
-        help=(
-            "another parameter of the run, exactly as the run will get it (repeat; the seal "
-            "opens only in a run with these parameters; those left at their defaults may "
-            "be left out)"
-        ),
-    )
+    _add_binding_arguments(seal)
     seal.add_argument(
         "--ttl", type=int, metavar="SECONDS", help="lifetime (default SEAL_DEFAULT_TTL_S, 900)"
     )
@@ -315,6 +323,245 @@ def _add_seal_commands(commands: argparse._SubParsersAction[argparse.ArgumentPar
         help="the workers' public JWK (default: derived from SEAL_PRIVATE_KEYS)",
     )
     seal.set_defaults(handler=_seal)
+
+
+def _operator_settings() -> OperatorSettings:
+    """`OperatorSettings` of the environment and `.env`: no database, no private key."""
+    from tenantflow.settings import SettingsError, load_operator_settings
+
+    try:
+        return load_operator_settings()
+    except SettingsError as error:
+        raise CommandError(" ".join(str(error).split())) from None
+
+
+def _operator_command(
+    handler: Callable[[argparse.Namespace, OperatorSettings], int],
+) -> Callable[[argparse.Namespace], int]:
+    """Run an operator command; its refusals (`OperatorSessionError`) end in one line, exit 2."""
+
+    def run(args: argparse.Namespace) -> int:
+        from tenantflow.operator_session import OperatorSessionError
+
+        try:
+            return handler(args, _operator_settings())
+        except OperatorSessionError as error:
+            raise CommandError(str(error)) from None
+
+    return run
+
+
+def _secret_line(what: str, *, from_stdin: bool, flag: str) -> SecretStr:
+    """A secret: one line of stdin (`flag`), or asked without echo on a terminal."""
+    from pydantic import SecretStr
+
+    if from_stdin:
+        text = sys.stdin.readline().rstrip("\r\n")
+    elif sys.stdin.isatty():
+        import getpass
+
+        text = getpass.getpass(f"{what} (not echoed): ")
+    else:
+        raise CommandError(
+            f"no terminal to ask for the {what}: pass {flag} and give it on standard input"
+        )
+    if not text:
+        raise CommandError(f"no {what} given")
+    return SecretStr(text)
+
+
+def _email(args: argparse.Namespace) -> str:
+    email: str | None = args.email
+    if email is None and sys.stdin.isatty() and not (args.password_stdin or args.code_stdin):
+        email = input("email: ")
+    if not email or not email.strip():
+        raise CommandError("--email is required (no terminal to ask for it)")
+    return email.strip()
+
+
+def _utc(seconds: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(seconds))
+
+
+def _login(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    """Sign in with a password or an emailed code; the session goes to the session file."""
+    from tenantflow import operator_session as sessions
+
+    if args.code_stdin and not args.otp:
+        raise CommandError("--code-stdin goes with --otp")
+    path = sessions.session_path(settings, args.session_file)
+    email = _email(args)
+    if args.otp:
+        sessions.request_otp(settings, email=email)
+        sys.stderr.write(f"a one-time code was sent to {email}\n")
+        code = _secret_line("code", from_stdin=args.code_stdin, flag="--code-stdin")
+        session = sessions.login_with_otp(settings, path, email=email, code=code)
+    else:
+        password = _secret_line("password", from_stdin=args.password_stdin, flag="--password-stdin")
+        session = sessions.login_with_password(settings, path, email=email, password=password)
+    sys.stdout.write(
+        f"signed in as {session.email} (user {session.user_id}); session kept in {path} "
+        f"(mode 0600); access token until {_utc(session.expires_at)}, then refreshed\n"
+    )
+    return 0
+
+
+def _logout(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    from tenantflow.operator_session import logout
+
+    sys.stdout.write(logout(settings, args.session_file) + "\n")
+    return 0
+
+
+def _whoami(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    from tenantflow.operator_session import whoami
+
+    who = whoami(settings, args.session_file)
+    grant = "yes" if who.operator else "no"
+    left = max(0, int(who.expires_at - time.time()))
+    sys.stdout.write(
+        f"{who.email} (user id {who.user_id})\n"
+        f"operator: {grant} (app_metadata.roles, as read from {who.operator_source})\n"
+        f"access token expires {_utc(who.expires_at)} (in {left // 60} min {left % 60} s); "
+        "it is refreshed with the refresh token until `tenantflow logout`\n"
+        f"session file: {who.session_file}\n"
+    )
+    return 0
+
+
+#: The run parameter that names the clients, by flow (the others take `client_ids`).
+_CLIENT_PARAMETER = {"client-report": "client_id"}
+
+
+def _token(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    """Seal the signed-in user's access token for one run; stdout gets the sealed value only."""
+    from tenantflow.operator_session import sealed_token_for_run
+
+    parameters = parameters_of(args.param)
+    clients: list[str] = args.client or []
+    client_parameter = _CLIENT_PARAMETER.get(args.flow, "client_ids")
+    if client_parameter == "client_id" and len(clients) != 1:
+        raise CommandError(f"{args.flow} runs for one client: give exactly one --client ID")
+    ttl = 900 if args.ttl is None else args.ttl
+    now = time.time()
+    try:
+        sealed = sealed_token_for_run(
+            settings,
+            flow=args.flow,
+            client_ids=clients or None,
+            parameters=parameters,
+            ttl_s=ttl,
+            session_file=args.session_file,
+            now=now,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if client_parameter == "client_id":
+        beside = [f"client_id={clients[0]}"]
+    elif clients:
+        beside = ["client_ids=" + _json_list(clients)]
+    else:
+        beside = ["client_ids left empty (every active client)"]
+    beside += [f"{name}={value}" for name, value in parameters.items()]
+    sys.stderr.write(
+        f"sealed for one run of {args.flow}, valid until {_utc(int(now) + ttl)}; enter beside "
+        f"it exactly: {', '.join(beside)}\n"
+    )
+    sys.stdout.write(sealed + "\n")
+    return 0
+
+
+def _json_list(values: Sequence[str]) -> str:
+    """`values` as the JSON list a run form takes."""
+    import json
+
+    return json.dumps(list(values))
+
+
+def _operator(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    """Grant, revoke or list the operator role with the service-role key (never stored)."""
+    from tenantflow import operator_session as sessions
+
+    if args.action != "list" and not args.email:
+        raise CommandError(f"operator {args.action} needs the user's EMAIL")
+    key = _secret_line(
+        "service-role key", from_stdin=args.service_role_key_stdin, flag="--service-role-key-stdin"
+    )
+    if args.action == "list":
+        for email in sessions.list_operators(settings, key):
+            sys.stdout.write(email + "\n")
+        return 0
+    change = sessions.grant_operator if args.action == "grant" else sessions.revoke_operator
+    changed = change(settings, key, args.email)
+    done = {"grant": "is now an operator", "revoke": "is no longer an operator"}[args.action]
+    sys.stdout.write(f"{args.email} {done}" + ("" if changed else " (no change)") + "\n")
+    if args.action == "revoke" and changed:
+        sys.stderr.write(
+            "tokens issued before still claim the grant until they expire; workers read the "
+            "grant again from auth.users for every run, so they no longer act as operator\n"
+        )
+    return 0
+
+
+def _add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def session_file(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--session-file",
+            type=Path,
+            metavar="PATH",
+            help="the session file (default TENANTFLOW_SESSION_FILE, else "
+            "$XDG_CONFIG_HOME/tenantflow/session.json)",
+        )
+
+    login = commands.add_parser("login", help="sign in to Supabase Auth as yourself (operator)")
+    login.add_argument("--email", help="your email (asked on a terminal when left out)")
+    how = login.add_mutually_exclusive_group()
+    how.add_argument(
+        "--password-stdin",
+        action="store_true",
+        help="read the password from one line of standard input (scripts)",
+    )
+    how.add_argument(
+        "--otp", action="store_true", help="sign in with a one-time code sent by email instead"
+    )
+    login.add_argument(
+        "--code-stdin",
+        action="store_true",
+        help="with --otp: read the code from one line of standard input",
+    )
+    session_file(login)
+    login.set_defaults(handler=_operator_command(_login))
+    logout = commands.add_parser(
+        "logout", help="sign this session out at Supabase Auth and delete the session file"
+    )
+    session_file(logout)
+    logout.set_defaults(handler=_operator_command(_logout))
+    whoami = commands.add_parser(
+        "whoami", help="who is signed in, whether they are an operator, until when"
+    )
+    session_file(whoami)
+    whoami.set_defaults(handler=_operator_command(_whoami))
+    token = commands.add_parser(
+        "token", help="your access token sealed for one run of a flow (stdout: the value only)"
+    )
+    token.add_argument("--flow", required=True, help="the flow of the run, e.g. client-report")
+    _add_binding_arguments(token)
+    token.add_argument(
+        "--ttl", type=int, metavar="SECONDS", help="lifetime of the sealed value (default 900)"
+    )
+    session_file(token)
+    token.set_defaults(handler=_operator_command(_token))
+    operator = commands.add_parser(
+        "operator", help="grant, revoke or list the operator role (needs the service-role key)"
+    )
+    operator.add_argument("action", choices=["grant", "revoke", "list"])
+    operator.add_argument("email", nargs="?", help="the user's email (grant, revoke)")
+    operator.add_argument(
+        "--service-role-key-stdin",
+        action="store_true",
+        help="read the service-role key from one line of standard input (else asked, not echoed)",
+    )
+    operator.set_defaults(handler=_operator_command(_operator))
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -367,6 +614,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     deploy.set_defaults(handler=_deploy)
     _add_seal_commands(commands)
+    _add_operator_commands(commands)
     worker = commands.add_parser(
         "worker",
         help="serve a process work pool; job variables cannot change what a flow run runs",

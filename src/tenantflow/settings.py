@@ -39,12 +39,14 @@ from tenantflow.sealing import SealError, key_ids
 
 __all__ = [
     "FaultSettings",
+    "OperatorSettings",
     "SealSettings",
     "Settings",
     "SettingsError",
     "endpoint_of",
     "get_settings",
     "load_fault_settings",
+    "load_operator_settings",
     "load_seal_settings",
     "migration_endpoint_refusal",
     "port_of",
@@ -244,6 +246,17 @@ SealPrivateKeys = Annotated[
     SecretStr | None, BeforeValidator(_blank_is_unset), AfterValidator(_seal_private_keys)
 ]
 
+#: How every settings class reads: the environment, then `.env` in the working directory;
+#: unknown names ignored; no input repeated in an error.
+_ENV_SETTINGS = SettingsConfigDict(
+    env_file=".env",
+    env_file_encoding="utf-8",
+    extra="ignore",
+    hide_input_in_errors=True,
+    validate_default=True,
+)
+_SUPABASE_URL_HELP = "Project URL, e.g. https://<ref>.supabase.co; Auth lives under /auth/v1."
+_SUPABASE_ANON_KEY_HELP = "The project's anon (publishable) key, sent as `apikey` to Supabase Auth."
 _SEAL_PRIVATE_KEYS_HELP = (
     "The workers' private key(s) that open sealed access tokens: a JWK or a JWK Set "
     '{"keys": [...]} as JSON; several for rotation, newest (current) first.'
@@ -255,13 +268,7 @@ class SealSettings(BaseSettings):
     """The sealed-token settings: all that `tenantflow seal` and `seal-key` need, so they
     run without the database settings (on a laptop that seals a token, say)."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        hide_input_in_errors=True,
-        validate_default=True,
-    )
+    model_config = _ENV_SETTINGS
 
     seal_private_keys: SealPrivateKeys = Field(default=None, description=_SEAL_PRIVATE_KEYS_HELP)
     seal_max_ttl_s: int = Field(
@@ -280,13 +287,7 @@ class FaultSettings(BaseSettings):
     heartbeat) and what the deployments bootstrap writes into Prefect's automations. Light,
     so the worker reads them without the database settings."""
 
-    model_config = SettingsConfigDict(
-        env_file=".env",
-        env_file_encoding="utf-8",
-        extra="ignore",
-        hide_input_in_errors=True,
-        validate_default=True,
-    )
+    model_config = _ENV_SETTINGS
 
     flow_heartbeat_s: int = Field(
         default=30,
@@ -414,12 +415,8 @@ class Settings(SealSettings, FaultSettings):
             "login, so set only where migrations run (the migrate worker, the CLI)."
         ),
     )
-    supabase_url: SupabaseUrl = Field(
-        description="Project URL, e.g. https://<ref>.supabase.co; Auth lives under /auth/v1."
-    )
-    supabase_anon_key: SecretStr = Field(
-        description="The project's anon (publishable) key, sent as `apikey` to Supabase Auth."
-    )
+    supabase_url: SupabaseUrl = Field(description=_SUPABASE_URL_HELP)
+    supabase_anon_key: SecretStr = Field(description=_SUPABASE_ANON_KEY_HELP)
     supabase_jwt_secret: SecretStr | None = Field(
         default=None,
         description="Legacy HS256 JWT secret; set only to verify HS256 tokens locally.",
@@ -618,6 +615,60 @@ class Settings(SealSettings, FaultSettings):
         return self.migration_database_url
 
 
+class OperatorSettings(BaseSettings):
+    """What an operator's own machine needs to sign in and seal tokens for runs
+    (`tenantflow login / whoami / token / operator`): Supabase Auth and the workers'
+    public key. No database URL and no private key: an operator's laptop holds neither.
+
+    NOTE: the public key is configuration the operator trusts (like an ssh known host),
+    never read from Prefect, where whoever holds the API auth string could swap it.
+    """
+
+    model_config = _ENV_SETTINGS
+
+    supabase_url: SupabaseUrl = Field(description=_SUPABASE_URL_HELP)
+    supabase_anon_key: SecretStr = Field(description=_SUPABASE_ANON_KEY_HELP)
+    seal_public_key: str | None = Field(
+        default=None,
+        description=(
+            "The workers' public JWK (JSON, the output of `tenantflow seal-key public`) that "
+            "`tenantflow token` seals access tokens to. Not secret, but trusted: take it from "
+            "the platform team, never from Prefect."
+        ),
+    )
+    seal_public_key_file: Path | None = Field(
+        default=None,
+        description="A file holding that public JWK, instead of SEAL_PUBLIC_KEY.",
+    )
+    tenantflow_session_file: Path | None = Field(
+        default=None,
+        description=(
+            "Where `tenantflow login` keeps the operator's Supabase session (mode 0600 in a "
+            "0700 folder). Unset: $XDG_CONFIG_HOME/tenantflow/session.json, by default "
+            "~/.config/tenantflow/session.json."
+        ),
+    )
+    auth_http_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=60,
+        description="Timeout of each request to Supabase Auth (sign-in, refresh, sign-out).",
+    )
+
+    @field_validator(
+        "seal_public_key", "seal_public_key_file", "tenantflow_session_file", mode="before"
+    )
+    @classmethod
+    def _operator_blank_is_unset(cls, value: Any) -> Any:
+        return _blank_is_unset(value)
+
+    @model_validator(mode="after")
+    def _one_public_key(self) -> Self:
+        if self.seal_public_key is not None and self.seal_public_key_file is not None:
+            raise ValueError("set SEAL_PUBLIC_KEY or SEAL_PUBLIC_KEY_FILE, not both")
+        return self
+
+
 def _format_errors(error: ValidationError) -> str:
     lines = []
     for item in error.errors(include_url=False, include_input=False):
@@ -639,6 +690,14 @@ def load_fault_settings(**overrides: Any) -> FaultSettings:
     """Build `FaultSettings` from the environment (and `overrides`), raising `SettingsError`."""
     try:
         return FaultSettings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_format_errors(error)) from None
+
+
+def load_operator_settings(**overrides: Any) -> OperatorSettings:
+    """Build `OperatorSettings` from the environment (and `overrides`), raising `SettingsError`."""
+    try:
+        return OperatorSettings(**overrides)
     except ValidationError as error:
         raise SettingsError(_format_errors(error)) from None
 
