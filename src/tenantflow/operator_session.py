@@ -425,6 +425,8 @@ def _signed_in(settings: OperatorSettings, path: Path, session: Session | None) 
     if session is None:
         raise SignInRefused("Supabase Auth answered without a session: sign in again")
     stored = OperatorSession.from_supabase(session, settings.supabase_url)
+    # NOTE: the folder first, so that even the first sign-in holds the session's lock.
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     with _session_lock(path):
         write_session(path, stored)
     return stored
