@@ -564,6 +564,86 @@ def _add_operator_commands(commands: argparse._SubParsersAction[argparse.Argumen
     operator.set_defaults(handler=_operator_command(_operator))
 
 
+def _run(args: argparse.Namespace, settings: OperatorSettings) -> int:
+    """Start a run of a declared deployment as the signed-in operator; with --watch, follow
+    it and exit 0 only when it ends Completed."""
+    from tenantflow.launch import LaunchError, run_url, start_run, watch_run
+    from tenantflow.operator_session import current_access_token, load_public_key
+
+    public = load_public_key(settings)
+    token = current_access_token(settings, args.session_file)
+    parameters = parameters_of(args.param)
+    try:
+        project: Path | None = _project_dir()
+    except ProjectNotFound:
+        project = None  # NOTE: the Prefect API's deployment and its schema decide
+
+    def show(line: str) -> None:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
+
+    async def launch() -> int:
+        run_id = await start_run(
+            args.deployment,
+            access_token=token,
+            public_key=public,
+            client_ids=args.client,
+            parameters=parameters,
+            ttl_s=900 if args.ttl is None else args.ttl,
+            project_dir=project,
+        )
+        show(f"flow run {run_id}: {run_url(run_id) or 'started (no PREFECT_UI_URL to link to)'}")
+        if not args.watch:
+            return 0
+        outcome = await watch_run(run_id, printer=show)
+        if outcome.completed:
+            return 0
+        reason = f": {outcome.message}" if outcome.message else ""
+        sys.stderr.write(f"error: flow run {run_id} ended {outcome.state_name}{reason}\n")
+        return 1
+
+    try:
+        return asyncio.run(launch())
+    except LaunchError as error:
+        raise CommandError(str(error)) from None
+
+
+def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    run = commands.add_parser(
+        "run", help="start a run of a deployment as the signed-in operator (--watch: follow it)"
+    )
+    run.add_argument("deployment", metavar="DEPLOYMENT", help="e.g. nightly-rollup, migrate")
+    run.add_argument(
+        "--client",
+        action="append",
+        metavar="ID",
+        help="a client id of the run (repeat for several; none: every active client)",
+    )
+    run.add_argument(
+        "--param",
+        action="append",
+        type=parameter_argument,
+        metavar="NAME=VALUE",
+        help="another parameter of the run (repeat; JSON where it parses, else text)",
+    )
+    run.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow the run (states, log lines, artifacts); exit 0 only when Completed",
+    )
+    run.add_argument(
+        "--ttl", type=int, metavar="SECONDS", help="lifetime of the sealed token (default 900)"
+    )
+    run.add_argument(
+        "--session-file",
+        type=Path,
+        metavar="PATH",
+        help="the session file (default TENANTFLOW_SESSION_FILE, else "
+        "$XDG_CONFIG_HOME/tenantflow/session.json)",
+    )
+    run.set_defaults(handler=_operator_command(_run))
+
+
 def _worker(args: argparse.Namespace) -> int:
     """Serve a process work pool with the tenantflow worker until SIGTERM or SIGINT."""
     from tenantflow.worker import run_worker
@@ -615,6 +695,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     deploy.set_defaults(handler=_deploy)
     _add_seal_commands(commands)
     _add_operator_commands(commands)
+    _add_run_command(commands)
     worker = commands.add_parser(
         "worker",
         help="serve a process work pool; job variables cannot change what a flow run runs",
