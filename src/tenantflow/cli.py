@@ -568,10 +568,13 @@ def _run(args: argparse.Namespace, settings: OperatorSettings) -> int:
     """Start a run of a declared deployment as the signed-in operator; with --watch, follow
     it and exit 0 only when it ends Completed."""
     from tenantflow.launch import LaunchError, run_url, start_run, watch_run
-    from tenantflow.operator_session import current_access_token, load_public_key
+    from tenantflow.operator_session import access_token_for_flow, load_public_key
 
     public = load_public_key(settings)
-    token = current_access_token(settings, args.session_file)
+    # NOTE: a deployment is named after its flow here (`client-report`, or
+    # `client-report/client-report`): an operator flow is refused before any run exists.
+    flow = args.deployment.partition("/")[0]
+    token = access_token_for_flow(settings, flow, args.session_file)
     parameters = parameters_of(args.param)
     try:
         project: Path | None = _project_dir()

@@ -66,6 +66,7 @@ __all__ = [
     "SignInRefused",
     "SignedOut",
     "Whoami",
+    "access_token_for_flow",
     "current_access_token",
     "current_session",
     "delete_session",
@@ -698,6 +699,28 @@ def operator_flow_refusal(flow: str, email: str, claims: Mapping[str, Any]) -> s
     )
 
 
+def access_token_for_flow(
+    settings: OperatorSettings, flow: str, session_file: Path | str | None = None
+) -> SecretStr:
+    """The signed-in user's access token for a run of `flow` (`current_access_token`),
+    refused at once for an operator flow when the user holds no operator grant.
+
+    A token whose claims lack the grant is refreshed once first (a grant given since the
+    sign-in reaches the token only then).
+
+    Raises:
+        NotAnOperator; and as `current_session`.
+    """
+    session = current_session(settings, session_file)
+    refusal = operator_flow_refusal(flow, session.email, token_claims(session.access_token))
+    if refusal is not None:
+        session = current_session(settings, session_file, force_refresh=True)
+        refusal = operator_flow_refusal(flow, session.email, token_claims(session.access_token))
+    if refusal is not None:
+        raise NotAnOperator(refusal)
+    return session.access_token
+
+
 def sealed_token_for_run(
     settings: OperatorSettings,
     *,
@@ -721,15 +744,9 @@ def sealed_token_for_run(
     from tenantflow.sealing import seal_access_token
 
     public_key = load_public_key(settings)
-    session = current_session(settings, session_file)
-    refusal = operator_flow_refusal(flow, session.email, token_claims(session.access_token))
-    if refusal is not None:
-        session = current_session(settings, session_file, force_refresh=True)
-        refusal = operator_flow_refusal(flow, session.email, token_claims(session.access_token))
-    if refusal is not None:
-        raise NotAnOperator(refusal)
+    token = access_token_for_flow(settings, flow, session_file)
     return seal_access_token(
-        session.access_token.get_secret_value(),
+        token.get_secret_value(),
         public_key,
         flow=flow,
         client_ids=client_ids,

@@ -7,8 +7,9 @@ on the UI's login form with the stack's Prefect API auth string, follows the ser
 its default UI (Prefect 3.9's React UI under `/v2/`), goes to the
 `client-report` deployment, starts a custom run filling the form as an operator would
 (client id, two dates through the date picker; the member's plain access token pasted by
-mistake, which the form and the server refuse without repeating it; then the member's
-token sealed for exactly this run), waits for Completed on the run page and opens the
+mistake, which the form and the server refuse without repeating it; then the token
+`tenantflow token` printed for exactly this run, the member signed in with `tenantflow
+login`), waits for Completed on the run page and opens the
 report artifact. The API and the database then confirm what the page showed, and that
 the token was not kept.
 
@@ -20,8 +21,11 @@ step that failed.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -56,10 +60,9 @@ from prefect.client.schemas.filters import (
 )
 from prefect.client.schemas.objects import StateType
 
-from tenantflow.sealing import public_key, seal_access_token
+from tenantflow.sealing import public_key
 from tenantflow.tenancy.run_token import SPENT
 from tenantflow_dev import Stack
-from tenantflow_dev.auth_stand_in import mint_access_token
 from tenantflow_dev.demo import ACME, DEMO_MEMBERSHIPS
 
 pytestmark = [pytest.mark.slow, pytest.mark.stack]
@@ -276,24 +279,49 @@ async def _wait_for_final_state(page: Page, deadline: float) -> tuple[str, int]:
             reloads += 1
 
 
+def _signed_in_tokens(stack: Stack, home: Path, period: tuple[date, date]) -> tuple[str, str]:
+    """What the operator's own shell gives them: `tenantflow login` as the member (the
+    password on stdin), then `tenantflow token` for the run they will start in the UI.
+    Returns the member's plain access token (from the session file) and the sealed one."""
+    config = stack.config
+    env = {
+        "PATH": os.environ.get("PATH", ""),
+        "HOME": str(home),
+        "XDG_CONFIG_HOME": str(home / ".config"),
+        "SUPABASE_URL": config.supabase_url,
+        "SUPABASE_ANON_KEY": config.secrets.anon_key,
+        "SEAL_PUBLIC_KEY": public_key(config.secrets.seal_private_key),
+    }
+    command = [str(Path(sys.executable).parent / "tenantflow")]
+
+    def run(*args: str, stdin: str = "") -> str:
+        done = subprocess.run(
+            [*command, *args], input=stdin, env=env, cwd=home, capture_output=True, text=True,
+            timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, (done.stdout, done.stderr)
+        return done.stdout
+
+    run("login", "--email", MEMBER, "--password-stdin", stdin=config.secrets.demo_password(MEMBER))
+    # NOTE: a seal binds every parameter of its run: the dates the operator will pick.
+    sealed = run(
+        "token", "--flow", "client-report", "--client", str(ACME.id),
+        "--param", f"period_start={period[0]}", "--param", f"period_end={period[1]}",
+    ).strip()  # fmt: skip
+    session = json.loads((home / ".config" / "tenantflow" / "session.json").read_text())
+    return session["access_token"], sealed
+
+
 async def test_operator_runs_a_client_report_from_the_ui(
-    stack: Stack, context: BrowserContext, admin_conn: asyncpg.Connection
+    stack: Stack, context: BrowserContext, admin_conn: asyncpg.Connection, tmp_path: Path
 ) -> None:
     shutil.rmtree(OUTPUT, ignore_errors=True)
     OUTPUT.mkdir(parents=True)
     config = stack.config
-    token = await mint_access_token(config, MEMBER, expires_in=600)
     run_name = f"operator-ui-{uuid.uuid4().hex[:8]}"
     period_end = datetime.now(UTC).date()
     period_start = period_end - timedelta(days=6)
-    # NOTE: a seal binds every parameter of its run: the dates the operator will pick.
-    sealed = seal_access_token(
-        token,
-        public_key(config.secrets.seal_private_key),
-        flow="client-report",
-        client_ids=[ACME.id],
-        parameters={"period_start": period_start, "period_end": period_end},
-    )
+    token, sealed = _signed_in_tokens(stack, tmp_path, (period_start, period_end))
     async with get_client() as client:
         deployment = await client.read_deployment_by_name(DEPLOYMENT)
 
