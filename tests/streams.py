@@ -42,7 +42,11 @@ SECOND = (
     "tests/devstack",
     "tests/e2e/test_operator_ui.py",
     "tests/faults",
-    "tests/operators",
+    "tests/operators/test_grants.py",
+    "tests/operators/test_operator_path.py",
+    "tests/operators/test_otp.py",
+    "tests/operators/test_session.py",
+    "tests/operators/test_token.py",
     "tests/test_cli_errors.py",
 )
 
