@@ -51,6 +51,7 @@ from tenantflow.tenancy import REDACTED
 from tenantflow_dev import Stack
 from tenantflow_dev.processes import descendants
 from tenantflow_dev.worker import LocalWorker
+from tests.forging import forge
 from tests.world import World, world
 
 __all__ = ["world"]
@@ -63,7 +64,7 @@ pytestmark = [
 
 TERMINAL = {StateType.COMPLETED, StateType.FAILED, StateType.CRASHED, StateType.CANCELLED}
 #: A JWT's shape (three base64url segments): what the declared redaction hook removes.
-PLAIN_TOKEN = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ0ZW5hbnRmbG93In0.c2lnbmF0dXJlLW9mLWEtdGVzdA"
+PLAIN_TOKEN = forge({"alg": "HS256"}, {"sub": "tenantflow"}, b"signature-of-a-test")
 SIGTERM_BIT = 1 << (signal.SIGTERM - 1)
 
 

@@ -22,9 +22,10 @@ from tenantflow import operator_session as sessions
 from tenantflow.operator_session import OperatorSession, SessionFileUnsafe
 from tenantflow.sealing import generate_private_key, public_key
 from tenantflow.settings import OperatorSettings, SettingsError, load_operator_settings
+from tests.forging import forge
 from tests.processes import free_ports
 
-ACCESS = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl-access"
+ACCESS = forge({"alg": "ES256"}, {"sub": "x"}, b"signature-access")
 REFRESH = "refresh-token-value-abc123"
 PASSWORD = "correct-horse-battery-staple-9"
 
