@@ -51,6 +51,14 @@ class World:
         token = await self.token(who, operator=operator)
         return self.seal(token, flow=flow, clients=clients, **options)
 
+    async def sealed_rollup(self, day: date, *, clients: list[str] | None = None) -> str:
+        """The operator's token sealed for one `nightly-rollup` run of `day` on `clients`
+        (None: every active client)."""
+        parameters = {"day": day}
+        return await self.sealed(
+            "operator", flow="nightly-rollup", clients=clients, operator=True, parameters=parameters
+        )
+
     def seal(self, token: str, *, flow: str, clients: list[str] | None, **options: Any) -> str:
         """`token` sealed to the stack's workers for one run of `flow` on `clients`."""
         return seal_access_token(

@@ -503,16 +503,18 @@ def _operator(args: argparse.Namespace, settings: OperatorSettings) -> int:
     return 0
 
 
-def _add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def session_file(parser: argparse.ArgumentParser) -> None:
-        parser.add_argument(
-            "--session-file",
-            type=Path,
-            metavar="PATH",
-            help="the session file (default TENANTFLOW_SESSION_FILE, else "
-            "$XDG_CONFIG_HOME/tenantflow/session.json)",
-        )
+def _add_session_file_argument(parser: argparse.ArgumentParser) -> None:
+    """`--session-file`: where the signed-in operator's session is kept."""
+    parser.add_argument(
+        "--session-file",
+        type=Path,
+        metavar="PATH",
+        help="the session file (default TENANTFLOW_SESSION_FILE, else "
+        "$XDG_CONFIG_HOME/tenantflow/session.json)",
+    )
 
+
+def _add_operator_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     login = commands.add_parser("login", help="sign in to Supabase Auth as yourself (operator)")
     login.add_argument("--email", help="your email (asked on a terminal when left out)")
     how = login.add_mutually_exclusive_group()
@@ -529,17 +531,17 @@ def _add_operator_commands(commands: argparse._SubParsersAction[argparse.Argumen
         action="store_true",
         help="with --otp: read the code from one line of standard input",
     )
-    session_file(login)
+    _add_session_file_argument(login)
     login.set_defaults(handler=_operator_command(_login))
     logout = commands.add_parser(
         "logout", help="sign this session out at Supabase Auth and delete the session file"
     )
-    session_file(logout)
+    _add_session_file_argument(logout)
     logout.set_defaults(handler=_operator_command(_logout))
     whoami = commands.add_parser(
         "whoami", help="who is signed in, whether they are an operator, until when"
     )
-    session_file(whoami)
+    _add_session_file_argument(whoami)
     whoami.set_defaults(handler=_operator_command(_whoami))
     token = commands.add_parser(
         "token", help="your access token sealed for one run of a flow (stdout: the value only)"
@@ -549,7 +551,7 @@ def _add_operator_commands(commands: argparse._SubParsersAction[argparse.Argumen
     token.add_argument(
         "--ttl", type=int, metavar="SECONDS", help="lifetime of the sealed value (default 900)"
     )
-    session_file(token)
+    _add_session_file_argument(token)
     token.set_defaults(handler=_operator_command(_token))
     operator = commands.add_parser(
         "operator", help="grant, revoke or list the operator role (needs the service-role key)"
@@ -616,19 +618,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "run", help="start a run of a deployment as the signed-in operator (--watch: follow it)"
     )
     run.add_argument("deployment", metavar="DEPLOYMENT", help="e.g. nightly-rollup, migrate")
-    run.add_argument(
-        "--client",
-        action="append",
-        metavar="ID",
-        help="a client id of the run (repeat for several; none: every active client)",
-    )
-    run.add_argument(
-        "--param",
-        action="append",
-        type=parameter_argument,
-        metavar="NAME=VALUE",
-        help="another parameter of the run (repeat; JSON where it parses, else text)",
-    )
+    _add_binding_arguments(run)
     run.add_argument(
         "--watch",
         action="store_true",
@@ -637,13 +627,7 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
     run.add_argument(
         "--ttl", type=int, metavar="SECONDS", help="lifetime of the sealed token (default 900)"
     )
-    run.add_argument(
-        "--session-file",
-        type=Path,
-        metavar="PATH",
-        help="the session file (default TENANTFLOW_SESSION_FILE, else "
-        "$XDG_CONFIG_HOME/tenantflow/session.json)",
-    )
+    _add_session_file_argument(run)
     run.set_defaults(handler=_operator_command(_run))
 
 

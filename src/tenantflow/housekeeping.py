@@ -75,6 +75,8 @@ from tenantflow.project import (
     DeclaredSchedule,
     declared_deployment,
     deployment_names,
+    scheduler_key,
+    slot_of_key,
 )
 from tenantflow.sealing import looks_like_plain_jwt
 from tenantflow.tenancy.run_token import REDACTED, SPENT
@@ -96,7 +98,6 @@ __all__ = [
     "housekeep_once",
     "run_housekeeping",
     "schedule_slots",
-    "scheduler_key",
 ]
 
 #: Values that are already placeholders: never rewritten. (`SPENT` is what a finished
@@ -502,12 +503,6 @@ def schedule_slots(schedule: DeclaredSchedule, start: datetime, end: datetime) -
     return list(cron._get_dates_generator(n=_MAX_SLOTS, start=start, end=end))
 
 
-def scheduler_key(deployment_id: uuid.UUID, schedule_id: uuid.UUID, slot: datetime) -> str:
-    """The idempotency key Prefect's scheduler gives the run of `slot` (its own format:
-    `str()` of the slot in the schedule's time zone)."""
-    return f"scheduled {deployment_id} {schedule_id} {slot}"
-
-
 def _utc(slot: datetime) -> datetime:
     """A slot as a plain UTC datetime, to compare and look up (Prefect's may be pendulum's)."""
     return datetime.fromtimestamp(slot.timestamp(), UTC)
@@ -515,14 +510,8 @@ def _utc(slot: datetime) -> datetime:
 
 def _key_slot(run: FlowRun) -> datetime | None:
     """The slot named by a run's scheduler-form idempotency key, if it has one."""
-    parts = (run.idempotency_key or "").split(" ", 3)
-    if len(parts) != 4 or parts[0] != "scheduled":
-        return None
-    try:
-        slot = datetime.fromisoformat(parts[3])
-    except ValueError:
-        return None
-    return _utc(slot) if slot.tzinfo is not None else None
+    slot = slot_of_key(run.idempotency_key)
+    return _utc(slot) if slot is not None else None
 
 
 def _scheduled_by(
@@ -536,7 +525,10 @@ def _scheduled_by(
         return False
     if str(created_by.id) not in schedule_ids and created_by.display_value != slug:
         return False
-    return (run.idempotency_key or "").startswith(f"scheduled {deployment_id} {created_by.id} ")
+    return (
+        slot_of_key(run.idempotency_key, deployment_id=deployment_id, schedule_id=created_by.id)
+        is not None
+    )
 
 
 def _slot_text(slot: datetime, schedule: DeclaredSchedule) -> str:

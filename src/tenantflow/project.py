@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 import yaml  # type: ignore[import-untyped]
 
@@ -27,6 +29,8 @@ __all__ = [
     "DeployError",
     "declared_deployment",
     "deployment_names",
+    "scheduler_key",
+    "slot_of_key",
 ]
 
 #: The folder that holds `prefect.yaml` and `flows/`, named at run time (the image: `/app`).
@@ -108,3 +112,29 @@ def declared_deployment(name: str, project_dir: Path | None = None) -> DeclaredD
             work_pool=str(pool["name"]) if isinstance(pool, dict) and pool.get("name") else None,
         )
     return None
+
+
+def scheduler_key(deployment_id: UUID, schedule_id: UUID, slot: datetime) -> str:
+    """The idempotency key Prefect's scheduler gives the run of `slot` (its own format:
+    `str()` of the slot in the schedule's time zone). API clients cannot change a run's
+    key, as they can change its scheduled time."""
+    return f"scheduled {deployment_id} {schedule_id} {slot}"
+
+
+def slot_of_key(
+    key: str | None, *, deployment_id: UUID | None = None, schedule_id: UUID | None = None
+) -> datetime | None:
+    """The slot (time-zone aware) a key of `scheduler_key`'s form names, or None; with ids,
+    only a key of that deployment and schedule."""
+    parts = (key or "").split(" ", 3)
+    if len(parts) != 4 or parts[0] != "scheduled":
+        return None
+    if deployment_id is not None and parts[1] != str(deployment_id):
+        return None
+    if schedule_id is not None and parts[2] != str(schedule_id):
+        return None
+    try:
+        slot = datetime.fromisoformat(parts[3])
+    except ValueError:
+        return None
+    return slot if slot.tzinfo is not None else None

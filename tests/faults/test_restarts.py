@@ -63,9 +63,7 @@ async def _sweep_with_fault(
 ) -> None:
     """Start a sweep, inject `fault` once it is under way, and check every figure after."""
     day = datetime.now(UTC).date()
-    sealed = await world.sealed(
-        "operator", flow="nightly-rollup", clients=None, operator=True, parameters={"day": day}
-    )
+    sealed = await world.sealed_rollup(day)
     sweep = asyncio.ensure_future(nightly_rollup(day=day, access_token=sealed, return_state=True))
     for _ in range(600):
         done = await _rows(world, ids, day)

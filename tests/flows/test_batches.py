@@ -78,13 +78,7 @@ async def test_a_sweep_runs_a_task_run_per_batch_and_every_client_once(
     clients = [*many_clients, world.clients["a"]]
 
     async def sweep() -> tuple[dict, uuid.UUID]:
-        sealed = await world.sealed(
-            "operator",
-            flow="nightly-rollup",
-            clients=None,
-            operator=True,
-            parameters={"day": today},
-        )
+        sealed = await world.sealed_rollup(today)
         state = await nightly_rollup(day=today, access_token=sealed, return_state=True)
         assert state.is_completed(), state.message
         run_id = state.state_details.flow_run_id
@@ -135,13 +129,7 @@ async def test_a_transient_fault_is_retried_for_that_client_alone(world: World) 
         state = await nightly_rollup(
             day=today,
             client_ids=[flaky, fine],
-            access_token=await world.sealed(
-                "operator",
-                flow="nightly-rollup",
-                clients=["a", "b"],
-                operator=True,
-                parameters={"day": today},
-            ),
+            access_token=await world.sealed_rollup(today, clients=["a", "b"]),
             return_state=True,
         )
         calls = await world.sql("fetchval", f"SELECT last_value FROM public.{name}_calls")
@@ -158,13 +146,7 @@ async def test_a_failing_client_leaves_its_batch_completed(world: World) -> None
         state = await nightly_rollup(
             day=today,
             client_ids=[world.clients["a"], world.clients["b"]],
-            access_token=await world.sealed(
-                "operator",
-                flow="nightly-rollup",
-                clients=["a", "b"],
-                operator=True,
-                parameters={"day": today},
-            ),
+            access_token=await world.sealed_rollup(today, clients=["a", "b"]),
             return_state=True,
         )
     assert state.is_failed() and str(world.clients["a"]) in state.message

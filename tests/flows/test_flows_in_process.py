@@ -215,13 +215,7 @@ async def test_nightly_rollup_by_an_operator_is_idempotent(world: World) -> None
         return [tuple(r) for r in rows]
 
     def sealed() -> Awaitable[str]:
-        return world.sealed(
-            "operator",
-            flow="nightly-rollup",
-            clients=["a", "b"],
-            operator=True,
-            parameters={"day": day},
-        )
+        return world.sealed_rollup(day, clients=["a", "b"])
 
     first = await nightly_rollup(day=day, client_ids=clients, access_token=await sealed())
     once = await metrics()
@@ -249,13 +243,7 @@ async def test_one_failing_client_does_not_stop_the_others(world: World) -> None
         state = await nightly_rollup(
             day=today,
             client_ids=[failing, fine],
-            access_token=await world.sealed(
-                "operator",
-                flow="nightly-rollup",
-                clients=["a", "b"],
-                operator=True,
-                parameters={"day": today},
-            ),
+            access_token=await world.sealed_rollup(today, clients=["a", "b"]),
             return_state=True,
         )
     rows = await world.sql(

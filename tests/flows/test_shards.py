@@ -88,13 +88,7 @@ async def test_a_sweep_in_shards_runs_on_both_workers_every_client_once_within_b
     admin = await world.admin()
     peak = 0
     try:
-        sealed = await world.sealed(
-            "operator",
-            flow="nightly-rollup",
-            clients=None,
-            operator=True,
-            parameters={"day": today},
-        )
+        sealed = await world.sealed_rollup(today)
         sweep = asyncio.ensure_future(
             nightly_rollup(day=today, access_token=sealed, return_state=True)
         )

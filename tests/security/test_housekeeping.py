@@ -48,9 +48,8 @@ from tenantflow.housekeeping import (
     HousekeepingState,
     housekeep_once,
     schedule_slots,
-    scheduler_key,
 )
-from tenantflow.project import declared_deployment
+from tenantflow.project import declared_deployment, scheduler_key
 from tenantflow.tenancy.run_token import REDACTED
 from tests.deployments.test_alerts import Receiver
 from tests.world import World

@@ -26,7 +26,7 @@ from prefect.states import Completed, Running, Scheduled
 
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
-from tenantflow.project import declared_deployment
+from tenantflow.project import declared_deployment, slot_of_key
 from tenantflow.rollup import default_day
 from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy import AccessDenied, ActorKind, TenantContext, authorize_run
@@ -184,8 +184,9 @@ async def test_a_declared_schedule_changed_through_the_api_is_not_the_scheduler(
 
 
 def _slot_of(run: FlowRun) -> datetime:
-    assert run.idempotency_key is not None
-    return datetime.fromisoformat(run.idempotency_key.split(" ", 3)[3])
+    slot = slot_of_key(run.idempotency_key)
+    assert slot is not None, run.idempotency_key
+    return slot
 
 
 async def test_a_scheduled_run_is_the_scheduler_only_at_its_slot(

@@ -45,7 +45,7 @@ from tenantflow.auth import (
     verify_access_token,
 )
 from tenantflow.db import Executor
-from tenantflow.project import DeployError, declared_deployment
+from tenantflow.project import DeployError, declared_deployment, slot_of_key
 from tenantflow.schema import MEMBER_ROLES
 from tenantflow.sealing import canonical_parameters
 from tenantflow.settings import Settings, get_settings
@@ -326,21 +326,16 @@ async def _scheduler(
 
 def _slot(flow_run: FlowRun, deployment_id: UUID, schedule_id: UUID) -> datetime:
     """The slot the schedule fired for, from the idempotency key Prefect's scheduler gave
-    the run (`scheduled <deployment> <schedule> <slot>`): API clients cannot change a
-    run's key, as they can change its scheduled time."""
-    prefix = f"scheduled {deployment_id} {schedule_id} "
-    key = flow_run.idempotency_key or ""
-    try:
-        if not key.startswith(prefix):
-            raise ValueError(key)
-        slot = datetime.fromisoformat(key[len(prefix) :])
-        if slot.tzinfo is None:
-            raise ValueError(key)
-    except ValueError:
+    the run (`tenantflow.project.scheduler_key`): API clients cannot change a run's key,
+    as they can change its scheduled time."""
+    slot = slot_of_key(
+        flow_run.idempotency_key, deployment_id=deployment_id, schedule_id=schedule_id
+    )
+    if slot is None:
         raise AccessDenied(
             "this scheduled run carries no slot of its schedule (its idempotency key is not "
             "the scheduler's); only runs the scheduler created may run without an access_token"
-        ) from None
+        )
     return slot
 
 
