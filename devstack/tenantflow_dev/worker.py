@@ -18,7 +18,7 @@ dominates a local run's latency, so it polls every 2 s. A worker that is stopped
 the flow runs it is executing and leaves them Running (or Submitting) for ever, so
 `stop()` first lets the worker's runs finish for a while, then stops it with one SIGTERM
 (Prefect turns it into a graceful SIGINT; a second signal would SIGKILL it), and finally
-marks Crashed every in-flight run of the pool whose process is gone.
+marks Crashed every in-flight run of the pool that it took and whose process is gone.
 """
 
 from __future__ import annotations
@@ -52,7 +52,13 @@ from tenantflow_dev.processes import (
     wait_for,
 )
 
-__all__ = ["MIGRATE_WORKER_NAME", "WORKER_NAME", "LocalWorker"]
+__all__ = [
+    "MIGRATE_WORKER_NAME",
+    "WORKER_NAME",
+    "LocalWorker",
+    "heartbeat_time",
+    "worker_registration",
+]
 
 log = logging.getLogger("tenantflow_dev")
 
@@ -213,7 +219,7 @@ class LocalWorker:
                 worker = self._registration()
             except httpx.HTTPError:
                 return False
-            return worker is not None and _heartbeat(worker) >= started_at
+            return worker is not None and heartbeat_time(worker) >= started_at
 
         try:
             wait_for(registered, 120, f"the worker to register with work pool {self.pool}")
@@ -287,7 +293,7 @@ class LocalWorker:
             return Health(self.name, self.address, True, False, pid, "Prefect API not answering")
         if worker is None:
             return Health(self.name, self.address, True, False, pid, "not registered")
-        age = (datetime.now(UTC) - _heartbeat(worker)).total_seconds()
+        age = (datetime.now(UTC) - heartbeat_time(worker)).total_seconds()
         interval = float(worker.get("heartbeat_interval_seconds") or 30)
         healthy = worker.get("status") == "ONLINE" and age < 3 * interval
         detail = f"{str(worker.get('status', '?')).lower()}, heartbeat {age:.0f}s ago"
@@ -307,17 +313,7 @@ class LocalWorker:
 
     def _registration(self) -> dict[str, Any] | None:
         """This worker's record on the pool, or None."""
-        try:
-            workers = self._post(f"/work_pools/{self.pool}/workers/filter", {"limit": 200})
-        except httpx.HTTPStatusError as error:
-            if error.response.status_code == 404:
-                return None
-            raise
-        for worker in workers:
-            if worker.get("name") == self.worker_name:
-                found: dict[str, Any] = worker
-                return found
-        return None
+        return worker_registration(self.config, self.pool, self.worker_name)
 
     def _in_flight_runs(self) -> list[dict[str, Any]]:
         runs: list[dict[str, Any]] = self._post(
@@ -366,7 +362,10 @@ class LocalWorker:
         crashed = 0
         for run in runs:
             run_pid = _run_pid(run)
-            if run_pid is None or pid_alive(run_pid):
+            # NOTE: another worker's run (a worker container's pid is not one of this
+            # machine's) is that worker's to settle.
+            taken_by = (run.get("labels") or {}).get("prefect.worker.name", self.worker_name)
+            if run_pid is None or taken_by != self.worker_name or pid_alive(run_pid):
                 continue
             state = {
                 "type": "CRASHED",
@@ -387,7 +386,26 @@ class LocalWorker:
         return crashed
 
 
-def _heartbeat(worker: dict[str, Any]) -> datetime:
+def worker_registration(config: StackConfig, pool: str, name: str) -> dict[str, Any] | None:
+    """The record of the worker `name` on `pool` of the stack's Prefect server, or None."""
+    response = httpx.post(
+        f"{config.prefect_api_url}/work_pools/{pool}/workers/filter",
+        json={"limit": 200},
+        headers=config.prefect_api_headers(),
+        timeout=5,
+    )
+    if response.status_code == 404:
+        return None
+    response.raise_for_status()
+    for worker in response.json():
+        if worker.get("name") == name:
+            found: dict[str, Any] = worker
+            return found
+    return None
+
+
+def heartbeat_time(worker: dict[str, Any]) -> datetime:
+    """When a worker's record (`worker_registration`) was last refreshed."""
     value = worker.get("last_heartbeat_time")
     if not value:
         return datetime.min.replace(tzinfo=UTC)
