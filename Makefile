@@ -4,7 +4,7 @@ SHELL := /bin/bash
 VENV := .venv/bin
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: help env up down status test test-unit lint format bench lock
+.PHONY: help env up down status test test-unit lint format bench lock image
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -23,11 +23,15 @@ status:  ## show each part of the local stack, its port and health
 	@$(VENV)/tenantflow-dev status
 
 test:  ## the whole suite, two streams on two stacks at once (brings up what it needs)
-	@TENANTFLOW_WITH_BROWSER=1 bash scripts/bootstrap.sh
+	@TENANTFLOW_WITH_BROWSER=1 TENANTFLOW_WITH_IMAGE=1 bash scripts/bootstrap.sh
 	@$(VENV)/python -m tests.streams
 
 test-unit: env  ## pure unit tests only (no stack, no database), in seconds
 	@$(VENV)/pytest tests/unit
+
+image:  ## build the worker image with podman from the Dockerfile (cached outside the clone)
+	@TENANTFLOW_WITH_IMAGE=1 bash scripts/bootstrap.sh
+	@$(VENV)/tenantflow-dev image
 
 lint: env  ## ruff, ruff format --check, mypy, hadolint
 	@$(VENV)/ruff check .

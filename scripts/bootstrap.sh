@@ -2,6 +2,8 @@
 # Installs what tenantflow needs on a Debian 12 machine, only where missing:
 # uv (through pip), PostgreSQL 15 server binaries and PgBouncer (through apt),
 # then the locked Python environment in .venv. Safe to run again.
+# TENANTFLOW_WITH_BROWSER=1 adds chromium (the browser test), TENANTFLOW_WITH_IMAGE=1 podman,
+# runc and debootstrap (the worker image); `make test` sets both.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +12,23 @@ need_apt=()
 command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ] || need_apt+=(pgbouncer)
 if [ "${TENANTFLOW_WITH_BROWSER:-0}" = 1 ] && [ ! -x /usr/bin/chromium ]; then
   need_apt+=(chromium)
+fi
+# The several-server Prefect of `tenantflow-dev up --ha` (and of the tests' second stack):
+# Redis and HAProxy. Debian's redis-server also starts the machine's own Redis on 6379;
+# the stack's runs beside it, on its own port and folder, untouched by it.
+if [ "${TENANTFLOW_WITH_HA:-0}" = 1 ] || [ "${TENANTFLOW_PREFECT_TOPOLOGY:-}" = ha ]; then
+  [ -x /usr/bin/redis-server ] || need_apt+=(redis-server)
+  [ -x /usr/sbin/haproxy ] || need_apt+=(haproxy)
+fi
+# The worker image (`make image`, and its tests in `make test`): podman with Debian's runc
+# (crun fails on these machines), debootstrap for the base, uidmap and slirp4netns for podman.
+if [ "${TENANTFLOW_WITH_IMAGE:-0}" = 1 ]; then
+  for tool in podman runc debootstrap newuidmap slirp4netns; do
+    if ! PATH="$PATH:/usr/sbin:/sbin" command -v "$tool" >/dev/null 2>&1; then
+      need_apt+=(podman runc debootstrap uidmap slirp4netns)
+      break
+    fi
+  done
 fi
 if ! command -v uv >/dev/null 2>&1 && ! python3 -m pip --version >/dev/null 2>&1; then
   need_apt+=(python3-pip python3-venv)
