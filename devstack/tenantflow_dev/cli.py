@@ -1,5 +1,5 @@
-"""The `tenantflow-dev` command: the local dev stack (up, down, status, restart), its tokens
-and its sign-ins (mailbox).
+"""The `tenantflow-dev` command: the local dev stack (up, down, status, restart), its tokens,
+its sign-ins (mailbox) and the worker image (image).
 
 Failures end in one line on stderr, as with `tenantflow` (the product's `report_failure`
 reports both): a refusal (`StackError`, `CommandError`) exits 2, `--debug` adds the
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import sys
 import time
@@ -43,7 +44,7 @@ def _table(rows: list[Health]) -> str:
 def _addresses(stack: Stack) -> str:
     config = stack.config
     return (
-        f"Prefect UI:            {config.prefect_ui_url}\n"
+        f"Prefect UI:            {config.prefect_ui_url}{_topology(config)}\n"
         # NOTE: a local dev stack: the UI's login form wants the whole `user:password`
         # string (also PREFECT_API_AUTH_STRING in .env); database passwords stay unprinted.
         f"  sign in with:        {config.secrets.prefect_auth_string}"
@@ -55,6 +56,16 @@ def _addresses(stack: Stack) -> str:
         f"PostgreSQL (direct):   {config.host}:{config.pg_port}\n"
         f"Supabase Auth stand-in: {config.supabase_url}\n"
         f"Settings written to    {config.env_file}"
+    )
+
+
+def _topology(config: StackConfig) -> str:
+    if config.prefect_topology == "single":
+        return "  (one Prefect server)"
+    replicas = len(config.prefect_replica_ports)
+    return (
+        f"  (HAProxy in front of {replicas} API replicas; services process; "
+        f"Redis {config.host}:{config.redis_port})"
     )
 
 
@@ -103,7 +114,10 @@ def _demo(stack: Stack) -> bool:
 
 
 def _up(args: argparse.Namespace) -> int:
-    stack = Stack()
+    config = StackConfig.from_env()
+    if args.topology:
+        config = dataclasses.replace(config, prefect_topology=args.topology)
+    stack = Stack(config)
     started = time.monotonic()
     setup = False if args.services_only else (True if args.main_job else None)
     rows = stack.up(setup=setup)
@@ -155,6 +169,23 @@ def _status(args: argparse.Namespace) -> int:
             secrets.service_role_key,
         )
     return 0 if all(row.healthy for row in rows) else 3
+
+
+def _image(args: argparse.Namespace) -> int:
+    """Build the worker image with podman from the unchanged Dockerfile (`make image`)."""
+    from tenantflow_dev.image import build_image
+
+    built = build_image(StackConfig.from_env().project_dir, verbose=True)
+    log.info(
+        "%s (%s, %s): %.0f MB, %s in %.1fs",
+        built.reference,
+        built.content_tag,
+        built.image_id[:12],
+        built.size_bytes / 1e6,
+        f"built {', '.join(built.built)}" if built.built else "everything cached",
+        built.seconds,
+    )
+    return 0
 
 
 def _mailbox(args: argparse.Namespace) -> int:
@@ -250,6 +281,8 @@ def _part_at(host: str, port: int) -> str:
         config.session_pooler_port: "the session pooler",
         config.auth_port: "the Supabase Auth stand-in",
         config.prefect_port: "the Prefect server",
+        config.redis_port: "the stack's Redis",
+        **dict.fromkeys(config.prefect_replica_ports, "a Prefect API replica"),
     }
     return parts.get(port, "")
 
@@ -277,6 +310,22 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--no-demo-run", action="store_true", help="with --main-job: skip the demo nightly-rollup"
     )
+    topology = up.add_mutually_exclusive_group()
+    topology.add_argument(
+        "--ha",
+        dest="topology",
+        action="store_const",
+        const="ha",
+        help="Prefect as several servers: 2 API replicas behind HAProxy, the services in a "
+        "process of their own, Redis (kept for this stack folder until `up --single`)",
+    )
+    topology.add_argument(
+        "--single",
+        dest="topology",
+        action="store_const",
+        const="single",
+        help="Prefect as one server process (the default for a new stack folder)",
+    )
     up.set_defaults(handler=_up)
     down = commands.add_parser("down", help="stop everything the local stack started")
     down.set_defaults(handler=_down)
@@ -295,6 +344,10 @@ def _parser() -> argparse.ArgumentParser:
         "--code-only", action="store_true", help="with --email: print the bare code"
     )
     mailbox.set_defaults(handler=_mailbox)
+    image = commands.add_parser(
+        "image", help="build the worker image with podman (cached outside the clone)"
+    )
+    image.set_defaults(handler=_image)
     restart = commands.add_parser("restart", help="stop one part of the stack and start it again")
     restart.add_argument(
         "part", nargs="?", help="the part to stop and start again, as `status` names it"

@@ -23,7 +23,7 @@ import jwt
 
 from tenantflow.sealing import generate_private_key, public_key
 
-__all__ = ["StackConfig", "StackSecrets"]
+__all__ = ["PrefectTopology", "StackConfig", "StackSecrets"]
 
 SERVICE_USER = "postgres"
 #: The workers' own database login (least privilege); created by the stack before the
@@ -44,6 +44,20 @@ PREFECT_DB_ROLE = "prefect"
 
 PrefectDatabase = Literal["postgres", "sqlite"]
 PREFECT_DATABASES: tuple[PrefectDatabase, ...] = ("postgres", "sqlite")
+
+#: How the stack runs Prefect: one `prefect server start` (the default), or `ha`: API
+#: replicas behind a load balancer, the background services in a process of their own,
+#: and Redis between them (Prefect's several-server setup).
+PrefectTopology = Literal["single", "ha"]
+PREFECT_TOPOLOGIES: tuple[PrefectTopology, ...] = ("single", "ha")
+#: What Prefect's clients (workers, flow runs, the CLI) need on the `ha` topology: while
+#: Redis is away (a restart, a failover) the API replicas answer 500 to the requests that
+#: need it (a state change, a lease's release), and Prefect's client retries only 429,
+#: 502, 503 and 408 by itself. Retried with its backoff (about 30 s in all), they go
+#: through once Redis is back; the request failed before it changed anything.
+PREFECT_HA_CLIENT = {"PREFECT_CLIENT_RETRY_EXTRA_CODES": "500"}
+#: The file in a stack folder that records the topology its last `up` ran.
+TOPOLOGY_RECORD = "prefect-topology"
 
 
 # NOTE: the same payloads as the Supabase CLI's demo keys: legacy API keys are HS256 JWTs
@@ -73,6 +87,8 @@ class StackSecrets:
     prefect_auth_string: str
     #: The password of the Prefect server's database role `prefect`.
     prefect_db_password: str
+    #: The password of the `ha` topology's Redis (`requirepass`).
+    redis_password: str
     #: Seeds the demo users' passwords (`demo_password()`): random per stack folder.
     demo_password_seed: str
 
@@ -105,6 +121,7 @@ class StackSecrets:
             "seal_private_key",
             "prefect_auth_string",
             "prefect_db_password",
+            "redis_password",
             "demo_password_seed",
         )
         if path.exists():
@@ -126,6 +143,7 @@ class StackSecrets:
                 prefect_auth_string=data.get("prefect_auth_string")
                 or f"{PREFECT_API_USER}:{secrets.token_urlsafe(24)}",
                 prefect_db_password=data.get("prefect_db_password") or secrets.token_urlsafe(24),
+                redis_password=data.get("redis_password") or secrets.token_urlsafe(24),
                 demo_password_seed=data.get("demo_password_seed") or secrets.token_urlsafe(32),
             )
             temporary = path.with_suffix(".tmp")
@@ -144,6 +162,30 @@ def _env_int(name: str, default: int) -> int:
 def _env_float(name: str, default: float) -> float:
     value = os.environ.get(name)
     return float(value) if value else default
+
+
+def _prefect_topology(stack_dir: Path) -> PrefectTopology:
+    """TENANTFLOW_PREFECT_TOPOLOGY, else what the stack folder's last `up` ran, else single."""
+    value = (os.environ.get("TENANTFLOW_PREFECT_TOPOLOGY") or "").strip().lower()
+    if not value:
+        record = stack_dir / TOPOLOGY_RECORD
+        value = record.read_text().strip() if record.exists() else "single"
+    for choice in PREFECT_TOPOLOGIES:
+        if value == choice:
+            return choice
+    raise ValueError(
+        f"TENANTFLOW_PREFECT_TOPOLOGY must be one of {', '.join(PREFECT_TOPOLOGIES)}, not {value!r}"
+    )
+
+
+def _env_ports(name: str) -> tuple[int, ...] | None:
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return tuple(int(part) for part in value.split(","))
+    except ValueError:
+        raise ValueError(f"{name} must be ports separated by commas, not {value!r}") from None
 
 
 def _prefect_database() -> PrefectDatabase:
@@ -183,6 +225,14 @@ class StackConfig:
     #: code is good for (GOTRUE_MAILER_OTP_EXP, 1 h).
     auth_refresh_token_reuse_interval_s: float = 10.0
     auth_otp_expiry_s: float = 3600.0
+    #: `single` (one Prefect server) or `ha` (replicas, services process, Redis, HAProxy
+    #: on `prefect_port`): TENANTFLOW_PREFECT_TOPOLOGY or `tenantflow-dev up --ha`.
+    prefect_topology: PrefectTopology = "single"
+    #: The `ha` topology's Redis port (TENANTFLOW_REDIS_PORT; None: the Prefect port + 10).
+    ha_redis_port: int | None = None
+    #: The `ha` topology's API replicas' ports, one per replica
+    #: (TENANTFLOW_PREFECT_REPLICA_PORTS; None: the two ports after the Prefect port).
+    ha_replica_ports: tuple[int, ...] | None = None
 
     @classmethod
     def from_env(cls, project_dir: Path | None = None) -> StackConfig:
@@ -204,6 +254,9 @@ class StackConfig:
                 "TENANTFLOW_AUTH_REFRESH_TOKEN_REUSE_INTERVAL", 10.0
             ),
             auth_otp_expiry_s=_env_float("TENANTFLOW_AUTH_OTP_EXPIRY", 3600.0),
+            prefect_topology=_prefect_topology(stack),
+            ha_redis_port=_env_int("TENANTFLOW_REDIS_PORT", 0) or None,
+            ha_replica_ports=_env_ports("TENANTFLOW_PREFECT_REPLICA_PORTS"),
         )
 
     @property
@@ -278,6 +331,20 @@ class StackConfig:
         return f"http://{self.host}:{self.prefect_port}"
 
     @property
+    def redis_port(self) -> int:
+        return self.ha_redis_port or self.prefect_port + 10
+
+    @property
+    def prefect_replica_ports(self) -> tuple[int, ...]:
+        return self.ha_replica_ports or (self.prefect_port + 1, self.prefect_port + 2)
+
+    @property
+    def redis_url(self) -> str:
+        """The `ha` topology's Redis, with its password: Prefect's processes only."""
+        password = quote(self.secrets.redis_password, safe="")
+        return f"redis://:{password}@{self.host}:{self.redis_port}/0"
+
+    @property
     def prefect_home(self) -> Path:
         """The Prefect server's folder (its SQLite database, if any): root's only, 0700."""
         return self.stack_dir / "prefect"
@@ -319,6 +386,9 @@ class StackConfig:
                 self.auth_refresh_token_reuse_interval_s
             ),
             "TENANTFLOW_AUTH_OTP_EXPIRY": str(self.auth_otp_expiry_s),
+            "TENANTFLOW_PREFECT_TOPOLOGY": self.prefect_topology,
+            "TENANTFLOW_REDIS_PORT": str(self.redis_port),
+            "TENANTFLOW_PREFECT_REPLICA_PORTS": ",".join(map(str, self.prefect_replica_ports)),
         }
 
     def environment(self) -> dict[str, str]:
@@ -336,4 +406,5 @@ class StackConfig:
             "SEAL_PUBLIC_KEY": public_key(self.secrets.seal_private_key),
             "PREFECT_API_URL": self.prefect_api_url,
             "PREFECT_API_AUTH_STRING": self.secrets.prefect_auth_string,
+            **(PREFECT_HA_CLIENT if self.prefect_topology == "ha" else {}),
         }

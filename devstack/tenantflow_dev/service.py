@@ -1,8 +1,8 @@
-"""What every part of the local stack is (`Service`), and the base of our own HTTP servers.
+"""What every part of the local stack is (`Service`), and the base of our own servers.
 
 `HttpProcessService` is one process group of ours, started detached with its log and pid
-files in the stack folder, healthy when it answers HTTP: the Prefect server and the
-Supabase Auth stand-in are two of them.
+files in the stack folder, healthy when it answers (HTTP, mostly): the Prefect server
+processes, the Supabase Auth stand-in, Redis and HAProxy are some of them.
 """
 
 from __future__ import annotations
@@ -58,6 +58,7 @@ class HttpProcessService:
     name: str
     what: str
     folder: str
+    #: The setting that moves its port ("" for a process that listens on none).
     port_variable: str
     ready_timeout: float = 30
     stop_grace: float = 10
@@ -98,7 +99,8 @@ class HttpProcessService:
     def start(self) -> bool:
         if self.pid() is not None:
             return False
-        require_free_port(self.config.host, self.port, self.name, self.port_variable)
+        if self.port_variable:
+            require_free_port(self.config.host, self.port, self.name, self.port_variable)
         self.prepare()
         umask = self.umask
         process = spawn_detached(

@@ -11,6 +11,7 @@ operator would from the UI.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import subprocess
@@ -19,21 +20,31 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tenantflow_dev.auth_stand_in import AuthServer
-from tenantflow_dev.config import StackConfig
+from tenantflow_dev.config import TOPOLOGY_RECORD, PrefectTopology, StackConfig
 from tenantflow_dev.demo import DemoRun, run_demo, seed_demo_data
 from tenantflow_dev.errors import StackError
 from tenantflow_dev.health import Health
+from tenantflow_dev.load_balancer import LoadBalancer
 from tenantflow_dev.pgbouncer import PgBouncer
 from tenantflow_dev.postgres import Postgres
-from tenantflow_dev.prefect_server import PrefectServer
+from tenantflow_dev.prefect_server import prefect_processes
 from tenantflow_dev.prefect_setup import deploy
 from tenantflow_dev.processes import port_is_open
+from tenantflow_dev.redis_server import RedisServer
 from tenantflow_dev.service import Service
 from tenantflow_dev.worker import LocalWorker
 
-__all__ = ["Stack", "StackConfig", "StackError"]
+__all__ = ["Stack", "StackConfig", "StackError", "prefect_parts"]
 
 log = logging.getLogger("tenantflow_dev")
+
+
+def prefect_parts(config: StackConfig) -> list[Service]:
+    """The stack's Prefect, in start order: the one server (`single`), or on `ha` Redis,
+    the API replicas, the services process and the load balancer in front."""
+    if config.prefect_topology == "single":
+        return [*prefect_processes(config)]
+    return [RedisServer(config), *prefect_processes(config), LoadBalancer(config)]
 
 
 @dataclass
@@ -50,7 +61,7 @@ class Stack:
             PgBouncer(self.config, "transaction"),
             PgBouncer(self.config, "session"),
             AuthServer(self.config),
-            PrefectServer(self.config),
+            *prefect_parts(self.config),
             LocalWorker(self.config),
             # NOTE: `migrate` has a pool and worker of its own, the only one holding the
             # schema owner's login (docs/operations.md).
@@ -59,13 +70,21 @@ class Stack:
 
     def ports(self) -> list[int]:
         c = self.config
+        ha = [c.redis_port, *c.prefect_replica_ports] if c.prefect_topology == "ha" else []
         return [
             c.pg_port,
             c.transaction_pooler_port,
             c.session_pooler_port,
             c.auth_port,
             c.prefect_port,
+            *ha,
         ]
+
+    def other_topology_parts(self) -> list[Service]:
+        """The Prefect parts of the topology this stack is not on (`down` stops them too,
+        so a stack switched from one to the other leaves nothing behind)."""
+        other: PrefectTopology = "single" if self.config.prefect_topology == "ha" else "ha"
+        return prefect_parts(dataclasses.replace(self.config, prefect_topology=other))
 
     @property
     def setup_marker(self) -> Path:
@@ -99,7 +118,16 @@ class Stack:
         os.chmod(self.config.stack_dir, 0o755)  # noqa: S103
         if setup is None:
             setup = not self.is_set_up()
+        # NOTE: what later commands (`status`, `down`, the tests) find without the setting.
+        self.config.stack_dir.joinpath(TOPOLOGY_RECORD).write_text(
+            self.config.prefect_topology + "\n"
+        )
         self.started = []
+        for service in reversed(self.other_topology_parts()):
+            if service.stop():
+                log.info(
+                    "stopped   %s (the stack is %s now)", service.name, self.config.prefect_topology
+                )
         for service in self.services():
             if service.start():
                 self.started.append(service.name)
@@ -151,6 +179,9 @@ class Stack:
             raise StackError(f"the migrate flow failed (exit {result.returncode}); see above")
 
     def down(self) -> None:
+        for service in reversed(self.other_topology_parts()):
+            if service.stop():
+                log.info("stopped   %s", service.name)
         for service in reversed(self.services()):
             if service.stop():
                 log.info("stopped   %s", service.name)

@@ -264,14 +264,13 @@ def _kill_machine(pid: int) -> None:
 # --------------------------------------------------------------------------- zombies
 
 
-@pytest.mark.stack
-@pytest.mark.slow
-async def test_a_killed_run_is_crashed_by_its_missing_heartbeats(
-    stack: Stack,
-    tmp_path: Path,
-    sleepy: tuple[str, UUID],
-    restore_automations: None,
-) -> None:
+async def crash_a_killed_run(stack: Stack, tmp_path: Path, sleepy: tuple[str, UUID]) -> str:
+    """SIGKILL a worker with its running flow run, as a dying machine; the zombie automation
+    must mark the run Crashed, and a later run of the one-at-a-time deployment must not be
+    held behind it. Returns what was seen, for the log.
+
+    Also run by the faults of the several-server topology (`tests/faults/test_ha.py`).
+    """
     pool, deployment_id = sleepy
     result = await _bootstrap(stack, Alerts(zombie_after_s=ZOMBIE_AFTER_S))
     assert result.automations[AUTOMATIONS["zombie"]] in {"created", "updated"}
@@ -315,13 +314,25 @@ async def test_a_killed_run_is_crashed_by_its_missing_heartbeats(
             done = await _wait_for(client, later.id, TERMINAL, 120)
             assert done.state_type == StateType.COMPLETED, done.state
             later_seconds = time.monotonic() - restarted
-        sys.stderr.write(
-            f"\nzombie: Crashed {crashed_after:.1f}s after the kill (window "
-            f"{ZOMBIE_AFTER_S}s, heartbeat {HEARTBEAT_S}s); the next run Completed "
-            f"{later_seconds:.1f}s after the worker restarted\n"
-        )
     finally:
         await asyncio.to_thread(worker.stop)
+    return (
+        f"zombie: Crashed {crashed_after:.1f}s after the kill (window "
+        f"{ZOMBIE_AFTER_S}s, heartbeat {HEARTBEAT_S}s); the next run Completed "
+        f"{later_seconds:.1f}s after the worker restarted"
+    )
+
+
+@pytest.mark.stack
+@pytest.mark.slow
+async def test_a_killed_run_is_crashed_by_its_missing_heartbeats(
+    stack: Stack,
+    tmp_path: Path,
+    sleepy: tuple[str, UUID],
+    restore_automations: None,
+) -> None:
+    seen = await crash_a_killed_run(stack, tmp_path, sleepy)
+    sys.stderr.write(f"\n{seen}\n")
 
 
 # --------------------------------------------------------------------------- alerts

@@ -7,7 +7,6 @@ database and nothing else and cannot reach the tenants' database. Raw HTTP for t
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import os
@@ -15,18 +14,14 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
-from typing import Any
 
 import asyncpg
-import httpx
 import pytest
 
 from tenantflow_dev import Stack, StackConfig
-from tenantflow_dev.prefect_server import PREFECT_RETENTION, PrefectServer
+from tenantflow_dev.prefect_server import PREFECT_RETENTION, PrefectServer, prefect_processes
 from tenantflow_dev.worker import LocalWorker
-
-FLOW_RUNS = 8
-TASK_RUNS_PER_FLOW_RUN = 10
+from tests.prefect_load import FLOW_RUNS, REQUESTS, TASK_RUNS_PER_FLOW_RUN, Api, drive
 
 
 def _process_environment(pid: int) -> dict[str, str]:
@@ -50,37 +45,11 @@ async def _prefect_role_conn(config: StackConfig, database: str) -> asyncpg.Conn
     )
 
 
-class _Api:
-    """The stack's Prefect API over raw HTTP; every answer's status is kept."""
-
-    def __init__(self, config: StackConfig) -> None:
-        self.client = httpx.AsyncClient(
-            base_url=config.prefect_api_url,
-            headers=config.prefect_api_headers(),
-            timeout=60,
-        )
-        self.statuses: list[int] = []
-
-    async def post(self, path: str, body: dict[str, Any]) -> Any:
-        response = await self.client.post(path, json=body)
-        self.statuses.append(response.status_code)
-        assert response.status_code < 500, f"{path}: {response.status_code} {response.text}"
-        response.raise_for_status()
-        return response.json() if response.content else None
-
-    async def flow_id(self, name: str) -> str:
-        flow = await self.post("/flows/", {"name": name})
-        return str(flow["id"])
-
-    async def set_state(self, kind: str, run_id: str, state: str) -> None:
-        await self.post(f"/{kind}/{run_id}/set_state", {"state": {"type": state}, "force": True})
-
-
 @pytest.mark.stack
 async def test_runs_are_stored_in_the_prefect_database_as_its_own_role(stack: Stack) -> None:
     config = stack.config
     assert config.prefect_database == "postgres"
-    api = _Api(config)
+    api = Api(config)
     try:
         flow_id = await api.flow_id("tenantflow-pg-probe")
         run = await api.post(
@@ -169,17 +138,25 @@ async def test_the_prefect_role_cannot_reach_the_tenants_data(
 def test_the_password_stays_in_the_servers_own_environment(stack: Stack) -> None:
     config = stack.config
     password = config.secrets.prefect_db_password
-    server = PrefectServer(config).pid()
-    assert server is not None
-    url = _process_environment(server)["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
-    assert url == config.prefect_database_url
-    assert url.startswith(f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{config.pg_port}/")
-    assert url.endswith("/prefect")
+    # Every Prefect server process of the topology (one server, or replicas and services).
+    servers = prefect_processes(config)
+    for server in servers:
+        pid = server.pid()
+        assert pid is not None, server.name
+        url = _process_environment(pid)["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+        assert url == config.prefect_database_url
+        assert url.startswith(
+            f"postgresql+asyncpg://prefect:{password}@127.0.0.1:{config.pg_port}/"
+        )
+        assert url.endswith("/prefect")
+    # Redis's password (the `ha` topology's) goes the same way as the database's.
+    secrets = [password, config.secrets.redis_password]
     worker = LocalWorker(config).pid()
     assert worker is not None
-    assert password not in "\0".join(_process_environment(worker).values())
-    assert password not in config.env_file.read_text()
-    assert password not in "".join(config.environment().values())
+    for secret in secrets:
+        assert secret not in "\0".join(_process_environment(worker).values())
+        assert secret not in config.env_file.read_text()
+        assert secret not in "".join(config.environment().values())
     status = subprocess.run(
         [sys.executable, "-m", "tenantflow_dev.cli", "status"],
         env={**os.environ, **config.location_environment()},
@@ -189,50 +166,22 @@ def test_the_password_stays_in_the_servers_own_environment(stack: Stack) -> None
         check=False,
     )
     assert status.returncode == 0, status.stdout
-    server_line = next(line for line in status.stdout.splitlines() if "prefect-server" in line)
-    assert server_line.endswith("ok (PostgreSQL)")
-    assert password not in status.stdout + status.stderr
-    assert password not in PrefectServer(config).logfile.read_text()
+    for server in servers:
+        line = next(line for line in status.stdout.splitlines() if line.startswith(server.name))
+        assert "ok (PostgreSQL" in line, line
+    for secret in secrets:
+        assert secret not in status.stdout + status.stderr
+        assert all(secret not in server.logfile.read_text() for server in servers)
 
 
 @pytest.mark.stack
 @pytest.mark.slow
 async def test_concurrent_runs_get_no_server_errors(stack: Stack) -> None:
-    """8 flow runs driven at once, ~270 requests in flight together: no 5xx at all."""
-    api = _Api(stack.config)
-    try:
-        flow_id = await api.flow_id("tenantflow-pg-concurrency")
-
-        async def task_run(flow_run_id: str, index: int) -> None:
-            created = await api.post(
-                "/task_runs/",
-                {
-                    "flow_run_id": flow_run_id,
-                    "task_key": "probe-task",
-                    "dynamic_key": str(index),
-                    "name": f"probe-task-{index}",
-                    "state": {"type": "PENDING"},
-                },
-            )
-            await api.set_state("task_runs", created["id"], "RUNNING")
-            await api.set_state("task_runs", created["id"], "COMPLETED")
-
-        async def flow_run(index: int) -> str:
-            created = await api.post(
-                "/flow_runs/",
-                {"flow_id": flow_id, "name": f"concurrent-{index}", "state": {"type": "PENDING"}},
-            )
-            run_id = str(created["id"])
-            await api.set_state("flow_runs", run_id, "RUNNING")
-            await asyncio.gather(*(task_run(run_id, i) for i in range(TASK_RUNS_PER_FLOW_RUN)))
-            await api.set_state("flow_runs", run_id, "COMPLETED")
-            return run_id
-
-        run_ids = await asyncio.gather(*(flow_run(i) for i in range(FLOW_RUNS)))
-    finally:
-        await api.client.aclose()
-    assert len(api.statuses) == FLOW_RUNS * (3 + 3 * TASK_RUNS_PER_FLOW_RUN) + 1
-    assert [s for s in api.statuses if s >= 300] == []
+    """8 flow runs driven at once, 265 requests in flight together: no 5xx at all."""
+    load = await drive(stack.config)
+    run_ids = load.run_ids
+    assert len(load.statuses) == REQUESTS
+    assert [s for s in load.statuses if s >= 300] == []
     conn = await _prefect_admin_conn(stack.config)
     try:
         states = await conn.fetch(
@@ -252,10 +201,11 @@ async def test_concurrent_runs_get_no_server_errors(stack: Stack) -> None:
 
 @pytest.mark.stack
 def test_retention_is_set_on_the_running_server(stack: Stack) -> None:
-    pid = PrefectServer(stack.config).pid()
-    assert pid is not None
-    environment = _process_environment(pid)
-    assert {k: environment.get(k) for k in PREFECT_RETENTION} == PREFECT_RETENTION
+    for server in prefect_processes(stack.config):
+        pid = server.pid()
+        assert pid is not None, server.name
+        environment = _process_environment(pid)
+        assert {k: environment.get(k) for k in PREFECT_RETENTION} == PREFECT_RETENTION
     # And Prefect reads them as meant.
     probe = (
         "import json; from prefect.settings import get_current_settings as g; s = g().server; "
@@ -278,6 +228,8 @@ def test_sqlite_stays_available_by_a_setting(
 ) -> None:
     monkeypatch.setenv("TENANTFLOW_STACK_DIR", str(tmp_path / ".stack"))
     monkeypatch.delenv("TENANTFLOW_PREFECT_DATABASE", raising=False)
+    # NOTE: SQLite serves one server process: the `ha` topology refuses it.
+    monkeypatch.delenv("TENANTFLOW_PREFECT_TOPOLOGY", raising=False)
     assert StackConfig.from_env(tmp_path).prefect_database == "postgres"
     monkeypatch.setenv("TENANTFLOW_PREFECT_DATABASE", "sqlite")
     config = StackConfig.from_env(tmp_path)
