@@ -18,22 +18,21 @@ from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from prefect import flow, task
-from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from bench.containers import container_rows
 from bench.guard import guard_rows
 from bench.imports import import_rows
 from bench.latency import latency_rows
 from bench.shards import shard_rows
+from bench.stackapi import on_stack
 from bench.sweep import SIZES, SweepResult, remove_clients, sweep, sweep_rows
 from bench.table import Row, ratio, say, write
 from bench.table import render as render_table
 from tenantflow.db import build_transaction_engine, dispose_engines, session_scope, unit_of_work
-from tenantflow.project import deployment_names
 from tenantflow.settings import get_settings, load_settings
 from tenantflow_dev import Stack
-from tenantflow_dev.prefect_setup import deploy
 
 TRANSACTIONS = int(os.environ.get("BENCH_TRANSACTIONS", "2000"))
 CONCURRENCY = 10
@@ -163,6 +162,7 @@ async def run(stack: Stack) -> None:
     rows: list[Row] = []
     rows += await sweeps(stack)
     rows += await shard_rows(stack)
+    rows += await container_rows(stack)
     rows += await guard_rows(stack.config, get_settings())
     rows += await latency_rows(stack.config)
     rows += import_rows()
@@ -176,23 +176,7 @@ async def run(stack: Stack) -> None:
 
 
 def main() -> None:
-    stack = Stack()
-    if not all(part.healthy for part in stack.status()):
-        stack.up(setup=True)
-    os.environ.update(stack.config.environment())
-    get_settings.cache_clear()
-    if "noop" not in deployment_names(stack.config.project_dir):
-        raise SystemExit("prefect.yaml declares no noop deployment")
-    # NOTE: deploy again, so the server knows every deployment prefect.yaml declares
-    # (a stack brought up before a deployment was added lacks it); idempotent.
-    deploy(stack.config)
-    with temporary_settings(
-        {
-            PREFECT_API_URL: stack.config.prefect_api_url,
-            PREFECT_API_AUTH_STRING: stack.config.secrets.prefect_auth_string,
-        }
-    ):
-        asyncio.run(run(stack))
+    on_stack(run)
 
 
 if __name__ == "__main__":

@@ -3,19 +3,49 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import asyncpg
 from prefect.client.orchestration import get_client
 from prefect.deployments.flow_runs import arun_deployment
+from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
+from tenantflow.project import deployment_names
+from tenantflow.settings import get_settings
+from tenantflow_dev import Stack
 from tenantflow_dev.config import StackConfig
+from tenantflow_dev.prefect_setup import deploy
 
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+T = TypeVar("T")
+
+
+def on_stack(work: Callable[[Stack], Coroutine[Any, Any, T]]) -> T:
+    """Run `work` against the local stack the TENANTFLOW_* environment names (brought up
+    if it is not), with this process's settings and Prefect's client pointed at it."""
+    stack = Stack()
+    if not all(part.healthy for part in stack.status()):
+        stack.up(setup=True)
+    os.environ.update(stack.config.environment())
+    get_settings.cache_clear()
+    if "noop" not in deployment_names(stack.config.project_dir):
+        raise SystemExit("prefect.yaml declares no noop deployment")
+    # NOTE: deploy again, so the server knows every deployment prefect.yaml declares
+    # (a stack brought up before a deployment was added lacks it); idempotent.
+    deploy(stack.config)
+    with temporary_settings(
+        {
+            PREFECT_API_URL: stack.config.prefect_api_url,
+            PREFECT_API_AUTH_STRING: stack.config.secrets.prefect_auth_string,
+        }
+    ):
+        return asyncio.run(work(stack))
 
 
 @dataclass(frozen=True)

@@ -75,3 +75,25 @@ def write(rows: list[Row], notes: list[str], seconds: float) -> None:
     if notes:
         text += ["Notes:", "", *(f"- {note}" for note in notes), ""]
     RESULTS.write_text("\n".join(text))
+
+
+def update(rows: list[Row], note: str) -> None:
+    """Put `rows` into `bench/results.md` without running the whole bench: each replaces
+    the row of the same measure, or is added after the table's last row; `note` says
+    when and how they were measured (the other rows keep their own run)."""
+    lines = RESULTS.read_text().splitlines() if RESULTS.exists() else []
+    if not any(line.startswith("| measure |") for line in lines):
+        write(rows, [note], 0)
+        return
+    for row in rows:
+        line = "| " + " | ".join(row.cells()) + " |"
+        same = [i for i, old in enumerate(lines) if old.startswith(f"| {row.measure} |")]
+        if same:
+            lines[same[0]] = line
+        else:
+            last = max(i for i, old in enumerate(lines) if old.startswith("| "))
+            lines.insert(last + 1, line)
+    if "Notes:" not in lines:
+        lines += ["Notes:", ""]
+    lines.append(f"- {note}")
+    RESULTS.write_text("\n".join(lines).rstrip("\n") + "\n")

@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import ObjectNotFound
 
@@ -87,6 +88,21 @@ class World:
         )
         return {row[0]: (row[1], row[2]) for row in rows}
 
+    async def assert_rolled_up_once(self, clients: list[uuid.UUID], day: date) -> None:
+        """Each of `clients` has exactly one metrics row of `day`, equal to the totals
+        counted straight from its events (a client without events gets a row of zeros)."""
+        rows = await self.sql(
+            "fetch",
+            "SELECT client_id, count(*) AS n, max(events) AS events, max(revenue) AS revenue "
+            "FROM public.client_daily_metrics WHERE client_id = ANY($1::uuid[]) AND day = $2 "
+            "GROUP BY client_id",
+            clients,
+            day,
+        )
+        assert all(r["n"] == 1 for r in rows), "a client has more than one row of the day"
+        expected = await self.day_totals(clients, day)
+        assert {r["client_id"]: (r["events"], r["revenue"]) for r in rows} == expected
+
     async def add_clients(self, count: int, *, prefix: str, events: bool = True) -> list[uuid.UUID]:
         """`count` more active clients (named `prefix-<tag>-n`); with `events`, client n
         gets n % 3 + 1 purchases around noon today (UTC). `remove_clients` deletes them."""
@@ -155,6 +171,25 @@ class World:
             return await getattr(conn, method)(query, *args)
         finally:
             await conn.close()
+
+
+async def taken_slots() -> int:
+    """How many slots of the `tenantflow-db` limit are taken now."""
+    async with get_client() as client:
+        limit = await client.read_global_concurrency_limit_by_name(
+            get_settings().db_concurrency_limit
+        )
+    return limit.active_slots
+
+
+async def shard_runs(parent: uuid.UUID) -> list[FlowRun]:
+    """The shard runs (child flow runs) of the sweep `parent`."""
+    async with get_client() as client:
+        return await client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])
+            )
+        )
 
 
 CLIENTS = {"a": "active", "b": "active", "s": "suspended"}

@@ -335,6 +335,18 @@ class FaultSettings(BaseSettings):
             "its tenant transactions run at most this many at a time."
         ),
     )
+    worker_drain_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=3600,
+        description=(
+            "When the tenantflow worker is told to stop (SIGTERM: `docker stop`, a pod's "
+            "deletion), how long its flow runs in flight may go on before it stops them "
+            "with SIGTERM (they end Crashed and give their database slots back). It takes no "
+            "new run meanwhile. Keep it at least 10 s below the platform's stop timeout "
+            "(`docker stop -t`, Kubernetes' terminationGracePeriodSeconds)."
+        ),
+    )
     housekeeping_interval_s: float = Field(
         default=60.0,
         ge=5,

@@ -52,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -78,10 +79,11 @@ from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, Proc
 from pydantic import PrivateAttr, model_validator
 
 from tenantflow.deployments import MIGRATE_POOL
+from tenantflow.errors import TenantflowError
 from tenantflow.flow_environment import BASIC_ENVIRONMENT, MIGRATION_ENV, flow_run_environment
 from tenantflow.housekeeping import run_housekeeping
 from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment
-from tenantflow.settings import load_fault_settings
+from tenantflow.settings import SettingsError, load_fault_settings, load_settings
 from tenantflow.tripwire import install_tripwire
 
 if TYPE_CHECKING:
@@ -101,6 +103,7 @@ __all__ = [
     "TenantflowJobConfiguration",
     "TenantflowProcessWorker",
     "base_job_template",
+    "check_worker_settings",
     "declared_run",
     "engine_command",
     "flow_heartbeat_seconds",
@@ -323,6 +326,23 @@ class TenantflowProcessWorker(ProcessWorker):
     )
     _display_name = "tenantflow process"
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: Set when the worker is told to stop: it takes no new flow run from then on.
+        self.draining = False
+        #: The flow runs whose process is running now: id -> (name, pid).
+        self.in_flight: dict[UUID, tuple[str, int]] = {}
+        #: Set while no flow run is in flight.
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def get_and_submit_flow_runs(self) -> list[FlowRun]:
+        # NOTE: a stopping worker keeps its loops (heartbeats, the runs in flight reporting
+        # their ends) but polls for no new run.
+        if self.draining:
+            return []
+        return await super().get_and_submit_flow_runs()
+
     @classmethod
     def __dispatch_key__(cls) -> str:
         # NOTE: Prefect keys its registry of worker classes by type; ours keeps the type
@@ -394,11 +414,18 @@ class TenantflowProcessWorker(ProcessWorker):
                     nonlocal execution
                     execution = await executor.submit(task_status=task_status)
 
-                async with anyio.create_task_group() as group:
-                    handle: ProcessHandle = await group.start(execute)
-                    if handle.pid is None:
-                        raise RuntimeError("Flow run process has no PID")
-                    status.started(handle.pid)
+                try:
+                    async with anyio.create_task_group() as group:
+                        handle: ProcessHandle = await group.start(execute)
+                        if handle.pid is None:
+                            raise RuntimeError("Flow run process has no PID")
+                        self.in_flight[flow_run.id] = (flow_run.name, handle.pid)
+                        self.idle.clear()
+                        status.started(handle.pid)
+                finally:
+                    self.in_flight.pop(flow_run.id, None)
+                    if not self.in_flight:
+                        self.idle.set()
         if execution is None or execution.status_code is None:
             raise RuntimeError("Failed to start flow run process.")
         return ProcessWorkerResult(
@@ -420,9 +447,145 @@ def base_job_template() -> dict[str, Any]:
     return template
 
 
+def check_worker_settings(pool: str) -> None:
+    """Refuse to serve `pool` with settings its flow runs could not work with.
+
+    The worker itself needs only Prefect's settings, but it hands its own to every flow run
+    (`flow_run_environment`): a missing or malformed one would fail each run it takes, one
+    by one, instead of the worker, once, at start.
+
+    Raises:
+        SettingsError: PREFECT_API_URL unset; a tenantflow setting missing or invalid
+            (`load_settings`: DATABASE_URL, SUPABASE_URL, SUPABASE_ANON_KEY, a malformed
+            SEAL_PRIVATE_KEYS ...); SEAL_PRIVATE_KEYS unset (no run started by a user could
+            open its sealed token); MIGRATION_DATABASE_URL unset on `tenantflow-migrate`.
+            The message names the settings, never a value.
+    """
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        raise SettingsError(
+            "PREFECT_API_URL is not set: the worker needs the Prefect API's URL (and "
+            "PREFECT_API_AUTH_STRING where the server asks for basic auth)"
+        )
+    settings = load_settings()
+    if settings.seal_private_keys is None:
+        raise SettingsError(
+            "SEAL_PRIVATE_KEYS is not set: the worker's flow runs could open no sealed access "
+            "token (`tenantflow seal-key generate` makes the key pair)"
+        )
+    if pool == MIGRATE_POOL:
+        settings.migration_url()
+
+
+class WorkerPoolMissing(TenantflowError, RuntimeError):
+    """The pool the worker was asked to serve does not exist on the Prefect server."""
+
+
+async def _check_pool(pool: str) -> None:
+    """Read the pool once, so a refused API auth string or a missing pool stops the worker
+    in one line before it starts anything (an HTTP 401 names PREFECT_API_AUTH_STRING)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    async with get_client() as client:
+        try:
+            await client.read_work_pool(pool)
+        except ObjectNotFound:
+            raise WorkerPoolMissing(
+                f"work pool {pool!r} does not exist on the Prefect server: "
+                "`tenantflow deploy --bootstrap-only` creates the project's pools"
+            ) from None
+
+
+#: How long runs stopped with SIGTERM get to report their end before they are killed.
+_TERMINATE_WAIT_S = 8.0
+
+
+class _Shutdown:
+    """The worker's stop, on the first SIGTERM or SIGINT (a second one: at once).
+
+    It takes no new flow run (`draining`), lets the runs in flight go on for up to
+    WORKER_DRAIN_S, then sends each one still running SIGTERM: Prefect's engine in the
+    run's process marks it Crashed ("aborted by a termination signal") and leaves its
+    `tenantflow-db` slots on the way out. One that has not exited after
+    `_TERMINATE_WAIT_S` is killed; its run is then left to the zombie automation. Each
+    step is said in the worker's log, run by run.
+
+    NOTE: instead of Prefect's `setup_signal_handlers_worker` (SIGTERM -> SIGINT, which
+    cancels the worker and its runs' tasks at once): in a container the runs' processes die
+    with PID 1, unreported, and would stay Running until the zombie automation's window
+    passed, their slots held until their lease expired.
+    """
+
+    def __init__(
+        self,
+        worker: TenantflowProcessWorker,
+        main: asyncio.Task[Any],
+        say: Callable[..., None],
+        drain_s: float,
+    ) -> None:
+        self.worker = worker
+        self.main = main
+        self.say = say
+        self.drain_s = drain_s
+        self.task: asyncio.Task[None] | None = None
+
+    def install(self) -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.signalled, signum)
+
+    def signalled(self, signum: int) -> None:
+        name = signal.Signals(signum).name
+        if self.task is not None:
+            self.say(f"{name} again: stopping now; flow runs still in flight die with the worker")
+            self.main.cancel()
+            return
+        self.worker.draining = True
+        self.task = asyncio.create_task(self.stop(name), name="shutdown")
+
+    def _runs(self) -> str:
+        return ", ".join(
+            f"{name!r} ({run_id})" for run_id, (name, _) in self.worker.in_flight.items()
+        )
+
+    async def _wait_for_runs(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.worker.idle.wait(), seconds)
+
+    async def stop(self, name: str) -> None:
+        if not self.worker.in_flight:
+            self.say(f"{name}: stopping; taking no new flow runs, none in flight")
+        else:
+            self.say(
+                f"{name}: stopping; taking no new flow runs; in flight: {self._runs()}; "
+                f"they get {self.drain_s:g}s (WORKER_DRAIN_S) to finish"
+            )
+            await self._wait_for_runs(self.drain_s)
+        stopped = dict(self.worker.in_flight)
+        for run_id, (run_name, pid) in stopped.items():
+            self.say(
+                f"flow run {run_name!r} ({run_id}) still running: sending it SIGTERM; it ends "
+                "Crashed and gives its database slots back; start it again"
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        await self._wait_for_runs(_TERMINATE_WAIT_S)
+        for run_id, (run_name, pid) in dict(self.worker.in_flight).items():
+            self.say(
+                f"flow run {run_name!r} ({run_id}) did not stop within {_TERMINATE_WAIT_S:g}s: "
+                "killed; the zombie automation marks it Crashed"
+            )
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for run_id in stopped.keys() - self.worker.in_flight.keys():
+            self.say(f"flow run {stopped[run_id][0]!r} ({run_id}) stopped")
+        self.main.cancel()
+
+
 async def _serve(pool: str, name: str | None, limit: int | None) -> None:
     from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
-    from prefect.utilities.processutils import setup_signal_handlers_worker
 
     def say(*objects: Any, **_: Any) -> None:
         sys.stdout.write(" ".join(str(item) for item in objects) + "\n")
@@ -431,10 +594,10 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
     # NOTE: before anything of Prefect's could load a flow: from here on, every path that
     # would take code from the API raises instead (tenantflow.tripwire).
     install_tripwire()
-    # NOTE: as `prefect worker start`: the first SIGTERM becomes a SIGINT (stop polling,
-    # cancel the worker's task), a second one a SIGKILL.
-    setup_signal_handlers_worker(os.getpid(), "the tenantflow process worker", say)
     # NOTE: read now, so bad settings stop the worker before it takes a run.
+    check_worker_settings(pool)
+    faults = load_fault_settings()
+    await _check_pool(pool)
     say(f"flow runs send a heartbeat every {flow_heartbeat_seconds()}s")
     worker = TenantflowProcessWorker(
         name=name,
@@ -445,6 +608,9 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
         # NOTE: a typo never creates a stray pool with a default template.
         create_pool_if_not_found=False,
     )
+    main = asyncio.current_task()
+    assert main is not None  # noqa: S101 (asyncio.run's task)
+    _Shutdown(worker, main, say, faults.worker_drain_s).install()
     # NOTE: beside the worker, in its process (no API call can stop it): sealed values
     # removed from ended runs, plain tokens from any run, squatted or missed schedule
     # slots and a full limit nobody holds reported (tenantflow.housekeeping).

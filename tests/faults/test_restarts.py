@@ -16,16 +16,14 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, date, datetime
 
 import pytest
-from prefect.client.orchestration import get_client
 
 from flows.nightly_rollup import nightly_rollup
 from tenantflow.db import dispose_engines
-from tenantflow.settings import get_settings
 from tenantflow_dev import Stack
 from tenantflow_dev.pgbouncer import PgBouncer
 from tenantflow_dev.postgres import PG_BIN, Postgres
 from tenantflow_dev.prefect_server import PrefectServer
-from tests.world import World
+from tests.world import World, taken_slots
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]
 
@@ -74,24 +72,11 @@ async def _sweep_with_fault(
     await fault()
     state = await sweep
     assert state.is_completed(), state.message
-    rows = await world.sql(
-        "fetch",
-        "SELECT client_id, count(*) AS n, max(events) AS events, max(revenue) AS revenue "
-        "FROM public.client_daily_metrics WHERE client_id = ANY($1::uuid[]) AND day = $2 "
-        "GROUP BY client_id",
-        ids,
-        day,
-    )
-    assert all(r["n"] == 1 for r in rows)
-    expected = await world.day_totals(ids, day)
-    assert {r["client_id"]: (r["events"], r["revenue"]) for r in rows} == expected
+    await world.assert_rolled_up_once(ids, day)
     # The run gave back every slot of the budget it took, fault or not: a slot kept by a
     # lease the fault made the server forget would hold back every later run.
-    async with get_client() as client:
-        limit = await client.read_global_concurrency_limit_by_name(
-            get_settings().db_concurrency_limit
-        )
-    assert limit.active_slots == 0, f"{limit.active_slots} slots still taken after the run"
+    taken = await taken_slots()
+    assert taken == 0, f"{taken} slots still taken after the run"
 
 
 async def test_the_transaction_pooler_killed_mid_sweep(

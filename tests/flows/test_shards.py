@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
 from prefect.client.schemas.objects import FlowRun
 from prefect.exceptions import PrefectHTTPStatusError
 
@@ -26,7 +25,7 @@ from tenantflow.settings import get_settings
 from tenantflow.shards import SHARD_DEPLOYMENT
 from tenantflow_dev import Stack
 from tenantflow_dev.worker import LocalWorker
-from tests.world import World
+from tests.world import World, shard_runs
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]
 
@@ -104,12 +103,7 @@ async def test_a_sweep_in_shards_runs_on_both_workers_every_client_once_within_b
     parent = state.state_details.flow_run_id
     assert parent is not None
 
-    async with get_client() as client:
-        children = await client.read_flow_runs(
-            flow_run_filter=FlowRunFilter(
-                parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])
-            )
-        )
+    children = await shard_runs(parent)
     assert len(children) >= -(-CLIENTS // SHARD_SIZE)
     assert all(c.state and c.state.is_completed() for c in children)
     ran_on = {c.labels.get("prefect.worker.name") for c in children}
@@ -127,15 +121,7 @@ async def test_a_sweep_in_shards_runs_on_both_workers_every_client_once_within_b
     assert len(delegated) == len(set(delegated))
     assert set(sweep_clients) <= set(delegated)
     assert {g["child_run_id"] for g in grants} == {c.id for c in children}
-    rows = await world.sql(
-        "fetch",
-        "SELECT client_id, events, revenue FROM public.client_daily_metrics "
-        "WHERE client_id = ANY($1::uuid[]) AND day = $2",
-        sweep_clients,
-        today,
-    )
-    expected = await world.day_totals(sweep_clients, today)
-    assert {r["client_id"]: (r["events"], r["revenue"]) for r in rows} == expected
+    await world.assert_rolled_up_once(sweep_clients, today)
     # Each shard's decision is audited and names its parent.
     reasons = await world.sql(
         "fetch",
