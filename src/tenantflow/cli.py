@@ -632,9 +632,24 @@ def _add_run_command(commands: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def _worker(args: argparse.Namespace) -> int:
-    """Serve a process work pool with the tenantflow worker until SIGTERM or SIGINT."""
+    """Serve a work pool with its tenantflow worker until SIGTERM or SIGINT: the docker
+    worker for `tenantflow-docker`, the kubernetes one for `tenantflow-kubernetes`, the
+    process worker for any other pool."""
+    from tenantflow.deployments import WORK_POOLS
     from tenantflow.worker import run_worker
 
+    if args.pool == WORK_POOLS["docker"]:
+        from tenantflow.docker_worker import TenantflowDockerWorker
+
+        return run_worker(
+            args.pool, name=args.name, limit=args.limit, worker_class=TenantflowDockerWorker
+        )
+    if args.pool == WORK_POOLS["kubernetes"]:
+        from tenantflow.kubernetes_worker import TenantflowKubernetesWorker
+
+        return run_worker(
+            args.pool, name=args.name, limit=args.limit, worker_class=TenantflowKubernetesWorker
+        )
     return run_worker(args.pool, name=args.name, limit=args.limit)
 
 
@@ -685,9 +700,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     _add_run_command(commands)
     worker = commands.add_parser(
         "worker",
-        help="serve a process work pool; job variables cannot change what a flow run runs",
+        help="serve a work pool; job variables cannot change what a flow run runs",
     )
-    worker.add_argument("--pool", required=True, help="the process work pool (it must exist)")
+    worker.add_argument(
+        "--pool",
+        required=True,
+        help="the work pool (it must exist): a process pool, tenantflow-docker (flow runs "
+        "as containers, DOCKER_HOST) or tenantflow-kubernetes (flow runs as Jobs)",
+    )
     worker.add_argument("--name", help="the worker's name (default: Prefect's generated one)")
     worker.add_argument(
         "--limit", type=int, metavar="N", help="at most N flow runs at once (no limit)"

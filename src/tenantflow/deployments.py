@@ -155,9 +155,11 @@ def base_job_template(
 
     `process`: the tenantflow worker's (`tenantflow.worker.base_job_template`: Prefect's
     own without `command`, `env` and `working_dir`). `docker` and `kubernetes`:
-    `deployments/<type>-base-job-template.json` of the project (their workers live in
-    prefect-docker / prefect-kubernetes, which the project does not install), with
-    `image` baked into the job configuration: a flow run cannot choose its image.
+    `deployments/<type>-base-job-template.json` of the project, with `image` baked into
+    the job configuration: a flow run cannot choose its image. The tenantflow docker and
+    kubernetes workers render every run from this template, their own copy, never the
+    pool's as the API stores it (`tenantflow.container_jobs`); the pool gets it too, so the
+    Prefect server refuses (422) job variables it lacks.
 
     Raises:
         BootstrapError: the file is missing or malformed, a job variable could change what
@@ -198,7 +200,8 @@ def base_job_template(
 
 
 #: What a docker or kubernetes flow run may never choose for itself (fixed in the
-#: templates' job configuration).
+#: templates' job configuration or by the tenantflow container workers): prefect-docker's
+#: and prefect-kubernetes' own fields among them.
 _LOCKED_JOB_VARIABLES = frozenset(
     {
         "command",
@@ -206,12 +209,18 @@ _LOCKED_JOB_VARIABLES = frozenset(
         "image",
         "image_pull_policy",
         "volumes",
+        "networks",
         "network_mode",
+        "extra_hosts",
         "privileged",
+        "user",
+        "container_create_kwargs",
+        "registry_credentials",
         "namespace",
         "service_account_name",
         "secret_name",
         "job_manifest",
+        "cluster_config",
     }
 )
 

@@ -60,7 +60,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Self, cast
 from uuid import UUID
 
 import anyio
@@ -74,7 +74,7 @@ from prefect.utilities.processutils import (
     run_process,
     sanitize_subprocess_env,
 )
-from prefect.workers.base import BaseJobConfiguration
+from prefect.workers.base import BaseJobConfiguration, BaseWorker
 from prefect.workers.process import ProcessJobConfiguration, ProcessWorker, ProcessWorkerResult
 from pydantic import PrivateAttr, model_validator
 
@@ -100,6 +100,7 @@ __all__ = [
     "LOCKED_VARIABLES",
     "MIGRATION_ENV",
     "DeclaredRun",
+    "DrainingWorker",
     "TenantflowJobConfiguration",
     "TenantflowProcessWorker",
     "base_job_template",
@@ -315,16 +316,11 @@ class _EngineStarter:
             raise
 
 
-class TenantflowProcessWorker(ProcessWorker):
-    """Prefect's process worker (type `process`) that runs only declared code."""
+class DrainingWorker:
+    """What `_Shutdown` needs of a worker, mixed into each tenantflow worker class.
 
-    job_configuration = TenantflowJobConfiguration
-    _description = (
-        "tenantflow's process worker: flow runs are Prefect's engine on the entrypoint the "
-        "project declares, with an allow-listed environment; job variables and deployments "
-        "changed through the API cannot change the command, code, environment or folder."
-    )
-    _display_name = "tenantflow process"
+    Base it before Prefect's worker class: `class W(DrainingWorker, ProcessWorker)`.
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -341,7 +337,20 @@ class TenantflowProcessWorker(ProcessWorker):
         # their ends) but polls for no new run.
         if self.draining:
             return []
-        return await super().get_and_submit_flow_runs()
+        submitted: list[FlowRun] = await super().get_and_submit_flow_runs()  # type: ignore[misc]
+        return submitted
+
+
+class TenantflowProcessWorker(DrainingWorker, ProcessWorker):
+    """Prefect's process worker (type `process`) that runs only declared code."""
+
+    job_configuration = TenantflowJobConfiguration
+    _description = (
+        "tenantflow's process worker: flow runs are Prefect's engine on the entrypoint the "
+        "project declares, with an allow-listed environment; job variables and deployments "
+        "changed through the API cannot change the command, code, environment or folder."
+    )
+    _display_name = "tenantflow process"
 
     @classmethod
     def __dispatch_key__(cls) -> str:
@@ -520,7 +529,7 @@ class _Shutdown:
 
     def __init__(
         self,
-        worker: TenantflowProcessWorker,
+        worker: DrainingWorker,
         main: asyncio.Task[Any],
         say: Callable[..., None],
         drain_s: float,
@@ -584,7 +593,12 @@ class _Shutdown:
         self.main.cancel()
 
 
-async def _serve(pool: str, name: str | None, limit: int | None) -> None:
+async def _serve(
+    pool: str,
+    name: str | None,
+    limit: int | None,
+    worker_class: type[BaseWorker[Any, Any, Any]] = TenantflowProcessWorker,
+) -> None:
     from prefect.settings import PREFECT_WORKER_HEARTBEAT_SECONDS, PREFECT_WORKER_PREFETCH_SECONDS
 
     def say(*objects: Any, **_: Any) -> None:
@@ -599,7 +613,7 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
     faults = load_fault_settings()
     await _check_pool(pool)
     say(f"flow runs send a heartbeat every {flow_heartbeat_seconds()}s")
-    worker = TenantflowProcessWorker(
+    worker = worker_class(
         name=name,
         work_pool_name=pool,
         limit=limit,
@@ -610,7 +624,8 @@ async def _serve(pool: str, name: str | None, limit: int | None) -> None:
     )
     main = asyncio.current_task()
     assert main is not None  # noqa: S101 (asyncio.run's task)
-    _Shutdown(worker, main, say, faults.worker_drain_s).install()
+    # NOTE: every tenantflow worker class is a DrainingWorker (`run_worker`'s callers).
+    _Shutdown(cast(DrainingWorker, worker), main, say, faults.worker_drain_s).install()
     # NOTE: beside the worker, in its process (no API call can stop it): sealed values
     # removed from ended runs, plain tokens from any run, squatted or missed schedule
     # slots and a full limit nobody holds reported (tenantflow.housekeeping).
@@ -634,7 +649,14 @@ def _housekeeping_ended(say: Callable[..., None], task: asyncio.Task[None]) -> N
         say(f"housekeeping stopped: {type(error).__name__}: {str(error).splitlines()[0][:200]}")
 
 
-def run_worker(pool: str, *, name: str | None = None, limit: int | None = None) -> int:
-    """Serve `pool` until SIGTERM or SIGINT; the exit code."""
-    asyncio.run(_serve(pool, name, limit))
+def run_worker(
+    pool: str,
+    *,
+    name: str | None = None,
+    limit: int | None = None,
+    worker_class: type[BaseWorker[Any, Any, Any]] = TenantflowProcessWorker,
+) -> int:
+    """Serve `pool` until SIGTERM or SIGINT with `worker_class` (default the process
+    worker; `tenantflow.docker_worker` for the docker pool); the exit code."""
+    asyncio.run(_serve(pool, name, limit, worker_class))
     return 0

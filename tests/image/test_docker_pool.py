@@ -1,0 +1,451 @@
+"""The docker pool for real: podman's Docker API serving the tenantflow docker worker.
+
+`podman system service` (`tenantflow_dev.docker_api`) serves the Docker API on a socket of
+the test's, with the dev stack's podman storage, so the worker image is the one the tests
+built. The tenantflow docker worker (`tenantflow worker --pool tenantflow-docker`, a
+process here, as an operator runs it beside a Docker engine) serves `tenantflow-docker`,
+onto which the test moves the project's `client-report` and `noop` deployments (and back
+afterwards). Each flow run is a container of its own, on the host network (the stack
+listens on 127.0.0.1: the worker's setting, never a job variable).
+
+What the API can say and what happens:
+
+* job variables the worker's template lacks (image, command, volumes, networks, network
+  mode, container_create_kwargs (user), privileged), asked by a run after the pool's
+  template on the server was widened to Prefect's own so the server takes them: each run
+  ends Crashed naming the variable, and no container of it exists;
+* the pool's template on the server rewritten to another image, command, volume, network,
+  user and privileged mode: ignored, the run's container is the worker's own;
+* a deployment the project does not declare, or `migrate` moved onto the pool: Crashed
+  before any container; the image refuses `migrate` by itself as well.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dotenv import dotenv_values
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate, WorkPoolUpdate
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.exceptions import ObjectNotFound
+from prefect_docker.worker import DockerWorker  # type: ignore[import-untyped]
+
+from tenantflow.container_jobs import IMAGE_ENV, SETTINGS_MOUNT, container_settings
+from tenantflow.deployments import MIGRATE_POOL, WORK_POOLS, base_job_template
+from tenantflow.docker_worker import NETWORK_MODE_ENV
+from tenantflow.flow_environment import MIGRATION_ENV
+from tenantflow.project import PROJECT_DIR_ENV
+from tenantflow_dev import Stack
+from tenantflow_dev.docker_api import DockerApi
+from tenantflow_dev.image import BuiltImage
+from tenantflow_dev.podman import Podman
+from tenantflow_dev.worker_container import tenant_worker_settings
+from tests.deployments.test_alerts import TERMINAL, _wait_for
+from tests.image.conftest import PROJECT, STARTED
+from tests.world import EVENTS_PER_CLIENT, World
+
+pytestmark = [pytest.mark.stack, pytest.mark.usefixtures("db_limit")]
+
+POOL = WORK_POOLS["docker"]
+#: The project's deployments the tests move onto the docker pool (and back).
+MOVED = ("client-report", "noop")
+#: The settings a flow-run container must never show (in its environment, its command).
+SECRETS = (
+    "DATABASE_URL",
+    "SUPABASE_ANON_KEY",
+    "SEAL_PRIVATE_KEYS",
+    "PREFECT_API_AUTH_STRING",
+)
+#: Docker's form of Prefect's `prefect.io/flow-run-id` label (prefect-docker reverses it).
+RUN_LABEL = "io.prefect.flow-run-id"
+RUN_S = 240
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def docker_api(podman: Podman, tmp_path_factory: pytest.TempPathFactory) -> Iterator[DockerApi]:
+    with DockerApi(podman, tmp_path_factory.mktemp("docker-api")) as api:
+        yield api
+
+
+async def _ensure_pool(client: PrefectClient, template: dict[str, Any]) -> None:
+    try:
+        await client.read_work_pool(POOL)
+    except ObjectNotFound:
+        await client.create_work_pool(
+            WorkPoolCreate(name=POOL, type="docker", base_job_template=template)
+        )
+    else:
+        await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=template))
+
+
+@pytest.fixture(scope="module")
+def pool_template(worker_image: BuiltImage) -> dict[str, Any]:
+    """What the bootstrap gives `tenantflow-docker` (the image baked in)."""
+    return base_job_template("docker", PROJECT, image=worker_image.reference)
+
+
+@pytest.fixture(scope="module")
+def docker_pool(stack: Stack, pool_template: dict[str, Any]) -> Iterator[str]:
+    """The docker pool, with `MOVED` deployed onto it; afterwards back on their pool."""
+
+    async def move(pool: str) -> None:
+        async with get_client() as client:
+            if pool == POOL:
+                await _ensure_pool(client, pool_template)
+            for name in MOVED:
+                deployment = await client.read_deployment_by_name(f"{name}/{name}")
+                await client.update_deployment(deployment.id, DeploymentUpdate(work_pool_name=pool))
+
+    asyncio.run(move(POOL))
+    try:
+        yield POOL
+    finally:
+        asyncio.run(move(WORK_POOLS["process"]))
+
+
+@pytest.fixture
+async def restore_pool_template(pool_template: dict[str, Any]) -> AsyncIterator[None]:
+    yield
+    async with get_client() as client:
+        await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=pool_template))
+
+
+class DockerWorkerProcess:
+    """`tenantflow worker --pool tenantflow-docker` as a process of the test's."""
+
+    def __init__(self, env: dict[str, str], log: Path, name: str) -> None:
+        self.name = name
+        self.log = log
+        with log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tenantflow.cli", "worker", "--pool", POOL, "--name", name],
+                env=env,
+                cwd=PROJECT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_started(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if STARTED in self.output():
+                return
+            assert self.process.poll() is None, self.output()[-3000:]
+            time.sleep(0.3)
+        raise AssertionError(f"the docker worker did not start:\n{self.output()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def docker_worker(
+    stack: Stack,
+    docker_api: DockerApi,
+    docker_pool: str,
+    worker_image: BuiltImage,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[DockerWorkerProcess]:
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        **tenant_worker_settings(stack.config),
+        **docker_api.environment(),
+        PROJECT_DIR_ENV: str(PROJECT),
+        IMAGE_ENV: worker_image.reference,
+        NETWORK_MODE_ENV: "host",
+    }
+    folder = tmp_path_factory.mktemp("docker-worker")
+    worker = DockerWorkerProcess(env, folder / "worker.log", f"docker-test-{uuid.uuid4().hex[:6]}")
+    try:
+        worker.wait_started()
+        yield worker
+    finally:
+        worker.stop()
+        sys.stderr.write(f"\ndocker worker log: {worker.log}\n")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _start(name: str, **options: Any) -> FlowRun:
+    async with get_client() as client:
+        deployment = await client.read_deployment_by_name(f"{name}/{name}")
+        return await client.create_flow_run_from_deployment(deployment.id, **options)
+
+
+async def _ended(run: FlowRun, seconds: float = RUN_S) -> FlowRun:
+    async with get_client() as client:
+        ended: FlowRun = await _wait_for(client, run.id, TERMINAL, seconds)
+        return ended
+
+
+def _containers_of(podman: Podman, run: FlowRun) -> list[dict[str, Any]]:
+    """`podman inspect` of every container of `run`, once it has exited (a run is Completed
+    a moment before its container exits)."""
+    ids = podman.run(
+        "ps", "--all", "--quiet", "--filter", f"label={RUN_LABEL}={run.id}"
+    ).stdout.split()
+    if not ids:
+        return []
+    podman.run("wait", *ids, timeout=60)
+    inspected: list[dict[str, Any]] = json.loads(podman.run("inspect", *ids).stdout)
+    return inspected
+
+
+def _remove(podman: Podman, containers: list[dict[str, Any]]) -> None:
+    for container in containers:
+        podman.remove(container["Id"], stop_seconds=1)
+
+
+def _assert_the_workers_own(
+    podman: Podman,
+    container: dict[str, Any],
+    image: BuiltImage,
+    deployment: str,
+    secrets: dict[str, str],
+) -> None:
+    """The container is what the worker makes, whatever the API asked for."""
+    config, host = container["Config"], container["HostConfig"]
+    assert config["Image"] in (image.reference, f"localhost/{image.reference}")
+    assert container["Image"] == podman.image_id(image.reference)
+    assert config["Cmd"] == ["python", "-m", "tenantflow.container_run", deployment]
+    assert config["User"] == "10001:10001"
+    assert host["Privileged"] is False
+    assert host["NetworkMode"] == "host"
+    # NOTE: podman lists `--cap-drop ALL` as each capability a container would have had.
+    assert {"CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_NET_RAW"} <= set(host["CapDrop"])
+    assert not host.get("CapAdd")
+    assert "no-new-privileges" in host["SecurityOpt"]
+    (mount,) = container["Mounts"]
+    assert mount["Destination"] == SETTINGS_MOUNT and mount["RW"] is False
+    names = {entry.partition("=")[0] for entry in config["Env"]}
+    assert not names & {*SECRETS, MIGRATION_ENV}, names
+    text = json.dumps(container)
+    for key, value in secrets.items():
+        assert value not in text, f"{key}'s value shows in podman inspect"
+
+
+# --------------------------------------------------------------------------- tests
+
+
+def test_the_image_refuses_migrate_and_undeclared_deployments_by_itself(
+    podman: Podman, worker_image: BuiltImage
+) -> None:
+    for name in ("migrate", "rogue"):
+        done = podman.run(
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            worker_image.reference,
+            "python",
+            "-m",
+            "tenantflow.container_run",
+            name,
+            check=False,
+        )
+        assert done.returncode == 2, done.stdout + done.stderr
+        assert "refused:" in done.stderr
+        assert (MIGRATE_POOL if name == "migrate" else "is not declared") in done.stderr
+
+
+async def test_client_report_runs_in_a_container_of_its_own_without_a_secret_in_sight(
+    world: World,
+    stack: Stack,
+    podman: Podman,
+    worker_image: BuiltImage,
+    docker_worker: DockerWorkerProcess,
+) -> None:
+    today = datetime.now(UTC).date()
+    period = {"period_start": today - timedelta(days=2), "period_end": today}
+    token = await world.token("member_a")
+    sealed = world.seal(token, flow="client-report", clients=["a"], parameters=period)
+    run = await _start(
+        "client-report",
+        parameters={"client_id": world.clients["a"], **period, "access_token": sealed},
+        # NOTE: kept after its end, to be inspected.
+        job_variables={"auto_remove": False},
+    )
+    ended = await _ended(run)
+    containers = _containers_of(podman, run)
+    try:
+        assert ended.state_type == StateType.COMPLETED, (
+            ended.state.message if ended.state else None,
+            docker_worker.output()[-3000:],
+        )
+        assert ended.labels.get("prefect.worker.name") == docker_worker.name
+        async with get_client() as client:
+            artifacts = await client.read_artifacts(
+                artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[run.id]))
+            )
+        markdown = next(a for a in artifacts if a.type == "markdown")
+        assert f"Events: **{EVENTS_PER_CLIENT}**" in str(markdown.data)
+
+        (container,) = containers
+        settings = tenant_worker_settings(stack.config)
+        secrets = {key: settings[key] for key in SECRETS}
+        secrets[MIGRATION_ENV] = stack.config.migration_database_url
+        secrets["access token"] = token
+        _assert_the_workers_own(podman, container, worker_image, "client-report", secrets)
+        assert container["State"]["ExitCode"] == 0
+
+        # The settings reach the container by its read-only file, the owner's login never.
+        (mount,) = container["Mounts"]
+        held = dotenv_values(mount["Source"])
+        assert MIGRATION_ENV not in held
+        assert held == container_settings(settings)
+        assert {key: held[key] for key in SECRETS} == {key: settings[key] for key in SECRETS}
+
+        # Nor does the API hold them: not in the run, its deployment or the pool.
+        async with get_client() as client:
+            stored = await client.read_flow_run(run.id)
+            pool = await client.read_work_pool(POOL)
+            deployment = await client.read_deployment(run.deployment_id)  # type: ignore[arg-type]
+        api_text = json.dumps(
+            [
+                stored.model_dump(mode="json"),
+                pool.model_dump(mode="json"),
+                deployment.model_dump(mode="json"),
+            ]
+        )
+        for key, value in secrets.items():
+            assert value not in api_text, f"{key}'s value is stored in the Prefect API"
+    finally:
+        _remove(podman, containers)
+
+
+#: Job variables the worker's template lacks, each asking for a container of another kind.
+HOSTILE: dict[str, dict[str, Any]] = {
+    "image": {"image": "docker.io/library/alpine:3.20"},
+    "command": {"command": "sh -c 'echo pwned'"},
+    "volumes": {"volumes": ["/:/host:rw"]},
+    "networks": {"networks": ["podman"]},
+    "network_mode": {"network_mode": "bridge"},
+    "user": {"container_create_kwargs": {"user": "0:0"}},
+    "privileged": {"privileged": True},
+}
+
+
+async def test_job_variables_the_workers_template_lacks_crash_the_run_before_any_container(
+    podman: Podman,
+    docker_worker: DockerWorkerProcess,
+    restore_pool_template: None,
+) -> None:
+    # NOTE: the pool's template on the server widened to Prefect's own, whose schema takes
+    # them all: the server no longer refuses them (422), the worker has to.
+    async with get_client() as client:
+        await client.update_work_pool(
+            POOL,
+            WorkPoolUpdate(base_job_template=DockerWorker.get_default_base_job_template()),
+        )
+    runs = {
+        asked: await _start("noop", job_variables=variables) for asked, variables in HOSTILE.items()
+    }
+    ended = dict(
+        zip(runs, await asyncio.gather(*(_ended(run) for run in runs.values())), strict=True)
+    )
+    for asked, run in ended.items():
+        message = run.state.message if run.state else ""
+        assert run.state_type == StateType.CRASHED, (asked, run.state_type, message)
+        (variable,) = HOSTILE[asked]
+        assert "refused" in (message or "") and repr(variable) in (message or ""), message
+        assert _containers_of(podman, runs[asked]) == [], f"a container was made for {asked}"
+
+
+async def test_the_pools_template_rewritten_through_the_api_is_not_what_the_worker_runs(
+    stack: Stack,
+    podman: Podman,
+    worker_image: BuiltImage,
+    docker_worker: DockerWorkerProcess,
+    pool_template: dict[str, Any],
+    restore_pool_template: None,
+) -> None:
+    hostile = copy.deepcopy(pool_template)
+    hostile["job_configuration"].update(
+        {
+            "image": "docker.io/library/alpine:3.20",
+            "command": "sh -c 'echo pwned'",
+            "volumes": ["/:/host:rw"],
+            "networks": ["podman"],
+            "privileged": True,
+            "container_create_kwargs": {"user": "0:0", "cap_add": ["SYS_ADMIN"]},
+            "env": {"PREFECT_API_AUTH_STRING": "stolen"},
+            "auto_remove": False,
+        }
+    )
+    async with get_client() as client:
+        await client.update_work_pool(POOL, WorkPoolUpdate(base_job_template=hostile))
+    run = await _start("noop", job_variables={"auto_remove": False})
+    ended = await _ended(run)
+    containers = _containers_of(podman, run)
+    try:
+        assert ended.state_type == StateType.COMPLETED, ended.state.message if ended.state else None
+        (container,) = containers
+        settings = tenant_worker_settings(stack.config)
+        _assert_the_workers_own(
+            podman, container, worker_image, "noop", {key: settings[key] for key in SECRETS}
+        )
+        assert "SYS_ADMIN" not in json.dumps(container["HostConfig"].get("CapAdd") or [])
+    finally:
+        _remove(podman, containers)
+
+
+async def test_undeclared_deployments_and_migrate_crash_before_any_container(
+    podman: Podman, docker_worker: DockerWorkerProcess
+) -> None:
+    async with get_client() as client:
+        noop = await client.read_deployment_by_name("noop/noop")
+        rogue_id = await client.create_deployment(
+            flow_id=noop.flow_id,
+            name=f"rogue-{uuid.uuid4().hex[:6]}",
+            work_pool_name=POOL,
+            entrypoint="flows/noop.py:noop",
+        )
+        migrate = await client.read_deployment_by_name("migrate/migrate")
+        await client.update_deployment(migrate.id, DeploymentUpdate(work_pool_name=POOL))
+        try:
+            rogue = await client.create_flow_run_from_deployment(rogue_id)
+            # NOTE: sealed-token-shaped only: the run never gets as far as its flow.
+            moved = await client.create_flow_run_from_deployment(
+                migrate.id, parameters={"access_token": "never.opened.in.a.container"}
+            )
+            ended = await asyncio.gather(_ended(rogue), _ended(moved))
+        finally:
+            await client.update_deployment(
+                migrate.id, DeploymentUpdate(work_pool_name=MIGRATE_POOL)
+            )
+            await client.delete_deployment(rogue_id)
+    for run, reason in zip(ended, ("is not declared", MIGRATE_POOL), strict=True):
+        message = run.state.message if run.state else ""
+        assert run.state_type == StateType.CRASHED, (run.state_type, message)
+        assert reason in (message or ""), message
+        assert _containers_of(podman, run) == []
