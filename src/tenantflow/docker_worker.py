@@ -26,17 +26,22 @@ each reports its own end to Prefect.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import os
 import shlex
 import shutil
 import tempfile
+import threading
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Self
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar, cast
 from uuid import UUID
 
 import anyio.abc
+from prefect.utilities.asyncutils import run_sync_in_worker_thread
 from prefect_docker.worker import DockerWorker, DockerWorkerJobConfiguration, DockerWorkerResult  # type: ignore[import-untyped]
 from pydantic import model_validator
 
@@ -68,6 +73,7 @@ __all__ = [
     "flow_run_settings_file",
 ]
 
+_T = TypeVar("_T")
 #: The worker setting: the flow-run containers' network mode (never a job variable).
 NETWORK_MODE_ENV = "TENANTFLOW_DOCKER_NETWORK_MODE"
 #: What every flow-run container is created with, beside the configuration's fields.
@@ -204,4 +210,46 @@ class TenantflowDockerWorker(ContainerWorker, DockerWorker):  # type: ignore[mis
                 "refusing to start a flow run whose job configuration was not prepared by "
                 "the tenantflow docker worker"
             )
-        return await super().run(flow_run, configuration, task_status)
+        # NOTE: DockerWorker.run, but for where the container is watched: Prefect's runs
+        # `container.wait()` in an anyio worker thread, which is not a daemon, so a worker
+        # told to stop would not exit before every container it watches had ended.
+        started: tuple[Any, Any] = await run_sync_in_worker_thread(
+            self._create_and_start_container, configuration
+        )
+        container, created_event = started
+        identifier: str = self._get_infrastructure_pid(container_id=container.id)
+        if task_status is not None:
+            task_status.started(identifier)
+        container = await _in_daemon_thread(
+            self._watch_container_safe, container, configuration, created_event
+        )
+        exit_code = container.attrs["State"].get("ExitCode")
+        return DockerWorkerResult(
+            status_code=exit_code if exit_code is not None else -1, identifier=identifier
+        )
+
+
+async def _in_daemon_thread(call: Callable[..., _T], *args: Any) -> _T:
+    """`call(*args)` in a daemon thread of its own: the process may exit while it blocks
+    (a stopped worker leaves the container it was watching running)."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[_T] = loop.create_future()
+
+    def settle(result: _T | None, error: BaseException | None) -> None:
+        if done.done():
+            return  # the awaiting task was cancelled: the worker is stopping
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(cast(_T, result))
+
+    def target() -> None:
+        try:
+            result, error = call(*args), None
+        except BaseException as raised:  # handed to the awaiting task
+            result, error = None, raised
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name="tenantflow-docker-watch", daemon=True).start()
+    return await done

@@ -449,3 +449,51 @@ async def test_undeclared_deployments_and_migrate_crash_before_any_container(
         assert run.state_type == StateType.CRASHED, (run.state_type, message)
         assert reason in (message or ""), message
         assert _containers_of(podman, run) == []
+
+
+#: How soon a stopped docker worker must be gone (it waits for no run: containers go on).
+STOP_S = 15
+
+
+async def test_a_stopped_worker_exits_at_once_and_its_runs_container_still_completes_it(
+    world: World,
+    podman: Podman,
+    docker_worker: DockerWorkerProcess,
+) -> None:
+    """Last in this module: it stops the module's worker."""
+    today = datetime.now(UTC).date()
+    period = {"period_start": today, "period_end": today}
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=period)
+    conn = await world.admin()
+    try:
+        # NOTE: the report's row waits for this lock: the run is surely in flight, in its
+        # container, when the worker is stopped.
+        lock = conn.transaction()
+        await lock.start()
+        await conn.execute("LOCK TABLE public.client_reports IN ACCESS EXCLUSIVE MODE")
+        run = await _start(
+            "client-report",
+            parameters={"client_id": world.clients["a"], **period, "access_token": sealed},
+        )
+        async with asyncio.timeout(RUN_S):
+            while not await conn.fetchval(  # noqa: ASYNC110 (polling the database)
+                "SELECT count(*) FROM pg_locks WHERE NOT granted "
+                "AND relation = 'public.client_reports'::regclass"
+            ):
+                await asyncio.sleep(0.2)
+        (container,) = podman.run(
+            "ps", "--quiet", "--filter", f"label={RUN_LABEL}={run.id}"
+        ).stdout.split()
+
+        stopping = time.monotonic()
+        os.killpg(docker_worker.process.pid, signal.SIGTERM)
+        code = await asyncio.to_thread(docker_worker.process.wait, STOP_S)
+        assert code == 0, docker_worker.output()[-2000:]
+        assert time.monotonic() - stopping < STOP_S
+        assert "SIGTERM: stopping" in docker_worker.output()
+        assert podman.container_running(container)
+        await lock.rollback()
+    finally:
+        await conn.close()
+    ended = await _ended(run)
+    assert ended.state_type == StateType.COMPLETED, ended.state.message if ended.state else None
