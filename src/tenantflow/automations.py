@@ -1,8 +1,12 @@
-"""The automations the bootstrap owns: zombie runs marked Crashed, and operators' alerts.
+"""The automations the bootstrap owns: zombie and never-started runs marked Crashed, and
+operators' alerts.
 
 * `zombie_automation()`: a deployment's flow run with no heartbeat (nor a final, paused
   or suspended state) for `ZOMBIE_AFTER_S` is set Crashed, which frees its concurrency
   slot.
+* `stuck_start_automation()`: a deployment's flow run a worker took (Pending, Submitting)
+  but that is not Running `STUCK_START_AFTER_S` later is set Crashed (its worker died
+  before starting it).
 * `alert_automations()`: with `ALERT_WEBHOOK_URL` set, a POST through the notification
   block `tenantflow-alerts` when `nightly-rollup` ends Failed or Crashed, and when none
   has Completed for `NIGHTLY_LATE_AFTER_S`.
@@ -34,6 +38,7 @@ __all__ = [
     "alert_automations",
     "ensure_automations",
     "housekeeping_automation",
+    "stuck_start_automation",
     "zombie_automation",
 ]
 
@@ -47,6 +52,7 @@ ALERT_BLOCK = "tenantflow-alerts"
 #: The automations the bootstrap owns, by role.
 AUTOMATIONS = {
     "zombie": "tenantflow-crash-zombie-flow-runs",
+    "stuck": "tenantflow-crash-never-started-flow-runs",
     "failed": "tenantflow-nightly-rollup-failed",
     "late": "tenantflow-nightly-rollup-late",
     "housekeeping": "tenantflow-housekeeping-alerts",
@@ -71,6 +77,7 @@ class Alerts:
     """
 
     zombie_after_s: int = 90
+    stuck_start_after_s: int = 600
     nightly_late_after_s: int = 26 * 3600
     webhook_url: str | None = field(default=None, repr=False)
 
@@ -79,9 +86,43 @@ class Alerts:
         url = settings.alert_webhook_url
         return cls(
             zombie_after_s=settings.zombie_after_s,
+            stuck_start_after_s=settings.stuck_start_after_s,
             nightly_late_after_s=settings.nightly_late_after_s,
             webhook_url=url.get_secret_value() if url is not None else None,
         )
+
+
+def _crash_unless(
+    name: str, description: str, *, after: set[str], expect: set[str], seconds: int, message: str
+) -> Any:
+    """An automation that sets a deployment's flow run Crashed with `message` when, after
+    one of its `after` events, none of `expect` follows within `seconds` (proactive, one
+    bucket per flow run)."""
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+    from prefect.events.schemas.events import ResourceSpecification
+
+    return AutomationCore(
+        name=name,
+        description=description,
+        trigger=EventTrigger(
+            after=after,
+            expect=expect,
+            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
+            match_related=ResourceSpecification(
+                {
+                    "prefect.resource.role": "deployment",
+                    "prefect.resource.id": "prefect.deployment.*",
+                }
+            ),
+            for_each={"prefect.resource.id"},
+            posture=Posture.Proactive,
+            threshold=1,
+            within=timedelta(seconds=seconds),
+        ),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED, message=message)],
+    )
 
 
 def zombie_automation(alerts: Alerts) -> Any:
@@ -93,43 +134,45 @@ def zombie_automation(alerts: Alerts) -> Any:
     Crashed. Only runs of deployments: a flow called in-process (a test, a script) keeps
     Prefect's default heartbeat (180 s), which a short window would take for a zombie.
     """
-    from prefect.client.schemas.objects import StateType
-    from prefect.events.actions import ChangeFlowRunState
-    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
-    from prefect.events.schemas.events import ResourceSpecification
+    return _crash_unless(
+        AUTOMATIONS["zombie"],
+        "tenantflow: a deployment's flow run without a heartbeat for "
+        f"{alerts.zombie_after_s}s is marked Crashed (its worker or machine died).",
+        after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
+        expect={"prefect.flow-run.heartbeat"}
+        | {f"prefect.flow-run.{state}" for state in _QUIET_STATES},
+        seconds=alerts.zombie_after_s,
+        message=(
+            f"No heartbeat from this flow run for {alerts.zombie_after_s}s: its process "
+            "or machine is gone (killed, evicted, rebooted). Marked Crashed by "
+            "tenantflow's zombie detection; start the run again."
+        ),
+    )
 
-    return AutomationCore(
-        name=AUTOMATIONS["zombie"],
-        description=(
-            "tenantflow: a deployment's flow run without a heartbeat for "
-            f"{alerts.zombie_after_s}s is marked Crashed (its worker or machine died)."
+
+def stuck_start_automation(alerts: Alerts) -> Any:
+    """Mark Crashed a deployment's flow run that a worker took but that never started.
+
+    A worker takes a run (`Pending`), prepares it (`Submitting`) and starts its process or
+    container, whose engine sets it `Running`. A worker killed in between (its machine or
+    container gone) leaves the run taken by nobody, before any heartbeat the zombie
+    automation could miss: after `Pending` or `Submitting`, `Running` (or a final state)
+    is expected within `stuck_start_after_s`; otherwise the run is set Crashed, which a
+    sweep's parent retries as it retries a zombie shard.
+    """
+    return _crash_unless(
+        AUTOMATIONS["stuck"],
+        "tenantflow: a deployment's flow run taken by a worker but not Running "
+        f"{alerts.stuck_start_after_s}s later is marked Crashed (its worker died first).",
+        after={"prefect.flow-run.Pending", "prefect.flow-run.Submitting"},
+        expect={"prefect.flow-run.Running"}
+        | {f"prefect.flow-run.{state}" for state in _QUIET_STATES},
+        seconds=alerts.stuck_start_after_s,
+        message=(
+            f"Taken by a worker but not started within {alerts.stuck_start_after_s}s: "
+            "the worker died before starting it, or its container never came up. "
+            "Marked Crashed by tenantflow's automation; start the run again."
         ),
-        trigger=EventTrigger(
-            after={"prefect.flow-run.Running", "prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat"}
-            | {f"prefect.flow-run.{state}" for state in _QUIET_STATES},
-            match=ResourceSpecification({"prefect.resource.id": "prefect.flow-run.*"}),
-            match_related=ResourceSpecification(
-                {
-                    "prefect.resource.role": "deployment",
-                    "prefect.resource.id": "prefect.deployment.*",
-                }
-            ),
-            for_each={"prefect.resource.id"},
-            posture=Posture.Proactive,
-            threshold=1,
-            within=timedelta(seconds=alerts.zombie_after_s),
-        ),
-        actions=[
-            ChangeFlowRunState(
-                state=StateType.CRASHED,
-                message=(
-                    f"No heartbeat from this flow run for {alerts.zombie_after_s}s: its process "
-                    "or machine is gone (killed, evicted, rebooted). Marked Crashed by "
-                    "tenantflow's zombie detection; start the run again."
-                ),
-            )
-        ],
     )
 
 
@@ -318,6 +361,7 @@ async def ensure_automations(client: Any, alerts: Alerts) -> dict[str, Outcome]:
     """Create, update or remove the bootstrap's automations; what happened to each, by name."""
     done: dict[str, Outcome] = {}
     done[AUTOMATIONS["zombie"]] = await _ensure_automation(client, zombie_automation(alerts))
+    done[AUTOMATIONS["stuck"]] = await _ensure_automation(client, stuck_start_automation(alerts))
     if not alerts.webhook_url:
         # NOTE: without a destination there is nothing to send: earlier alert automations
         # are removed, so unsetting the URL turns alerts off.
