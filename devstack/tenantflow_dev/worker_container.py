@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
@@ -79,8 +79,10 @@ class WorkerContainer:
         pool: str = WORK_POOLS["process"],
         limit: int | None = None,
         image: str = IMAGE,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
+        self.extra_settings = dict(settings or {})
         self.podman = podman
         self.name = name
         self.pool = pool
@@ -97,7 +99,8 @@ class WorkerContainer:
         self.settings_file.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.settings_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
-            for key, value in tenant_worker_settings(self.config).items():
+            settings = {**tenant_worker_settings(self.config), **self.extra_settings}
+            for key, value in settings.items():
                 handle.write(f"{key}={value}\n")
         return self.settings_file
 
@@ -173,8 +176,10 @@ def worker_containers(
     count: int = 2,
     limit: int | None = None,
     prefix: str = "tenantflow-worker",
+    settings: Mapping[str, str] | None = None,
 ) -> Iterator[list[WorkerContainer]]:
-    """The process pool served by `count` worker containers instead of the stack's worker.
+    """The process pool served by `count` worker containers instead of the stack's worker
+    (each with `settings` over the tenant worker's).
 
     The stack's own worker is stopped first (it would take runs too) and started again
     afterwards, once the containers are removed.
@@ -183,7 +188,9 @@ def worker_containers(
     main = LocalWorker(config)
     main.stop()
     containers = [
-        WorkerContainer(config, podman, name=f"{prefix}-{n}", folder=folder, limit=limit)
+        WorkerContainer(
+            config, podman, name=f"{prefix}-{n}", folder=folder, limit=limit, settings=settings
+        )
         for n in range(1, count + 1)
     ]
     try:

@@ -48,6 +48,7 @@ async def database_slots(wanted: int, *, settings: Settings | None = None) -> As
         occupy=slots,
         strict=True,
         timeout_seconds=settings.db_slot_timeout_s,
+        lease_duration=settings.db_slot_lease_s,
     ):
         token, count = _GATE.set(asyncio.Semaphore(slots)), _SLOTS.set(slots)
         try:
@@ -91,6 +92,7 @@ async def one_transaction_slot(*, settings: Settings | None = None) -> AsyncIter
         occupy=1,
         strict=True,
         timeout_seconds=settings.db_slot_timeout_s,
+        lease_duration=settings.db_slot_lease_s,
     ):
         yield
 

@@ -308,6 +308,17 @@ class FaultSettings(BaseSettings):
             "Must exceed FLOW_HEARTBEAT_S; about three heartbeats is Prefect's advice."
         ),
     )
+    stuck_start_after_s: int = Field(
+        default=600,
+        ge=10,
+        le=86400,
+        description=(
+            "A deployment's flow run that a worker took (Pending, Submitting) but that has "
+            "not started Running (nor reached a final state) this many seconds later is "
+            "marked Crashed by the bootstrap's automation: its worker died before starting "
+            "it, or its container or Job never came up. Leave room for an image pull."
+        ),
+    )
     nightly_late_after_s: int = Field(
         default=26 * 3600,
         ge=10,
@@ -364,7 +375,7 @@ class FaultSettings(BaseSettings):
         description=(
             "Operators are alerted when DB_CONCURRENCY_LIMIT has had more slots taken than its "
             "running flow runs can hold for this many seconds. Longer than a lease's life "
-            "(300 s) plus ZOMBIE_AFTER_S, so a dead run's slots are given back first."
+            "(DB_SLOT_LEASE_S) plus ZOMBIE_AFTER_S, so a dead run's slots are given back first."
         ),
     )
     schedule_slot_grace_s: int = Field(
@@ -541,6 +552,18 @@ class Settings(SealSettings, FaultSettings):
         default=600.0,
         gt=0,
         description="Seconds a flow run waits for database slots before failing.",
+    )
+    db_slot_lease_s: float = Field(
+        default=300.0,
+        ge=30,
+        le=3600,
+        description=(
+            "Life of the lease on a flow run's DB_CONCURRENCY_LIMIT slots, renewed by the run "
+            "every three quarters of it: a run that dies unreported (its worker or machine "
+            "killed) holds its slots until its lease runs out. Shorter gives them back "
+            "sooner and asks more of the Prefect API's availability: a run whose renewal "
+            "keeps failing for the rest of its lease stops."
+        ),
     )
     tenant_batch_size: int = Field(
         default=200,

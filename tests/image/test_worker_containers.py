@@ -46,12 +46,16 @@ SHARD_SIZE = 150
 #: Above the image's flow-run heartbeat (30 s), so the runs still alive beat in time; the
 #: stack's own window (90 s) would only make the test wait longer.
 ZOMBIE_AFTER_S = 45
+#: A shard the killed container had taken but not started yet (its worker dies between the
+#: two) is marked Crashed this long after; the containers start a run in seconds.
+STUCK_START_AFTER_S = 30
 #: How long the first rollup of one client sleeps inside its transaction: its shard is
 #: then surely Running, holding its slots, when the container is killed.
 SLEEP_S = 20
 #: A killed run's `tenantflow-db` slots are held by a lease nobody renews any more: the
-#: server takes them back when it expires, at most 300 s after its last renewal.
-LEASE_S = 300
+#: server takes them back when it expires, at most DB_SLOT_LEASE_S after its last renewal
+#: (the containers' own, shorter than the 300 s default, so the test waits less).
+LEASE_S = 60
 
 
 @pytest.fixture
@@ -81,7 +85,14 @@ def containers(stack: Stack, tmp_path: Path) -> Iterator[list[WorkerContainer]]:
     """Two worker containers of two flow runs each serve the pool, instead of the stack's
     worker: a sweep of four shards or more at once must use both."""
     prefix = f"tenantflow-test-worker-{uuid.uuid4().hex[:6]}"
-    with worker_containers(stack.config, tmp_path, count=2, limit=2, prefix=prefix) as running:
+    with worker_containers(
+        stack.config,
+        tmp_path,
+        count=2,
+        limit=2,
+        prefix=prefix,
+        settings={"DB_SLOT_LEASE_S": str(LEASE_S)},
+    ) as running:
         yield running
 
 
@@ -142,7 +153,9 @@ async def test_a_worker_container_killed_mid_shard_its_run_crashed_and_the_shard
     containers: list[WorkerContainer],
     restore_automations: None,  # noqa: F811
 ) -> None:
-    await _bootstrap(stack, Alerts(zombie_after_s=ZOMBIE_AFTER_S))
+    await _bootstrap(
+        stack, Alerts(zombie_after_s=ZOMBIE_AFTER_S, stuck_start_after_s=STUCK_START_AFTER_S)
+    )
     today = datetime.now(UTC).date()
     slow = sweep_clients[0]
     first_call_sleeps = (
