@@ -134,11 +134,17 @@ class World:
 
     @asynccontextmanager
     async def metrics_trigger(
-        self, client: uuid.UUID, action: str, *, counter: bool = False
+        self,
+        client: uuid.UUID,
+        action: str,
+        *,
+        counter: bool = False,
+        table: str = "client_daily_metrics",
     ) -> AsyncIterator[str]:
-        """A BEFORE INSERT trigger on `client_daily_metrics` that runs the plpgsql `action`
-        for `client`'s rows (`{name}` in it is the trigger's name; with `counter`, the
-        sequence `public.{name}_calls` exists); everything is dropped afterwards."""
+        """A BEFORE INSERT trigger on `table` (public; default `client_daily_metrics`) that
+        runs the plpgsql `action` for `client`'s rows (`{name}` in it is the trigger's name;
+        with `counter`, the sequence `public.{name}_calls` exists); everything is dropped
+        afterwards."""
         name = f"tf_test_{uuid.uuid4().hex[:8]}"
         conn = await self.admin()
         try:
@@ -151,12 +157,12 @@ class World:
                 "END IF; RETURN NEW; END $$"
             )
             await conn.execute(
-                f"CREATE TRIGGER {name} BEFORE INSERT ON public.client_daily_metrics "
+                f"CREATE TRIGGER {name} BEFORE INSERT ON public.{table} "
                 f"FOR EACH ROW EXECUTE FUNCTION public.{name}()"
             )
             yield name
         finally:
-            await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON public.client_daily_metrics")
+            await conn.execute(f"DROP TRIGGER IF EXISTS {name} ON public.{table}")
             await conn.execute(f"DROP FUNCTION IF EXISTS public.{name}()")
             await conn.execute(f"DROP SEQUENCE IF EXISTS public.{name}_calls")
             await conn.close()
