@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from bench.containers import container_rows
 from bench.guard import guard_rows
+from bench.image import image_rows
 from bench.imports import import_rows
 from bench.latency import latency_rows
 from bench.shards import shard_rows
@@ -163,6 +164,7 @@ async def run(stack: Stack) -> None:
     rows += await sweeps(stack)
     rows += await shard_rows(stack)
     rows += await container_rows(stack)
+    rows += await image_rows(stack)
     rows += await guard_rows(stack.config, get_settings())
     rows += await latency_rows(stack.config)
     rows += import_rows()
