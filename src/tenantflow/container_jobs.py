@@ -34,9 +34,10 @@ How to run them, and what each check answers: docs/operations.md, docs/security.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Self
 from uuid import UUID
@@ -90,6 +91,8 @@ HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 CONTAINER_ENVIRONMENT = frozenset(
     {"PREFECT_API_URL", HEARTBEAT_ENV, "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"}
 )
+#: How long a cancelled run's container gets between SIGTERM and SIGKILL.
+_CANCEL_GRACE_S = 30
 #: Prefect's per-run variables (the run's id, its flow, deployment, pool and worker).
 _PER_RUN_PREFIX = "PREFECT__"
 
@@ -338,10 +341,16 @@ class LockedJobConfiguration:
 class ContainerWorker(DrainingWorker):
     """What the tenantflow docker and kubernetes workers share, mixed in before Prefect's
     worker class: the type's own template, a registry key of its own, the tripwire, no
-    ad-hoc runs. Their flow-run containers outlive the worker (`in_flight` stays empty:
-    a stopping worker leaves them running, each reports its own end)."""
+    ad-hoc runs, and runs cancelled through the API stopped even once they have started.
+    Their flow-run containers outlive the worker (`in_flight` stays empty: a stopping
+    worker leaves them running, each reports its own end)."""
 
     pool_type: ClassVar[PoolType]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The runs whose container or Job this worker watches now.
+        self._running: set[UUID] = set()
 
     @classmethod
     def __dispatch_key__(cls) -> str:
@@ -355,6 +364,79 @@ class ContainerWorker(DrainingWorker):
     async def setup(self) -> None:
         install_tripwire()
         await super().setup()  # type: ignore[misc]
+
+    @contextlib.contextmanager
+    def running(self, flow_run_id: UUID) -> Iterator[None]:
+        """Around a run's `run()`: while it runs, a cancellation through the API stops it."""
+        self._running.add(flow_run_id)
+        try:
+            yield
+        finally:
+            self._running.discard(flow_run_id)
+            observer = getattr(self, "_cancelling_observer", None)
+            if observer is not None:
+                observer.remove_in_flight_flow_run_id(flow_run_id)
+
+    async def _submit_run(self, flow_run: FlowRun) -> None:
+        await super()._submit_run(flow_run)  # type: ignore[misc]
+        # NOTE: Prefect's worker stops watching a run for cancellation once it has
+        # started; this one watches it until its container or Job ends (`running`).
+        observer = getattr(self, "_cancelling_observer", None)
+        if observer is not None and flow_run.id in self._running:
+            observer.add_in_flight_flow_run_id(flow_run.id)
+
+    async def _setup_cancellation_observer(self) -> None:
+        # NOTE: Prefect observes cancellations only with PREFECT_WORKER_ENABLE_CANCELLATION
+        # (off by default); without it a run cancelled through the API would go on in its
+        # container (`_cancel_run`).
+        from prefect.settings import PREFECT_WORKER_ENABLE_CANCELLATION, temporary_settings
+
+        with temporary_settings(updates={PREFECT_WORKER_ENABLE_CANCELLATION: True}):
+            await super()._setup_cancellation_observer()  # type: ignore[misc]
+
+    async def _cancel_run(self, flow_run_id: UUID) -> None:
+        """Stop the container or Job of a run cancelled through the API, then mark it
+        Cancelled.
+
+        NOTE: Prefect's worker stops only runs that never started: a started one is left
+        to the Runner of `prefect flow-run execute` in its container, which a tenantflow
+        container never runs (it loads the flow from the API). The engine in the container
+        ends on the stop's SIGTERM (its crash hooks, the token redaction, run there).
+        """
+        import copy
+
+        from prefect.exceptions import InfrastructureNotFound, ObjectNotFound
+
+        # NOTE: the Prefect worker this is mixed into (its attributes: BaseWorker's).
+        worker: Any = self
+
+        try:
+            flow_run: FlowRun = await worker.client.read_flow_run(flow_run_id)
+        except ObjectNotFound:
+            return
+        if flow_run.start_time is None or not flow_run.infrastructure_pid:
+            await super()._cancel_run(flow_run_id)  # type: ignore[misc]
+            return
+        if flow_run.state is None or not flow_run.state.is_cancelling():
+            return
+        configuration = await worker.job_configuration.resolve_for_flow_run(
+            flow_run,
+            client=worker.client,
+            work_pool=copy.deepcopy(worker.work_pool),
+            worker_name=worker.name,
+            worker_id=worker.backend_id,
+        )
+        with contextlib.suppress(InfrastructureNotFound):
+            await worker.kill_infrastructure(
+                infrastructure_pid=flow_run.infrastructure_pid,
+                configuration=configuration,
+                grace_seconds=_CANCEL_GRACE_S,
+            )
+        await worker._mark_flow_run_as_cancelled(
+            flow_run,
+            state_updates={"message": "Flow run cancelled: its container was stopped."},
+        )
+        worker.get_flow_run_logger(flow_run).info(f"Cancelled running flow run {flow_run.id}")
 
     async def _submit_adhoc_run(self, *args: Any, **kwargs: Any) -> None:
         # NOTE: `flow.submit_to_work_pool` ships the caller's code in a bundle and runs it

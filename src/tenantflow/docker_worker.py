@@ -20,8 +20,9 @@ job variables checked against its own schema, and then
   value (`--env-file` or `environment=` would show them all).
 
 NOTE: the worker and the Docker engine must share the file system (a local socket): the
-settings file's path is the engine's. A stopped worker leaves its runs' containers running;
-each reports its own end to Prefect.
+settings file's path is the engine's. A stopped worker exits at once and leaves its runs'
+containers running; each reports its own end to Prefect. A run cancelled through the API
+has its container stopped (`tenantflow.container_jobs.ContainerWorker`).
 """
 
 from __future__ import annotations
@@ -213,16 +214,17 @@ class TenantflowDockerWorker(ContainerWorker, DockerWorker):  # type: ignore[mis
         # NOTE: DockerWorker.run, but for where the container is watched: Prefect's runs
         # `container.wait()` in an anyio worker thread, which is not a daemon, so a worker
         # told to stop would not exit before every container it watches had ended.
-        started: tuple[Any, Any] = await run_sync_in_worker_thread(
-            self._create_and_start_container, configuration
-        )
-        container, created_event = started
-        identifier: str = self._get_infrastructure_pid(container_id=container.id)
-        if task_status is not None:
-            task_status.started(identifier)
-        container = await _in_daemon_thread(
-            self._watch_container_safe, container, configuration, created_event
-        )
+        with self.running(flow_run.id):
+            started: tuple[Any, Any] = await run_sync_in_worker_thread(
+                self._create_and_start_container, configuration
+            )
+            container, created_event = started
+            identifier: str = self._get_infrastructure_pid(container_id=container.id)
+            if task_status is not None:
+                task_status.started(identifier)
+            container = await _in_daemon_thread(
+                self._watch_container_safe, container, configuration, created_event
+            )
         exit_code = container.attrs["State"].get("ExitCode")
         return DockerWorkerResult(
             status_code=exit_code if exit_code is not None else -1, identifier=identifier

@@ -131,4 +131,6 @@ class TenantflowKubernetesWorker(ContainerWorker, KubernetesWorker):  # type: ig
                 "refusing to start a flow run whose job configuration was not prepared by "
                 "the tenantflow kubernetes worker"
             )
-        return await super().run(flow_run, configuration, task_status)
+        with self.running(flow_run.id):
+            result: KubernetesWorkerResult = await super().run(flow_run, configuration, task_status)
+            return result

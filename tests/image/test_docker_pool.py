@@ -17,7 +17,9 @@ What the API can say and what happens:
 * the pool's template on the server rewritten to another image, command, volume, network,
   user and privileged mode: ignored, the run's container is the worker's own;
 * a deployment the project does not declare, or `migrate` moved onto the pool: Crashed
-  before any container; the image refuses `migrate` by itself as well.
+  before any container; the image refuses `migrate` by itself as well;
+* a running run cancelled: its container stopped, the run Cancelled; the worker stopped
+  with a run in flight: it exits at once, the container goes on and completes the run.
 """
 
 from __future__ import annotations
@@ -32,10 +34,12 @@ import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import pytest
 from dotenv import dotenv_values
 from prefect.client.orchestration import PrefectClient, get_client
@@ -43,6 +47,7 @@ from prefect.client.schemas.actions import DeploymentUpdate, WorkPoolCreate, Wor
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.exceptions import ObjectNotFound
+from prefect.states import Cancelling
 from prefect_docker.worker import DockerWorker  # type: ignore[import-untyped]
 
 from tenantflow.container_jobs import IMAGE_ENV, SETTINGS_MOUNT, container_settings
@@ -451,6 +456,67 @@ async def test_undeclared_deployments_and_migrate_crash_before_any_container(
         assert _containers_of(podman, run) == []
 
 
+@asynccontextmanager
+async def _client_reports_locked(world: World) -> AsyncIterator[asyncpg.Connection]:
+    """`client_reports` locked (a report's row waits), released on the way out."""
+    conn = await world.admin()
+    try:
+        async with conn.transaction():
+            await conn.execute("LOCK TABLE public.client_reports IN ACCESS EXCLUSIVE MODE")
+            yield conn
+    finally:
+        await conn.close()
+
+
+async def _waiting_on_the_lock(conn: asyncpg.Connection) -> None:
+    async with asyncio.timeout(RUN_S):
+        while not await conn.fetchval(  # noqa: ASYNC110 (polling the database)
+            "SELECT count(*) FROM pg_locks WHERE NOT granted "
+            "AND relation = 'public.client_reports'::regclass"
+        ):
+            await asyncio.sleep(0.2)
+
+
+async def _blocked_report(
+    world: World, conn: asyncpg.Connection, podman: Podman
+) -> tuple[FlowRun, str]:
+    """A client-report run in flight in its container (the run, the container's id), its
+    report's row waiting on `conn`'s lock."""
+    today = datetime.now(UTC).date()
+    period = {"period_start": today, "period_end": today}
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=period)
+    run = await _start(
+        "client-report",
+        parameters={"client_id": world.clients["a"], **period, "access_token": sealed},
+    )
+    await _waiting_on_the_lock(conn)
+    (container,) = podman.run(
+        "ps", "--quiet", "--filter", f"label={RUN_LABEL}={run.id}"
+    ).stdout.split()
+    return run, container
+
+
+async def test_a_running_run_cancelled_through_the_api_stops_its_container(
+    world: World, podman: Podman, docker_worker: DockerWorkerProcess
+) -> None:
+    async with _client_reports_locked(world) as conn:
+        run, container = await _blocked_report(world, conn, podman)
+        async with get_client() as client:
+            await client.set_flow_run_state(run.id, Cancelling(), force=True)
+            # NOTE: the engine in the stopped container reports Crashed first; the worker
+            # then marks the run Cancelled.
+            try:
+                ended = await _wait_for(client, run.id, {StateType.CANCELLED}, 60)
+            except TimeoutError:
+                ended = await client.read_flow_run(run.id)
+        assert ended.state_type == StateType.CANCELLED, (
+            ended.state,
+            docker_worker.output()[-2000:],
+        )
+        assert "its container was stopped" in (ended.state.message or "")
+        assert not podman.container_running(container)
+
+
 #: How soon a stopped docker worker must be gone (it waits for no run: containers go on).
 STOP_S = 15
 
@@ -461,30 +527,8 @@ async def test_a_stopped_worker_exits_at_once_and_its_runs_container_still_compl
     docker_worker: DockerWorkerProcess,
 ) -> None:
     """Last in this module: it stops the module's worker."""
-    today = datetime.now(UTC).date()
-    period = {"period_start": today, "period_end": today}
-    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=period)
-    conn = await world.admin()
-    try:
-        # NOTE: the report's row waits for this lock: the run is surely in flight, in its
-        # container, when the worker is stopped.
-        lock = conn.transaction()
-        await lock.start()
-        await conn.execute("LOCK TABLE public.client_reports IN ACCESS EXCLUSIVE MODE")
-        run = await _start(
-            "client-report",
-            parameters={"client_id": world.clients["a"], **period, "access_token": sealed},
-        )
-        async with asyncio.timeout(RUN_S):
-            while not await conn.fetchval(  # noqa: ASYNC110 (polling the database)
-                "SELECT count(*) FROM pg_locks WHERE NOT granted "
-                "AND relation = 'public.client_reports'::regclass"
-            ):
-                await asyncio.sleep(0.2)
-        (container,) = podman.run(
-            "ps", "--quiet", "--filter", f"label={RUN_LABEL}={run.id}"
-        ).stdout.split()
-
+    async with _client_reports_locked(world) as conn:
+        run, container = await _blocked_report(world, conn, podman)
         stopping = time.monotonic()
         os.killpg(docker_worker.process.pid, signal.SIGTERM)
         code = await asyncio.to_thread(docker_worker.process.wait, STOP_S)
@@ -492,8 +536,5 @@ async def test_a_stopped_worker_exits_at_once_and_its_runs_container_still_compl
         assert time.monotonic() - stopping < STOP_S
         assert "SIGTERM: stopping" in docker_worker.output()
         assert podman.container_running(container)
-        await lock.rollback()
-    finally:
-        await conn.close()
     ended = await _ended(run)
     assert ended.state_type == StateType.COMPLETED, ended.state.message if ended.state else None
