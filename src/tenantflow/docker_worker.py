@@ -60,6 +60,7 @@ from tenantflow.container_jobs import (
     settings_file_text,
 )
 from tenantflow.deployments import PoolType
+from tenantflow.errors import TenantflowError
 from tenantflow.worker import flow_heartbeat_seconds
 
 if TYPE_CHECKING:
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NETWORK_MODE_ENV",
+    "DockerUnreachable",
     "TenantflowDockerJobConfiguration",
     "TenantflowDockerWorker",
     "flow_run_settings_file",
@@ -192,8 +194,10 @@ class TenantflowDockerWorker(ContainerWorker, DockerWorker):  # type: ignore[mis
     _display_name = "tenantflow docker"
 
     async def setup(self) -> None:
-        # NOTE: now, so a setting that cannot go into the file stops the worker at once.
+        # NOTE: now, so a setting that cannot go into the file, or a Docker engine that
+        # does not answer, stops the worker at once rather than fails each run.
         flow_run_settings_file()
+        await run_sync_in_worker_thread(_check_docker)
         await super().setup()
 
     async def run(
@@ -229,6 +233,30 @@ class TenantflowDockerWorker(ContainerWorker, DockerWorker):  # type: ignore[mis
         return DockerWorkerResult(
             status_code=exit_code if exit_code is not None else -1, identifier=identifier
         )
+
+
+class DockerUnreachable(TenantflowError, RuntimeError):
+    """The Docker API of `DOCKER_HOST` does not answer."""
+
+
+def _check_docker() -> None:
+    """Raises DockerUnreachable (one line, naming DOCKER_HOST) when the engine does not answer."""
+    import docker  # type: ignore[import-untyped]
+    import docker.errors  # type: ignore[import-untyped]
+
+    try:
+        client = docker.from_env(timeout=10)
+        try:
+            client.ping()
+        finally:
+            client.close()
+    except docker.errors.DockerException as error:
+        where = os.environ.get("DOCKER_HOST") or "the default socket"
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise DockerUnreachable(
+            f"the Docker API at {where} (DOCKER_HOST) does not answer: {reason}; the docker "
+            "worker starts its flow runs' containers through it"
+        ) from None
 
 
 async def _in_daemon_thread(call: Callable[..., _T], *args: Any) -> _T:

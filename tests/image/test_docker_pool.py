@@ -179,23 +179,32 @@ def docker_worker(
     worker_image: BuiltImage,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[DockerWorkerProcess]:
-    env = {
-        "PATH": os.environ["PATH"],
-        "HOME": os.environ.get("HOME", "/root"),
-        **tenant_worker_settings(stack.config),
-        **docker_api.environment(),
-        PROJECT_DIR_ENV: str(PROJECT),
-        IMAGE_ENV: worker_image.reference,
-        NETWORK_MODE_ENV: "host",
-    }
     folder = tmp_path_factory.mktemp("docker-worker")
-    worker = DockerWorkerProcess(env, folder / "worker.log", f"docker-test-{uuid.uuid4().hex[:6]}")
+    worker = DockerWorkerProcess(
+        _worker_environment(stack, docker_api, worker_image),
+        folder / "worker.log",
+        f"docker-test-{uuid.uuid4().hex[:6]}",
+    )
     try:
         worker.wait_started()
         yield worker
     finally:
         worker.stop()
         sys.stderr.write(f"\ndocker worker log: {worker.log}\n")
+
+
+def _worker_environment(stack: Stack, docker_api: DockerApi, image: BuiltImage) -> dict[str, str]:
+    """The docker worker's environment: a tenant worker's settings, the Docker API, its
+    project, the flow runs' image and the host network (the stack is on 127.0.0.1)."""
+    return {
+        "PATH": os.environ["PATH"],
+        "HOME": os.environ.get("HOME", "/root"),
+        **tenant_worker_settings(stack.config),
+        **docker_api.environment(),
+        PROJECT_DIR_ENV: str(PROJECT),
+        IMAGE_ENV: image.reference,
+        NETWORK_MODE_ENV: "host",
+    }
 
 
 # --------------------------------------------------------------------------- helpers
@@ -281,6 +290,29 @@ def test_the_image_refuses_migrate_and_undeclared_deployments_by_itself(
         assert done.returncode == 2, done.stdout + done.stderr
         assert "refused:" in done.stderr
         assert (MIGRATE_POOL if name == "migrate" else "is not declared") in done.stderr
+
+
+def test_the_worker_stops_in_one_line_when_the_docker_api_does_not_answer(
+    stack: Stack,
+    docker_api: DockerApi,
+    docker_pool: str,
+    worker_image: BuiltImage,
+    tmp_path: Path,
+) -> None:
+    env = {
+        **_worker_environment(stack, docker_api, worker_image),
+        "DOCKER_HOST": f"unix://{tmp_path / 'nothing-here.sock'}",
+    }
+    worker = DockerWorkerProcess(env, tmp_path / "worker.log", "docker-test-no-api")
+    try:
+        code = worker.process.wait(120)
+    finally:
+        worker.stop()
+    output = worker.output()
+    assert code != 0, output[-2000:]
+    assert "does not answer" in output and "DOCKER_HOST" in output, output[-2000:]
+    assert "Traceback" not in output
+    assert STARTED not in output
 
 
 async def test_client_report_runs_in_a_container_of_its_own_without_a_secret_in_sight(
