@@ -44,10 +44,11 @@ from uuid import UUID
 
 from tenantflow.container_run import ContainerRunRefused, declared_container_entrypoint
 from tenantflow.deployments import PoolType, base_job_template
+from tenantflow.errors import TenantflowError
 from tenantflow.flow_environment import BASIC_ENVIRONMENT, flow_run_environment
 from tenantflow.project import PROJECT_DIR_ENV
 from tenantflow.tripwire import install_tripwire
-from tenantflow.worker import DrainingWorker
+from tenantflow.worker import HEARTBEAT_ENV, DrainingWorker
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import PrefectClient
@@ -85,8 +86,6 @@ DEFAULT_IMAGE = "tenantflow-worker:latest"
 RUN_USER = "10001:10001"
 #: Where a docker flow run finds the worker's settings file (read-only).
 SETTINGS_MOUNT = "/app/.env"
-#: Prefect's engine sends a flow run's heartbeat event this often (seconds).
-HEARTBEAT_ENV = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY"
 #: Settings a flow-run container gets as environment variables: none of them a secret.
 CONTAINER_ENVIRONMENT = frozenset(
     {"PREFECT_API_URL", HEARTBEAT_ENV, "PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"}
@@ -97,7 +96,7 @@ _CANCEL_GRACE_S = 30
 _PER_RUN_PREFIX = "PREFECT__"
 
 
-class JobVariablesRefused(RuntimeError):
+class JobVariablesRefused(TenantflowError, RuntimeError):
     """A deployment or a flow run asked for job variables the worker's template lacks."""
 
 

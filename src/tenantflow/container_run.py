@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tenantflow.deployments import MIGRATE_POOL
+from tenantflow.errors import TenantflowError
 from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment
 
 __all__ = ["ContainerRunRefused", "declared_container_entrypoint", "main"]
@@ -34,7 +35,7 @@ __all__ = ["ContainerRunRefused", "declared_container_entrypoint", "main"]
 REFUSED_EXIT = 2
 
 
-class ContainerRunRefused(RuntimeError):
+class ContainerRunRefused(TenantflowError, RuntimeError):
     """The deployment may not run in a container of this image."""
 
 
