@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import re
@@ -638,19 +639,25 @@ def _worker(args: argparse.Namespace) -> int:
     from tenantflow.deployments import WORK_POOLS
     from tenantflow.worker import run_worker
 
-    if args.pool == WORK_POOLS["docker"]:
-        from tenantflow.docker_worker import TenantflowDockerWorker
-
-        return run_worker(
-            args.pool, name=args.name, limit=args.limit, worker_class=TenantflowDockerWorker
-        )
-    if args.pool == WORK_POOLS["kubernetes"]:
-        from tenantflow.kubernetes_worker import TenantflowKubernetesWorker
-
-        return run_worker(
-            args.pool, name=args.name, limit=args.limit, worker_class=TenantflowKubernetesWorker
-        )
-    return run_worker(args.pool, name=args.name, limit=args.limit)
+    containers = {
+        WORK_POOLS["docker"]: ("docker", "tenantflow.docker_worker", "TenantflowDockerWorker"),
+        WORK_POOLS["kubernetes"]: (
+            "kubernetes",
+            "tenantflow.kubernetes_worker",
+            "TenantflowKubernetesWorker",
+        ),
+    }
+    if args.pool not in containers:
+        return run_worker(args.pool, name=args.name, limit=args.limit)
+    extra, module, name = containers[args.pool]
+    try:
+        worker_class = getattr(importlib.import_module(module), name)
+    except ModuleNotFoundError as missing:
+        raise CommandError(
+            f"{args.pool} needs the {extra} extra ({missing.name} is not installed): "
+            f"pip install 'tenantflow[{extra}]' (the worker image has the process worker only)"
+        ) from None
+    return run_worker(args.pool, name=args.name, limit=args.limit, worker_class=worker_class)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -292,6 +292,28 @@ def test_the_image_refuses_migrate_and_undeclared_deployments_by_itself(
         assert (MIGRATE_POOL if name == "migrate" else "is not declared") in done.stderr
 
 
+@pytest.mark.parametrize("kind", ["docker", "kubernetes"])
+def test_the_image_says_which_extra_a_container_pools_worker_needs(
+    podman: Podman, worker_image: BuiltImage, kind: str
+) -> None:
+    """The image holds the process worker only: the container workers run where the
+    `docker` or `kubernetes` extra is installed (beside the Docker engine, in the cluster)."""
+    done = podman.run(
+        "run",
+        "--rm",
+        "--network",
+        "none",
+        worker_image.reference,
+        "tenantflow",
+        "worker",
+        "--pool",
+        WORK_POOLS[kind],
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"needs the {kind} extra" in done.stderr and "Traceback" not in done.stderr
+
+
 def test_the_worker_stops_in_one_line_when_the_docker_api_does_not_answer(
     stack: Stack,
     docker_api: DockerApi,
