@@ -51,7 +51,7 @@ from prefect.states import Cancelling
 from prefect_docker.worker import DockerWorker  # type: ignore[import-untyped]
 
 from tenantflow.container_jobs import IMAGE_ENV, SETTINGS_MOUNT, container_settings
-from tenantflow.deployments import MIGRATE_POOL, WORK_POOLS, base_job_template
+from tenantflow.deployments import MIGRATE_POOL, WORK_POOLS, PoolType, base_job_template
 from tenantflow.docker_worker import NETWORK_MODE_ENV
 from tenantflow.flow_environment import MIGRATION_ENV
 from tenantflow.project import PROJECT_DIR_ENV
@@ -268,6 +268,11 @@ def _assert_the_workers_own(
         assert value not in text, f"{key}'s value shows in podman inspect"
 
 
+def _offline(podman: Podman, image: BuiltImage, *command: str) -> subprocess.CompletedProcess[str]:
+    """`command` in a fresh container of the image, without a network."""
+    return podman.run("run", "--rm", "--network", "none", image.reference, *command, check=False)
+
+
 # --------------------------------------------------------------------------- tests
 
 
@@ -275,18 +280,7 @@ def test_the_image_refuses_migrate_and_undeclared_deployments_by_itself(
     podman: Podman, worker_image: BuiltImage
 ) -> None:
     for name in ("migrate", "rogue"):
-        done = podman.run(
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            worker_image.reference,
-            "python",
-            "-m",
-            "tenantflow.container_run",
-            name,
-            check=False,
-        )
+        done = _offline(podman, worker_image, "python", "-m", "tenantflow.container_run", name)
         assert done.returncode == 2, done.stdout + done.stderr
         assert "refused:" in done.stderr
         assert (MIGRATE_POOL if name == "migrate" else "is not declared") in done.stderr
@@ -294,22 +288,11 @@ def test_the_image_refuses_migrate_and_undeclared_deployments_by_itself(
 
 @pytest.mark.parametrize("kind", ["docker", "kubernetes"])
 def test_the_image_says_which_extra_a_container_pools_worker_needs(
-    podman: Podman, worker_image: BuiltImage, kind: str
+    podman: Podman, worker_image: BuiltImage, kind: PoolType
 ) -> None:
     """The image holds the process worker only: the container workers run where the
     `docker` or `kubernetes` extra is installed (beside the Docker engine, in the cluster)."""
-    done = podman.run(
-        "run",
-        "--rm",
-        "--network",
-        "none",
-        worker_image.reference,
-        "tenantflow",
-        "worker",
-        "--pool",
-        WORK_POOLS[kind],
-        check=False,
-    )
+    done = _offline(podman, worker_image, "tenantflow", "worker", "--pool", WORK_POOLS[kind])
     assert done.returncode == 2, done.stdout + done.stderr
     assert f"needs the {kind} extra" in done.stderr and "Traceback" not in done.stderr
 
