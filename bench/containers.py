@@ -3,6 +3,7 @@ stack's one process worker, on the same machine, for the same sweep in shards.""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from datetime import UTC, datetime, timedelta
@@ -30,13 +31,17 @@ async def container_rows(stack: Stack) -> list[Row]:
         await _forget_day(stack.config, day)
         alone, _, _ = await _sweep(stack, day, CONTAINER_SHARD_SIZE)
         await _forget_day(stack.config, day)
-        with (
-            tempfile.TemporaryDirectory(prefix="tenantflow-bench-") as folder,
-            worker_containers(
+        with tempfile.TemporaryDirectory(prefix="tenantflow-bench-") as folder:
+            # NOTE: entered and left in a thread: the stack's worker, stopped and started
+            # again around the containers, bootstraps Prefect with a loop of its own.
+            serving = worker_containers(
                 stack.config, Path(folder), count=2, limit=2, prefix="tenantflow-bench-worker"
-            ) as containers,
-        ):
-            contained, _, children = await _sweep(stack, day, CONTAINER_SHARD_SIZE)
+            )
+            containers = await asyncio.to_thread(serving.__enter__)
+            try:
+                contained, _, children = await _sweep(stack, day, CONTAINER_SHARD_SIZE)
+            finally:
+                await asyncio.to_thread(serving.__exit__, None, None, None)
     finally:
         removed = await remove_clients(stack.config)
         say(f"  removed the {removed} benchmark clients")

@@ -9,6 +9,7 @@ machine. The cached build is `make image` with nothing changed.
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
 import time
 from pathlib import Path
@@ -94,8 +95,9 @@ def start_rows(stack: Stack) -> list[Row]:
 
 
 async def image_rows(stack: Stack) -> list[Row]:
-    rows = build_rows(stack.config.project_dir)
-    return rows + start_rows(stack)
+    # NOTE: in threads: the stack's worker bootstraps Prefect with a loop of its own.
+    rows = await asyncio.to_thread(build_rows, stack.config.project_dir)
+    return rows + await asyncio.to_thread(start_rows, stack)
 
 
 def main() -> None:
