@@ -23,7 +23,7 @@ status:  ## show each part of the local stack, its port and health
 	@$(VENV)/tenantflow-dev status
 
 test:  ## the whole suite, two streams on two stacks at once (brings up what it needs)
-	@TENANTFLOW_WITH_BROWSER=1 TENANTFLOW_WITH_IMAGE=1 bash scripts/bootstrap.sh
+	@TENANTFLOW_WITH_BROWSER=1 TENANTFLOW_WITH_IMAGE=1 TENANTFLOW_WITH_HA=1 bash scripts/bootstrap.sh
 	@$(VENV)/python -m tests.streams
 
 test-unit: env  ## pure unit tests only (no stack, no database), in seconds

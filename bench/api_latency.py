@@ -17,8 +17,8 @@ import asyncio
 import dataclasses
 import statistics
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 
 import httpx
 
@@ -40,6 +40,8 @@ REQUESTS = sum(count for count, *_ in LOAD)
 CONCURRENCY = 10
 #: Requests before each measured round (connections, the servers' caches).
 WARM_UP = 30
+#: Seconds a topology just switched to is left alone before it is measured.
+SETTLE_S = 15
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,18 +93,24 @@ async def load(config: StackConfig, *, requests: int = REQUESTS) -> Latency:
     return Latency(seconds, time.perf_counter() - began)
 
 
-@contextmanager
-def topology(stack: Stack, wanted: PrefectTopology) -> Iterator[StackConfig]:
-    """The stack's Prefect on `wanted`, and back to what it was afterwards."""
+@asynccontextmanager
+async def topology(stack: Stack, wanted: PrefectTopology) -> AsyncIterator[StackConfig]:
+    """The stack's Prefect on `wanted`, and back to what it was afterwards.
+
+    NOTE: `Stack.up` runs its own event loops (the database checks): in a thread.
+    """
     was = stack.config.prefect_topology
     other = Stack(dataclasses.replace(stack.config, prefect_topology=wanted))
     if wanted != was:
-        other.up(setup=False)
+        await asyncio.to_thread(other.up, setup=False)
+        # NOTE: a Prefect just started runs its services' first passes (scheduler, late
+        # runs, ...) at once; the one it is measured against has long been past them.
+        await asyncio.sleep(SETTLE_S)
     try:
         yield other.config
     finally:
         if wanted != was:
-            Stack(stack.config).up(setup=False)
+            await asyncio.to_thread(Stack(stack.config).up, setup=False)
 
 
 async def _measured(config: StackConfig) -> Latency:
@@ -117,7 +125,7 @@ async def api_latency_rows(stack: Stack) -> list[Row]:
     )
     measured: dict[PrefectTopology, Latency] = {}
     for wanted in (stack.config.prefect_topology, _other(stack.config.prefect_topology)):
-        with topology(stack, wanted) as config:
+        async with topology(stack, wanted) as config:
             measured[wanted] = await _measured(config)
     ha, single = measured["ha"], measured["single"]
     for name, found in (("one server", single), ("2 replicas + HAProxy", ha)):

@@ -12,7 +12,11 @@ test, and any file added later, runs in the first stream, on the project's own s
 
 The second stack lives in `.stack-second` on ports below the kernel's ephemeral range
 (`SECOND_STACK`), so no outgoing connection of the first stream can hold one of them
-while a test restarts the part that listens there.
+while a test restarts the part that listens there. Its Prefect runs as several servers
+(the `ha` topology: Redis, two API replicas behind HAProxy, the services in a process of
+their own), so its faults (`tests/faults/test_ha.py`) have replicas and a Redis to kill,
+and the rest of the second stream runs on that topology too; the first stream's stack
+keeps the default, one server.
 """
 
 from __future__ import annotations
@@ -58,6 +62,9 @@ SECOND_STACK = {
     "TENANTFLOW_SESSION_POOLER_PORT": "15433",
     "TENANTFLOW_AUTH_PORT": "15434",
     "TENANTFLOW_PREFECT_PORT": "14200",
+    "TENANTFLOW_PREFECT_TOPOLOGY": "ha",
+    "TENANTFLOW_PREFECT_REPLICA_PORTS": "14201,14202",
+    "TENANTFLOW_REDIS_PORT": "14210",
 }
 
 

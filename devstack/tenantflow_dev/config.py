@@ -340,9 +340,16 @@ class StackConfig:
 
     @property
     def redis_url(self) -> str:
-        """The `ha` topology's Redis, with its password: Prefect's processes only."""
+        """The `ha` topology's Redis, with its password: Prefect's processes only.
+
+        NOTE: `retry_on_timeout=true` gives each pooled connection one retry on a
+        connection error too (redis-py's default is none): after a Redis restart every
+        pooled connection is dead, and without it the first command on each fails (an
+        API request answering 500 after its database change was committed, the docket's
+        scheduler loop erring) instead of reconnecting.
+        """
         password = quote(self.secrets.redis_password, safe="")
-        return f"redis://:{password}@{self.host}:{self.redis_port}/0"
+        return f"redis://:{password}@{self.host}:{self.redis_port}/0?retry_on_timeout=true"
 
     @property
     def prefect_home(self) -> Path:

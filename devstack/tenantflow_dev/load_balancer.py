@@ -102,8 +102,10 @@ class LoadBalancer(HttpProcessService):
     def answers(self) -> bool:
         return prefect_healthy(self.config, self.config.prefect_api_url)
 
-    def replicas_up(self) -> tuple[int, int]:
-        """(replicas passing their health check, replicas), from HAProxy's stats socket."""
+    def server_stats(self) -> dict[str, dict[str, str]]:
+        """Each replica's row of HAProxy's `show stat` (`status`, `wretr` retries,
+        `wredis` redispatches, `eresp` failed responses, ...), by server name (`api-1`);
+        empty when HAProxy does not answer."""
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(2)
@@ -113,12 +115,24 @@ class LoadBalancer(HttpProcessService):
                 while chunk := sock.recv(65536):
                     data += chunk
         except OSError:
+            return {}
+        lines = data.decode().splitlines()
+        if not lines or not lines[0].startswith("# "):
+            return {}
+        header = lines[0][2:].split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:]]
+        return {
+            row["svname"]: row
+            for row in rows
+            if row.get("pxname") == "replicas" and row["svname"] not in ("FRONTEND", "BACKEND")
+        }
+
+    def replicas_up(self) -> tuple[int, int]:
+        """(replicas passing their health check, replicas), from HAProxy's stats socket."""
+        servers = self.server_stats()
+        if not servers:
             return 0, len(self.config.prefect_replica_ports)
-        rows = [
-            line.split(",") for line in data.decode().splitlines() if line.startswith("replicas,")
-        ]
-        servers = [row for row in rows if row[1] not in ("FRONTEND", "BACKEND")]
-        return sum(row[17].startswith("UP") for row in servers), len(servers)
+        return sum(row["status"].startswith("UP") for row in servers.values()), len(servers)
 
     def health(self) -> Health:
         found = super().health()

@@ -20,9 +20,10 @@ from tests.processes import free_ports, processes_using
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 
-@pytest.fixture
-def second_stack(tmp_path: Path) -> Iterator[Stack]:
-    auth, pg, transaction, session, prefect = free_ports(5)
+@pytest.fixture(params=["single"])
+def second_stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:
+    """A stack of its own on free ports; its Prefect topology is the fixture's param."""
+    auth, pg, transaction, session, prefect, redis, *replicas = free_ports(8)
     config = StackConfig(
         project_dir=tmp_path,
         stack_dir=tmp_path / ".stack",
@@ -33,6 +34,9 @@ def second_stack(tmp_path: Path) -> Iterator[Stack]:
         prefect_port=prefect,
         # NOTE: deleted with tmp_path; faster without fsync, never the developer's stack.
         throwaway=True,
+        prefect_topology=request.param,
+        ha_redis_port=redis,
+        ha_replica_ports=tuple(replicas),
     )
     stack = Stack(config)
     yield stack
@@ -52,6 +56,7 @@ def _cli(stack: Stack, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.parametrize("second_stack", ["single", "ha"], indirect=True)
 def test_up_twice_status_down(second_stack: Stack) -> None:
     config = second_stack.config
     ports = second_stack.ports()
@@ -84,9 +89,27 @@ def test_up_twice_status_down(second_stack: Stack) -> None:
     for part in first:
         assert part.name in status.stdout and part.address in status.stdout
     assert "DOWN" not in status.stdout
-    assert "ok (PostgreSQL)" in next(
-        line for line in status.stdout.splitlines() if "prefect-server" in line
-    )
+    prefect = {
+        line.split()[0]: line for line in status.stdout.splitlines() if line.startswith("prefect")
+    }
+    if config.prefect_topology == "single":
+        assert set(prefect) == {"prefect-server", "prefect-worker"}
+        assert "ok (PostgreSQL)" in prefect["prefect-server"]
+    else:
+        assert set(prefect) == {
+            "prefect-api-1",
+            "prefect-api-2",
+            "prefect-services",
+            "prefect-lb",
+            "prefect-worker",
+        }
+        for replica in ("prefect-api-1", "prefect-api-2"):
+            assert "ok (PostgreSQL, API only)" in prefect[replica]
+        assert "ok (PostgreSQL, background services)" in prefect["prefect-services"]
+        assert "ok (2 of 2 replicas up)" in prefect["prefect-lb"]
+        assert "ok (password, append-only file)" in next(
+            line for line in status.stdout.splitlines() if line.startswith("redis ")
+        )
     assert config.secrets.postgres_password not in again.stdout + status.stdout
 
     down = _cli(second_stack, "down")

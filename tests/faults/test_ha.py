@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.actions import DeploymentUpdate
 from prefect.client.schemas.filters import (
     DeploymentFilter,
     DeploymentFilterId,
@@ -53,7 +54,8 @@ from tests.world import World
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]
 
-#: How long the scheduler service may take to make a night's runs again (its loop is 60 s).
+#: How long the scheduler service may take to make a night's runs again (its loop for
+#: recently updated deployments is 5 s, its main loop 60 s).
 SCHEDULER_WITHIN_S = 150
 
 
@@ -81,10 +83,13 @@ async def test_an_api_replica_killed_mid_sweep(
     replica = PrefectApiReplica(stack.config, 1)
     balancer = LoadBalancer(stack.config)
     replicas = len(stack.config.prefect_replica_ports)
+    before = balancer.server_stats()
+    at_kill: dict[str, dict[str, str]] = {}
 
     async def kill_and_restart() -> None:
         pid = replica.pid()
         assert pid is not None
+        at_kill.update(balancer.server_stats())
         _sigkill(pid)
         # The sweep goes on through the other replica while this one is down ...
         for _ in range(100):
@@ -103,6 +108,27 @@ async def test_an_api_replica_killed_mid_sweep(
             break
         await asyncio.sleep(0.1)
     assert balancer.replicas_up() == (replicas, replicas)
+    after = balancer.server_stats()
+    # The killed replica was serving the sweep when it died.
+    served = _counted(at_kill, before, "api-1", "stot")
+    assert served > 0, "the sweep sent no request to the replica before it was killed"
+    sys.stderr.write(
+        f"\napi-1 killed mid-sweep: it had taken {served} of the sweep's requests, "
+        f"api-2 {_counted(at_kill, before, 'api-2', 'stot')}; from the kill on, api-1 "
+        f"{_counted(after, at_kill, 'api-1', 'stot')} (connection errors "
+        f"{_counted(after, at_kill, 'api-1', 'econ')}, responses cut "
+        f"{_counted(after, at_kill, 'api-1', 'eresp')}, retried "
+        f"{_counted(after, at_kill, 'api-1', 'wretr')}, sent to api-2 instead "
+        f"{_counted(after, at_kill, 'api-1', 'wredis')}), api-2 "
+        f"{_counted(after, at_kill, 'api-2', 'stot')}\n"
+    )
+
+
+def _counted(
+    later: dict[str, dict[str, str]], earlier: dict[str, dict[str, str]], server: str, field: str
+) -> int:
+    """How much HAProxy's counter `field` of `server` grew from `earlier` to `later`."""
+    return int(later[server][field] or 0) - int(earlier[server][field] or 0)
 
 
 async def test_redis_killed_mid_sweep_then_schedules_and_zombies_still_work(
@@ -136,11 +162,15 @@ async def test_redis_killed_mid_sweep_then_schedules_and_zombies_still_work(
         assert deleted, "the scheduler had made no run of the coming nights"
         for run in deleted:
             await client.delete_flow_run(run.id)
+        # NOTE: the deployment touched (its own description again), so the scheduler's
+        # loop for recently updated deployments (every 5 s) makes the nights again, not
+        # only its main loop (every 60 s): the same service, a minute sooner.
+        await client.update_deployment(rollup.id, DeploymentUpdate(description=rollup.description))
         runs = await _wait_for_runs(client, rollup, schedule_id, at_least=len(deleted))
     slots = [_slot_of(run) for run in runs]
     assert len(set(slots)) == len(slots), f"nights with two runs: {sorted(slots)}"
     # Prefect's own reading of the schedule: the coming nights, from the next one on.
-    assert slots == list(nights.get_dates(len(slots))), "a night is missing, or an extra one"
+    assert slots == list(await nights.get_dates(len(slots))), "a night is missing, or an extra one"
     assert not {run.id for run in runs} & {run.id for run in deleted}
 
     # And the zombie automation (triggers and actions in the services process, events

@@ -22,7 +22,7 @@ from tenantflow.db import dispose_engines
 from tenantflow_dev import Stack
 from tenantflow_dev.pgbouncer import PgBouncer
 from tenantflow_dev.postgres import PG_BIN, Postgres
-from tenantflow_dev.prefect_server import PrefectServer
+from tenantflow_dev.prefect_server import prefect_processes
 from tests.world import World, taken_slots
 
 pytestmark = [pytest.mark.stack, pytest.mark.slow, pytest.mark.usefixtures("db_limit")]
@@ -128,10 +128,14 @@ async def test_postgres_restarted_immediately_mid_sweep(
 async def test_the_prefect_server_restarted_mid_sweep(
     world: World, stack: Stack, sweep_clients: list[uuid.UUID]
 ) -> None:
-    server = PrefectServer(stack.config)
+    # Every Prefect server process of the topology: the one server, or on `ha` each API
+    # replica and the services process, all down at once.
+    servers = prefect_processes(stack.config)
 
     async def restart() -> None:
-        await asyncio.to_thread(server.stop)
-        await asyncio.to_thread(server.start)
+        for server in servers:
+            await asyncio.to_thread(server.stop)
+        for server in servers:
+            await asyncio.to_thread(server.start)
 
     await _sweep_with_fault(world, sweep_clients, restart)
