@@ -21,6 +21,7 @@ from prefect import flow, task
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from bench.api_latency import api_latency_rows
 from bench.containers import container_rows
 from bench.guard import guard_rows
 from bench.image import image_rows
@@ -167,6 +168,7 @@ async def run(stack: Stack) -> None:
     rows += await image_rows(stack)
     rows += await guard_rows(stack.config, get_settings())
     rows += await latency_rows(stack.config)
+    rows += await api_latency_rows(stack)
     rows += import_rows()
     rows += await pooler_throughput(stack)
     rows += await task_styles()
