@@ -5,10 +5,12 @@
 # As a *worker*: its command starts tenantflow's process worker on $TENANTFLOW_WORK_POOL (job
 # variables cannot change a flow run's command, environment or folder); run N replicas of it
 # against one Prefect server to scale out. As the *job image* of a docker or kubernetes work
-# pool: Prefect's own docker/kubernetes worker starts flow runs in it with the command fixed in
-# the pool's template. Either way secrets (DATABASE_URL, MIGRATION_DATABASE_URL, SUPABASE_URL,
-# SUPABASE_ANON_KEY, PREFECT_API_AUTH_STRING) come from the runtime environment or a mounted
-# /app/.env, never the image.
+# pool: tenantflow's locked docker/kubernetes worker (`tenantflow worker --pool
+# tenantflow-docker`, with the docker or kubernetes extra) starts each flow run in it as
+# `python -m tenantflow.container_run DEPLOYMENT`, the entrypoint taken from /app/prefect.yaml.
+# Either way secrets (DATABASE_URL, MIGRATION_DATABASE_URL, SUPABASE_URL, SUPABASE_ANON_KEY,
+# PREFECT_API_AUTH_STRING) come from the runtime environment or a mounted /app/.env, never
+# the image.
 #
 # tests/deployments/test_dockerfile.py replays this file's install steps in a fresh virtual
 # environment; keep RUN steps to plain commands on $VIRTUAL_ENV and the WORKDIR.

@@ -37,6 +37,7 @@ import pytest
 import yaml  # type: ignore[import-untyped]
 
 from tenantflow_dev import Stack
+from tenantflow_dev.worker_container import tenant_worker_settings
 
 PROJECT = Path(__file__).resolve().parents[2]
 DOCKERFILE = PROJECT / "Dockerfile"
@@ -486,12 +487,11 @@ def test_cmd_starts_a_worker_on_the_pool(image: Image, stack: Stack) -> None:
     process = subprocess.Popen(
         image.cmd,
         cwd=image.workdir,
+        # NOTE: a tenant worker's settings: the worker refuses to start without them.
         env={
+            **tenant_worker_settings(stack.config),
             **image.env_mapped(),
             "TENANTFLOW_WORK_POOL": pool,
-            "PREFECT_API_URL": api,
-            "PREFECT_API_AUTH_STRING": stack.config.secrets.prefect_auth_string,
-            "PREFECT_WORKER_QUERY_SECONDS": "2",
         },
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
