@@ -38,14 +38,16 @@ PROJECT = Path(__file__).resolve().parents[1]
 TAIL = 40
 
 #: Run by the second stream: faults, alerts and the stack's own lifecycle (they restart,
-#: stop or reconfigure parts of their stack), and other long waits (the operator's
-#: commands as subprocesses, each run followed to its end).
+#: stop or reconfigure parts of their stack; the worker containers' tests stop its worker
+#: and kill a container, on the several-server topology), and other long waits (the
+#: operator's commands as subprocesses, each run followed to its end).
 SECOND = (
     "tests/deployments/test_alerts.py",
     "tests/deployments/test_dockerfile.py",
     "tests/devstack",
     "tests/e2e/test_operator_ui.py",
     "tests/faults",
+    "tests/image/test_worker_containers.py",
     "tests/operators/test_grants.py",
     "tests/operators/test_operator_path.py",
     "tests/operators/test_otp.py",
