@@ -109,12 +109,12 @@ async def test_an_api_replica_killed_mid_sweep(
         await asyncio.sleep(0.1)
     assert balancer.replicas_up() == (replicas, replicas)
     after = balancer.server_stats()
-    # The killed replica was serving the sweep when it died.
+    # The killed replica was serving the stack's clients (the sweep among them) when it died.
     served = _counted(at_kill, before, "api-1", "stot")
-    assert served > 0, "the sweep sent no request to the replica before it was killed"
+    assert served > 0, "no request reached the replica between the sweep's start and its kill"
     sys.stderr.write(
-        f"\napi-1 killed mid-sweep: it had taken {served} of the sweep's requests, "
-        f"api-2 {_counted(at_kill, before, 'api-2', 'stot')}; from the kill on, api-1 "
+        f"\napi-1 killed mid-sweep: from the sweep's start to the kill it had taken {served} "
+        f"requests, api-2 {_counted(at_kill, before, 'api-2', 'stot')}; from the kill on, api-1 "
         f"{_counted(after, at_kill, 'api-1', 'stot')} (connection errors "
         f"{_counted(after, at_kill, 'api-1', 'econ')}, responses cut "
         f"{_counted(after, at_kill, 'api-1', 'eresp')}, retried "
