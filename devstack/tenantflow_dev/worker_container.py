@@ -41,6 +41,8 @@ log = logging.getLogger("tenantflow_dev")
 
 #: The line the worker prints for each run it takes (Prefect's base worker).
 _SUBMITTING = re.compile(r"Worker '(?P<worker>[^']+)' submitting flow run '(?P<run>[0-9a-f-]{36})'")
+#: ... and the line it prints when another worker took that run first (both polled it).
+_ABORTED = re.compile(r"Aborted submission of flow run '(?P<run>[0-9a-f-]{36})'")
 
 
 def tenant_worker_settings(config: StackConfig) -> dict[str, str]:
@@ -151,12 +153,16 @@ class WorkerContainer:
         return self.podman.process_environment_names(self.name)
 
     def submitted_runs(self) -> set[UUID]:
-        """The flow runs this container's worker says, in its log, that it took."""
-        return {
+        """The flow runs this container's worker says, in its log, that it took: those it
+        began to submit, but for those another worker took first (two workers polling at
+        once both try; the server gives the run to one)."""
+        logs = self.logs()
+        began = {
             UUID(found["run"])
-            for found in _SUBMITTING.finditer(self.logs())
+            for found in _SUBMITTING.finditer(logs)
             if found["worker"] == self.worker_name
         }
+        return began - {UUID(found["run"]) for found in _ABORTED.finditer(logs)}
 
     def kill(self) -> None:
         """SIGKILL the container (its worker and every flow run in it), as a dying
