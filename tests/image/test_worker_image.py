@@ -24,7 +24,7 @@ from prefect.client.schemas.objects import StateType
 
 from tenantflow.deployments import MIGRATE_POOL
 from tenantflow.migrate import script_directory
-from tenantflow.sealing import public_key
+from tenantflow.sealing import generate_private_key, public_key
 from tenantflow_dev import Stack
 from tenantflow_dev.image import BuiltImage
 from tenantflow_dev.podman import Podman
@@ -103,6 +103,36 @@ async def test_the_worker_is_pid_1_and_takes_a_noop_run_to_completed(
         done = await _wait_for(client, run.id, TERMINAL, 120)
     assert done.state_type == StateType.COMPLETED, done.state
     assert done.labels.get("prefect.worker.name") == match["name"]
+
+
+async def test_a_worker_container_with_another_seal_key_refuses_sealed_runs_naming_the_key(
+    world: World, stack: Stack, worker_container: Start, without_stack_worker: None
+) -> None:
+    # NOTE: a well-formed key of another pair: the worker cannot tell at start which public
+    # key the operators seal with; each sealed run it takes is refused before any client.
+    other = generate_private_key()
+    settings = {**tenant_worker_settings(stack.config), "SEAL_PRIVATE_KEYS": other}
+    container = await asyncio.to_thread(worker_container, settings)
+    await asyncio.to_thread(container.wait_for_line, STARTED)
+    today = datetime.now(UTC).date().isoformat()
+    period = {"period_start": today, "period_end": today}
+    sealed = await world.sealed("member_a", flow="client-report", clients=["a"], parameters=period)
+    async with get_client() as client:
+        report = await client.read_deployment_by_name("client-report/client-report")
+        run = await client.create_flow_run_from_deployment(
+            report.id,
+            parameters={"client_id": str(world.clients["a"]), **period, "access_token": sealed},
+        )
+        done = await _wait_for(client, run.id, TERMINAL, 120)
+    assert done.state_type == StateType.FAILED, done.state
+    message = done.state.message or ""
+    assert "sealed access token refused" in message, message
+    assert "cannot be opened with this worker's keys" in message, message
+    assert json.loads(other)["d"] not in container.logs()
+    reports = await world.sql(
+        "fetchval", "SELECT count(*) FROM public.client_reports WHERE flow_run_id = $1", run.id
+    )
+    assert reports == 0
 
 
 @pytest.fixture
