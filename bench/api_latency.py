@@ -27,7 +27,7 @@ from contextlib import asynccontextmanager
 import httpx
 
 from bench.stackapi import on_stack
-from bench.table import Row, ratio, say
+from bench.table import Row, machine, ratio, render, say, update
 from tenantflow.settings import load_fault_settings
 from tenantflow_dev import Stack
 from tenantflow_dev.config import PrefectTopology, StackConfig
@@ -198,8 +198,10 @@ def _other(topology: PrefectTopology) -> PrefectTopology:
 
 
 def main() -> None:
-    for row in on_stack(api_latency_rows):
-        say(" | ".join(row.cells()))
+    """`python -m bench.api_latency`: this measure alone, into `bench/results.md`."""
+    rows = on_stack(api_latency_rows)
+    say("\n" + render(rows))
+    update(rows, f"the API latency rows measured alone ({machine()})")
 
 
 if __name__ == "__main__":
