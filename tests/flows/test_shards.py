@@ -87,9 +87,11 @@ async def test_a_sweep_in_shards_runs_on_both_workers_every_client_once_within_b
     admin = await world.admin()
     peak = 0
     try:
-        sealed = await world.sealed_rollup(today)
+        sealed = await world.sealed_rollup(today, ids=sweep_clients)
         sweep = asyncio.ensure_future(
-            nightly_rollup(day=today, access_token=sealed, return_state=True)
+            nightly_rollup(
+                day=today, client_ids=sweep_clients, access_token=sealed, return_state=True
+            )
         )
         while not sweep.done():
             peak = max(peak, await admin.fetchval(_WORKER_CONNECTIONS))

@@ -96,10 +96,12 @@ def containers(stack: Stack, tmp_path: Path) -> Iterator[list[WorkerContainer]]:
         yield running
 
 
-async def _sweep(world: World, day: date) -> asyncio.Future[State]:
-    """A sweep of every active client's `day`, started here as an operator's run."""
-    sealed = await world.sealed_rollup(day)
-    return asyncio.ensure_future(nightly_rollup(day=day, access_token=sealed, return_state=True))
+async def _sweep(world: World, day: date, ids: list[uuid.UUID]) -> asyncio.Future[State]:
+    """A sweep of the clients `ids` on `day`, started here as an operator's run."""
+    sealed = await world.sealed_rollup(day, ids=ids)
+    return asyncio.ensure_future(
+        nightly_rollup(day=day, client_ids=ids, access_token=sealed, return_state=True)
+    )
 
 
 def _ran_on(runs: list[FlowRun], container: WorkerContainer) -> set[uuid.UUID]:
@@ -117,7 +119,7 @@ async def test_a_sweep_in_shards_runs_on_both_worker_containers_every_client_onc
         assert "DATABASE_URL" in held and "SEAL_PRIVATE_KEYS" in held
         assert MIGRATION_ENV not in held, "a tenant worker container holds the owner's login"
     today = datetime.now(UTC).date()
-    state = await (await _sweep(world, today))
+    state = await (await _sweep(world, today, sweep_clients))
     assert state.is_completed(), state.message
     parent = state.state_details.flow_run_id
     assert parent is not None
@@ -162,7 +164,7 @@ async def test_a_worker_container_killed_mid_shard_its_run_crashed_and_the_shard
         f"IF nextval('public.{{name}}_calls') = 1 THEN PERFORM pg_sleep({SLEEP_S}); END IF;"
     )
     async with world.metrics_trigger(slow, first_call_sleeps, counter=True) as trigger:
-        sweep = await _sweep(world, today)
+        sweep = await _sweep(world, today, sweep_clients)
         # NOTE: the sequence is called when the client's first rollup is inside its
         # transaction: its shard run is Running and holds its slots.
         async with asyncio.timeout(300):
