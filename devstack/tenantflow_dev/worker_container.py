@@ -35,7 +35,12 @@ from tenantflow_dev.podman import IMAGE, Podman
 from tenantflow_dev.processes import wait_for
 from tenantflow_dev.worker import LocalWorker, heartbeat_time, worker_registration
 
-__all__ = ["WorkerContainer", "tenant_worker_settings", "worker_containers"]
+__all__ = [
+    "WorkerContainer",
+    "tenant_worker_settings",
+    "worker_containers",
+    "write_settings_file",
+]
 
 log = logging.getLogger("tenantflow_dev")
 
@@ -62,6 +67,16 @@ def tenant_worker_settings(config: StackConfig) -> dict[str, str]:
         }
     )
     return settings
+
+
+def write_settings_file(path: Path, settings: Mapping[str, str]) -> Path:
+    """`settings` as the `--env-file` of a container (one `NAME=value` a line), in a
+    file only its owner reads: it holds worker secrets."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.writelines(f"{key}={value}\n" for key, value in settings.items())
+    return path
 
 
 class WorkerContainer:
@@ -98,13 +113,8 @@ class WorkerContainer:
 
     def write_settings(self) -> Path:
         """The settings file, readable by its owner only (it holds every worker secret)."""
-        self.settings_file.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.settings_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            settings = {**tenant_worker_settings(self.config), **self.extra_settings}
-            for key, value in settings.items():
-                handle.write(f"{key}={value}\n")
-        return self.settings_file
+        settings = {**tenant_worker_settings(self.config), **self.extra_settings}
+        return write_settings_file(self.settings_file, settings)
 
     def start(self, timeout: float = 120) -> None:
         """Run the container and wait until its worker is registered with the pool."""

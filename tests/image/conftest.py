@@ -12,7 +12,6 @@ the command line), the image's own command or `tenantflow worker`, so the worker
 
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -25,7 +24,7 @@ from tenantflow_dev import Stack
 from tenantflow_dev.image import BuiltImage, build_image
 from tenantflow_dev.podman import Podman
 from tenantflow_dev.worker import LocalWorker
-from tenantflow_dev.worker_container import tenant_worker_settings
+from tenantflow_dev.worker_container import tenant_worker_settings, write_settings_file
 
 PROJECT = Path(__file__).resolve().parents[2]
 
@@ -94,26 +93,14 @@ def worker_container(
 
     def start(settings: dict[str, str] | None = None, *command: str) -> Container:
         name = f"tenantflow-image-test-{uuid.uuid4().hex[:8]}"
-        settings_file = tmp_path / f"{name}.env"
-        fd = os.open(settings_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            for key, value in (
-                tenant_worker_settings(stack.config) if settings is None else settings
-            ).items():
-                handle.write(f"{key}={value}\n")
+        settings_file = write_settings_file(
+            tmp_path / f"{name}.env",
+            tenant_worker_settings(stack.config) if settings is None else settings,
+        )
         container = Container(podman, name, settings_file)
         made.append(container)
-        podman.run(
-            "run",
-            "--detach",
-            "--name",
-            name,
-            "--network",
-            "host",
-            "--env-file",
-            str(settings_file),
-            worker_image.reference,
-            *command,
+        podman.run_detached(
+            worker_image.reference, name=name, env_file=settings_file, command=command
         )
         return container
 
