@@ -60,5 +60,12 @@ if [ ! -x .venv/bin/python ] || [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; th
   uv pip install --quiet --python .venv/bin/python --no-deps -e .
   # The local dev stack (tenantflow-dev): a distribution of its own, never in the image.
   uv pip install --quiet --python .venv/bin/python --no-deps -e devstack
+  # Bytecode for every installed module, once per sync: a machine that sets
+  # PYTHONDONTWRITEBYTECODE (this one does), or a process whose OS user cannot write
+  # here (the stack's worker and its flow runs), would otherwise compile Prefect from
+  # source in every process it starts (seconds each).
+  .venv/bin/python -m compileall -q -j0 "$(.venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" >/dev/null || true
   echo "$want" > "$stamp"
 fi
+# The project's own modules, each time (only what changed is compiled again).
+.venv/bin/python -m compileall -q -j0 src devstack flows tests bench >/dev/null || true
