@@ -6,27 +6,249 @@ The worker starts every flow run with this command and the absolute entrypoint t
 the deployment as the API stores it, then hands over to Prefect's runtime-entrypoint
 engine, which loads the flow from `ENTRYPOINT` only (never from the API) and runs the flow
 run named by `PREFECT__FLOW_RUN_ID`, as `python -m prefect.engine` would.
+
+**Warm start** (`python -m tenantflow.flow_run --warm ENTRYPOINT...`): the worker starts
+the process of its *next* flow run before that run exists, with the environment every run
+of the worker gets. The process sets the tripwire and imports Prefect's engine and what the
+declared flow files import (not the flow files themselves), then waits on its standard
+input for one line from the worker: `{"entrypoint": ..., "env": {...}}`, the run's
+entrypoint (one of those it was started for) and its per-run variables (`PREFECT__*`, the
+run's id among them). It then runs that one flow run exactly as a cold process would, and
+exits. A process serves one run, never two: nothing of a run is ever seen by another.
+Before it runs, it checks that no file of a module it has loaded changed since it started
+(a deploy): if one did, it replaces itself with a cold process for the same run
+(`os.execve`, same pid, same pipes), so a run never runs stale code.
 """
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import ctypes
+import importlib
+import json
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from tenantflow.tripwire import install_tripwire
 
-__all__ = ["main"]
+__all__ = [
+    "PER_RUN_PREFIX",
+    "RESERVED_ENV",
+    "WARM_FLAG",
+    "WarmRequest",
+    "changed_modules",
+    "flow_imports",
+    "main",
+    "publish_environment",
+    "read_warm_request",
+    "reserved_environment",
+]
+
+#: The flag of the warm mode, before its entrypoints.
+WARM_FLAG = "--warm"
+#: Variables a warm process takes from the worker's request: Prefect's per-run variables.
+PER_RUN_PREFIX = "PREFECT__"
+#: The variable a warm process starts with, whose bytes later hold its run's variables.
+RESERVED_ENV = "PREFECT__RESERVED_FOR_RUN"
+RESERVED_BYTES = 8192
+#: Always loaded by a warm process, whatever the flow files import: Prefect's engine and
+#: what it imports only once a run has begun (its parameters' validation, its clients).
+_ENGINE_MODULES = (
+    "prefect.flow_engine",
+    "tenantflow.tenancy",
+    "pydantic.v1",
+    "anyio._backends._asyncio",
+    "anyio.streams.memory",
+    "anyio.streams.stapled",
+    "anyio.streams.tls",
+    "encodings.idna",
+    "rich._emoji_codes",
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the flow run of `PREFECT__FLOW_RUN_ID` from the entrypoint in `argv`; exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args[:1] == [WARM_FLAG]:
+        return _warm(args[1:])
     install_tripwire()
     from prefect import flow_engine
 
     # NOTE: `prefect.flow_engine._main([entrypoint])` is what Prefect's own workspace
     # bootstrap calls for a flow run with a known entrypoint (`python -m prefect.flow_engine
     # ENTRYPOINT`); unlike `prefect.engine` it has no fallback to the deployment's storage.
-    return int(flow_engine._main(list(sys.argv[1:] if argv is None else argv)))
+    return int(flow_engine._main(args))
+
+
+class WarmRequest:
+    """The one run a warm process is asked to run: its entrypoint and per-run variables."""
+
+    def __init__(self, entrypoint: str, env: dict[str, str]) -> None:
+        self.entrypoint = entrypoint
+        self.env = env
+
+    def encode(self) -> bytes:
+        return json.dumps({"entrypoint": self.entrypoint, "env": self.env}).encode() + b"\n"
+
+
+def read_warm_request(line: bytes, entrypoints: Sequence[str]) -> WarmRequest:
+    """Parse the worker's request line; only an entrypoint the process was started for and
+    only per-run variables are taken.
+
+    Raises:
+        ValueError: a malformed line, another entrypoint, or a variable that is not per-run.
+    """
+    document = json.loads(line)
+    entrypoint = document.get("entrypoint") if isinstance(document, dict) else None
+    env = document.get("env") if isinstance(document, dict) else None
+    if not isinstance(entrypoint, str) or entrypoint not in entrypoints:
+        raise ValueError("the request names an entrypoint this process was not started for")
+    if not isinstance(env, dict) or not all(
+        isinstance(key, str) and key.startswith(PER_RUN_PREFIX) and isinstance(value, str)
+        for key, value in env.items()
+    ):
+        raise ValueError(f"the request may set only {PER_RUN_PREFIX}* variables")
+    return WarmRequest(entrypoint, dict(env))
+
+
+def flow_imports(entrypoints: Iterable[str]) -> list[str]:
+    """The modules the entrypoints' files import, but not the flows' own package.
+
+    Read from the files' syntax (nothing of them runs): `import a.b` and `from a.b import c`
+    at any depth, relative imports and the package the flow files live in left out.
+    """
+    modules: dict[str, None] = {}
+    for entrypoint in entrypoints:
+        path = Path(entrypoint.rpartition(":")[0])
+        own = path.parent.name
+        try:
+            tree = ast.parse(path.read_text(), filename=str(path))
+        except (OSError, SyntaxError, ValueError):
+            continue  # the run itself reports it, as a cold process would
+        for node in ast.walk(tree):
+            names: list[str] = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            for name in names:
+                if name.partition(".")[0] not in {own, "__future__"}:
+                    modules[name] = None
+    return list(modules)
+
+
+def changed_modules(since: float) -> list[str]:
+    """Loaded modules whose file changed (or went away) after `since` (a `time.time()`)."""
+    changed = []
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if not path:
+            continue
+        try:
+            modified = os.stat(path).st_mtime
+        except OSError:
+            changed.append(name)
+            continue
+        if modified >= since:
+            changed.append(name)
+    return changed
+
+
+def _warm(entrypoints: Sequence[str]) -> int:
+    # NOTE: taken before the first import: a file written while the imports ran counts as
+    # changed (mtimes have a coarse grain on some filesystems: one second of margin).
+    started = time.time() - 1.0
+    install_tripwire()
+    for name in (*_ENGINE_MODULES, *flow_imports(entrypoints)):
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)  # a module that fails fails again in the run
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return 0  # the worker stopped or let this process go: no run
+    request = read_warm_request(line, entrypoints)
+    _detach_stdin()
+    published = publish_environment(request.env)
+    os.environ.update(request.env)
+    if not published:
+        sys.stderr.write("the run's variables do not fit its warm process: starting it cold\n")
+        _exec_cold(request.entrypoint)
+    if changed := changed_modules(started):
+        # NOTE: a deploy changed code this process had loaded: the run gets a cold process
+        # (the same pid and pipes, so the worker sees no difference).
+        sys.stderr.write(
+            f"{len(changed)} module(s) this warm process had loaded changed since it "
+            f"started ({', '.join(sorted(changed)[:3])}...): starting the run cold\n"
+        )
+        _exec_cold(request.entrypoint)
+    from prefect import flow_engine
+
+    return int(flow_engine._main([request.entrypoint]))
+
+
+def _exec_cold(entrypoint: str) -> NoReturn:
+    """Become a cold flow-run process for the same run (same pid, pipes, environment)."""
+    sys.stderr.flush()
+    command = [sys.executable, "-m", "tenantflow.flow_run", entrypoint]
+    os.execve(sys.executable, command, dict(os.environ))  # noqa: S606
+
+
+def reserved_environment() -> dict[str, str]:
+    """The variable a warm process is started with to hold its run's variables later."""
+    return {RESERVED_ENV: "." * RESERVED_BYTES}
+
+
+def publish_environment(env: Mapping[str, str]) -> bool:
+    """Write the run's variables over the reserved one in the process's original
+    environment block (what `/proc/PID/environ` shows); whether they fitted.
+
+    NOTE: a process's `/proc/PID/environ` is the block the kernel copied at exec, which
+    `os.environ` changes never touch. Tools (and the tests) find a flow run's process by
+    its `PREFECT__FLOW_RUN_ID` there, so a warm process shows its run's variables as a
+    cold one does: the worker started it with a reserved variable, whose bytes are
+    rewritten in place (as `setproctitle` rewrites argv). Off Linux, or if the reserved
+    variable is not where the kernel put it, nothing is written and the run starts cold.
+    """
+    region = _reserved_region()
+    os.environ.pop(RESERVED_ENV, None)  # its entry in the C environ; its bytes stay
+    payload = b"\0".join(f"{key}={value}".encode() for key, value in env.items())
+    if region is None or len(payload) > region[1]:
+        return False
+    address, size = region
+    ctypes.memmove(address, payload.ljust(size, b"\0"), size)
+    return True
+
+
+def _reserved_region() -> tuple[int, int] | None:
+    """Where the reserved variable's bytes are, if inside the exec-time environment."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rpartition(")")[2].split()
+        # NOTE: env_start and env_end: fields 50 and 51 of proc(5), from the third after
+        # the command's name (Linux 3.5 and later).
+        start, end = int(fields[47]), int(fields[48])
+        environ = ctypes.POINTER(ctypes.c_void_p).in_dll(ctypes.CDLL(None), "environ")
+    except (OSError, IndexError, ValueError):
+        return None
+    prefix = f"{RESERVED_ENV}=".encode()
+    size = len(prefix) + RESERVED_BYTES
+    index = 0
+    while (address := environ[index]) is not None:
+        inside = start <= address and address + size <= end
+        if inside and ctypes.string_at(address, len(prefix)) == prefix:
+            return address, size
+        index += 1
+    return None
+
+
+def _detach_stdin() -> None:
+    """The worker's request pipe is done with: the run reads nothing from it."""
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

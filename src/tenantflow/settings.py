@@ -358,6 +358,24 @@ class FaultSettings(BaseSettings):
             "(`docker stop -t`, Kubernetes' terminationGracePeriodSeconds)."
         ),
     )
+    worker_warm_start: bool = Field(
+        default=True,
+        description=(
+            "Whether the tenantflow process worker keeps its next flow run's process started "
+            "ahead, with Prefect and the flows' libraries already imported (a warm start: "
+            "about a second less per run here). Each process still serves one run only; "
+            "false starts every run's process when the run comes."
+        ),
+    )
+    worker_wake_on_events: bool = Field(
+        default=True,
+        description=(
+            "Whether the worker listens to Prefect's event stream for flow-run state changes "
+            "in its work pool and polls at once when one comes, instead of waiting for the "
+            "next poll (PREFECT_WORKER_QUERY_SECONDS). The poll stays: an event missed or a "
+            "stream down costs at most one poll interval."
+        ),
+    )
     housekeeping_interval_s: float = Field(
         default=60.0,
         ge=5,

@@ -70,6 +70,7 @@ from prefect.runner._process_manager import ProcessHandle
 from prefect.utilities.processutils import (
     command_from_string,
     command_to_string,
+    consume_process_output,
     get_sys_executable,
     run_process,
     sanitize_subprocess_env,
@@ -81,10 +82,13 @@ from pydantic import PrivateAttr, model_validator
 from tenantflow.deployments import MIGRATE_POOL
 from tenantflow.errors import TenantflowError
 from tenantflow.flow_environment import BASIC_ENVIRONMENT, MIGRATION_ENV, flow_run_environment
+from tenantflow.flow_run import WarmRequest
 from tenantflow.housekeeping import run_housekeeping
-from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment
+from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment, deployment_names
 from tenantflow.settings import SettingsError, load_fault_settings, load_settings
 from tenantflow.tripwire import install_tripwire
+from tenantflow.wake import PoolWorker, wake_on_events
+from tenantflow.warm_start import WarmProcess, WarmStarts, base_environment
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -165,6 +169,11 @@ def declared_run(deployment: DeploymentResponse | None, worker_pool: str | None)
         RuntimeError: no project folder, a deployment the project does not declare, one
             declared for another work pool, or an entrypoint outside the project folder.
     """
+    return declared_run_named(deployment.name if deployment is not None else None, worker_pool)
+
+
+def declared_run_named(name: str | None, worker_pool: str | None) -> DeclaredRun:
+    """`declared_run` for a deployment's name (None: a run of no deployment)."""
     folder = os.environ.get(PROJECT_DIR_ENV)
     if not folder:
         raise RuntimeError(
@@ -172,7 +181,6 @@ def declared_run(deployment: DeploymentResponse | None, worker_pool: str | None)
             "the deployments that folder's prefect.yaml declares"
         )
     project = Path(folder).resolve()
-    name = deployment.name if deployment is not None else None
     try:
         declared = declared_deployment(name, project) if name else None
     except DeployError as error:
@@ -244,10 +252,32 @@ class TenantflowJobConfiguration(ProcessJobConfiguration):
         self._declared = declared
         self.command = engine_command(declared.entrypoint)
         self.env = {
-            **flow_run_environment(prefect, migration=declared.holds_migration_login),
+            **run_environment(prefect, migration=declared.holds_migration_login),
             ENTRYPOINT_ENV: declared.entrypoint,
-            HEARTBEAT_ENV: str(flow_heartbeat_seconds()),
         }
+
+
+def run_environment(prefect: Mapping[str, str | None], *, migration: bool) -> dict[str, str]:
+    """A flow run's environment but its entrypoint: the allow-listed environment
+    (`flow_run_environment`) of what Prefect prepared, and the heartbeat."""
+    return {
+        **flow_run_environment(prefect, migration=migration),
+        HEARTBEAT_ENV: str(flow_heartbeat_seconds()),
+    }
+
+
+def declared_entrypoints(pool: str) -> list[str]:
+    """The absolute entrypoints of the deployments declared for `pool` (for warm starts)."""
+    folder = os.environ.get(PROJECT_DIR_ENV)
+    if not folder:
+        return []
+    project = Path(folder).resolve()
+    entrypoints = []
+    for name in deployment_names(project):
+        with contextlib.suppress(RuntimeError):
+            declared = declared_run_named(name, pool)
+            entrypoints.append(declared.entrypoint)
+    return entrypoints
 
 
 class _EngineStarter:
@@ -267,12 +297,16 @@ class _EngineStarter:
         env: Mapping[str, str],
         stream_output: bool,
         control_channel: ControlChannel | None,
+        entrypoint: str,
+        warm: WarmStarts | None = None,
     ) -> None:
         self._command = command
         self._cwd = cwd
         self._env = dict(env)
         self._stream_output = stream_output
         self._control_channel = control_channel
+        self._entrypoint = entrypoint
+        self._warm = warm
 
     async def start(
         self,
@@ -302,18 +336,59 @@ class _EngineStarter:
             return ProcessHandle(process)
 
         try:
+            process_env = sanitize_subprocess_env(env)
+            warm = (
+                await self._warm.take(process_env, self._entrypoint)
+                if self._warm is not None
+                else None
+            )
+            if warm is not None:
+                try:
+                    await self._run_warm(warm, process_env, task_status, handle)
+                finally:
+                    warm.remove_folder()
+                return
             await run_process(
                 command=command_from_string(self._command),
                 stream_output=self._stream_output,
                 task_status=task_status,
                 task_status_handler=handle,
-                env=sanitize_subprocess_env(env),
+                env=process_env,
                 cwd=self._cwd,
             )
         except BaseException:
             if registered and not handed_off and self._control_channel is not None:
                 self._control_channel.unregister(flow_run.id)
             raise
+
+    async def _run_warm(
+        self,
+        warm: WarmProcess,
+        env: Mapping[str, str],
+        task_status: anyio.abc.TaskStatus[ProcessHandle],
+        handle: Callable[[anyio.abc.Process], ProcessHandle],
+    ) -> None:
+        """The run in a process started ahead: its request, then as `run_process` does."""
+        process = warm.process
+        request = WarmRequest(
+            self._entrypoint,
+            {key: value for key, value in env.items() if key not in base_environment(env)},
+        )
+        try:
+            async with process:
+                await warm.hand_off(request)
+                task_status.started(handle(process))
+                if self._stream_output:
+                    await consume_process_output(
+                        process, stdout_sink=sys.stdout, stderr_sink=sys.stderr
+                    )
+                await process.wait()
+        finally:
+            # NOTE: as Prefect's `open_process`: a cancelled wait (the worker stopping)
+            # leaves no process behind.
+            with contextlib.suppress(ProcessLookupError, OSError):
+                if process.returncode is None:
+                    process.terminate()
 
 
 class DrainingWorker:
@@ -331,13 +406,18 @@ class DrainingWorker:
         #: Set while no flow run is in flight.
         self.idle = asyncio.Event()
         self.idle.set()
+        # NOTE: the regular poll and the polls events start (tenantflow.wake) take turns.
+        self._polling = asyncio.Lock()
 
     async def get_and_submit_flow_runs(self) -> list[FlowRun]:
         # NOTE: a stopping worker keeps its loops (heartbeats, the runs in flight reporting
         # their ends) but polls for no new run.
         if self.draining:
             return []
-        submitted: list[FlowRun] = await super().get_and_submit_flow_runs()  # type: ignore[misc]
+        async with self._polling:
+            if self.draining:
+                return []
+            submitted: list[FlowRun] = await super().get_and_submit_flow_runs()  # type: ignore[misc]
         return submitted
 
 
@@ -361,6 +441,28 @@ class TenantflowProcessWorker(DrainingWorker, ProcessWorker):
     @classmethod
     def get_default_base_job_template(cls) -> dict[str, Any]:
         return base_job_template()
+
+    #: The process started ahead for the next run (None: warm starts are off).
+    warm: WarmStarts | None = None
+
+    async def setup(self) -> None:
+        await super().setup()
+        pool = self._work_pool_name
+        if not load_fault_settings().worker_warm_start:
+            return
+        entrypoints = declared_entrypoints(pool)
+        if not entrypoints:
+            return
+        self.warm = WarmStarts(entrypoints, say=self._logger.warning)
+        prefect = BaseJobConfiguration._base_environment()
+        await self.warm.prime(
+            base_environment(run_environment(prefect, migration=pool == MIGRATE_POOL))
+        )
+
+    async def teardown(self, *exc_info: Any) -> None:
+        if self.warm is not None:
+            await self.warm.aclose()
+        await super().teardown(*exc_info)
 
     async def run(
         self,
@@ -410,6 +512,8 @@ class TenantflowProcessWorker(DrainingWorker, ProcessWorker):
                         env=env,
                         stream_output=configuration.stream_output,
                         control_channel=ctx.control_channel,
+                        entrypoint=declared.entrypoint,
+                        warm=self.warm,
                     ),
                     # NOTE: also wired into the context's cancellation manager, for the
                     # on_cancellation hooks of a Pending or Running run.
@@ -631,11 +735,21 @@ async def _serve(
     # slots and a full limit nobody holds reported (tenantflow.housekeeping).
     housekeeping = asyncio.create_task(run_housekeeping(pool=pool), name="housekeeping")
     housekeeping.add_done_callback(partial(_housekeeping_ended, say))
+    # NOTE: a run created now starts now, not at the next poll (tenantflow.wake).
+    wake = (
+        asyncio.create_task(wake_on_events(cast(PoolWorker, worker), say), name="wake-on-events")
+        if faults.worker_wake_on_events
+        else None
+    )
     try:
         await worker.start(run_once=False, with_healthcheck=False, printer=say)
     except asyncio.CancelledError:
         say(f"Worker {worker.name!r} stopped!")
     finally:
+        if wake is not None:
+            wake.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await wake
         housekeeping.cancel()
         # NOTE: a housekeeping that ended on an error has said so (`_housekeeping_ended`);
         # it never changes how the worker itself ends.
