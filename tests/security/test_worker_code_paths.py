@@ -452,13 +452,14 @@ async def test_the_patch_is_code_prefects_own_loader_runs(stack: Stack, attack: 
 
 
 def _secrets(stack: Stack) -> dict[str, str]:
-    """Values no tenant flow run may hold, whatever the variable is called."""
+    """Values no tenant worker or tenant flow run may hold, whatever the variable is called."""
     secrets = stack.config.secrets
     return {
         "the schema owner's password": secrets.postgres_password,
         "the cluster superuser's password": secrets.admin_password,
         "the legacy JWT secret": secrets.jwt_secret,
         "the Prefect database's password": secrets.prefect_db_password,
+        "Supabase's service-role key": secrets.service_role_key,
     }
 
 
@@ -481,7 +482,10 @@ async def test_a_tenant_flow_run_holds_only_what_it_needs(stack: Stack) -> None:
     worker = LocalWorker(stack.config)
     worker_pid = worker.pid()
     assert worker_pid is not None
-    assert "MIGRATION_DATABASE_URL" not in environment_of(worker_pid)
+    worker_env = environment_of(worker_pid)
+    assert "MIGRATION_DATABASE_URL" not in worker_env
+    for what, value in _secrets(stack).items():
+        assert value not in "\0".join(worker_env.values()), f"the worker holds {what}"
     env, done = await _environment_of_a_run(stack, worker, "noop", {})
     assert done.state_type == StateType.COMPLETED, done.state
     assert "MIGRATION_DATABASE_URL" not in env
