@@ -27,7 +27,7 @@ from tenantflow_dev.errors import StackError
 from tenantflow_dev.health import Health
 from tenantflow_dev.stack import Stack
 
-__all__ = ["main"]
+__all__ = ["main", "sign_ins"]
 
 log = logging.getLogger("tenantflow_dev")
 
@@ -88,10 +88,7 @@ def _demo(stack: Stack) -> bool:
         "  client-report, period_start: %s, period_end: %s\n"
         "  client-report, access_token:  %s\n"
         "  nightly-rollup (operator, every client), access_token:  %s\n"
-        "\nSign-ins of the Supabase Auth stand-in (password, or a one-time code: "
-        "`tenantflow-dev mailbox --email E`):\n"
-        "  operator: %s  password: %s\n"
-        "  member:   %s  password: %s",
+        "\n%s",
         demo.flow_run_id,
         demo.state,
         demo.seconds,
@@ -105,12 +102,20 @@ def _demo(stack: Stack) -> bool:
         demo.report_period[1],
         demo.member_token,
         demo.operator_token,
-        DEMO_OPERATOR,
-        stack.config.secrets.demo_password(DEMO_OPERATOR),
-        demo.member_email,
-        stack.config.secrets.demo_password(demo.member_email),
+        sign_ins(stack.config, demo.member_email),
     )
     return demo.state == "Completed"
+
+
+def sign_ins(config: StackConfig, member_email: str) -> str:
+    """What `make up` prints for signing in to the Auth stand-in: the demo operator's and a
+    member's email, then `password: ...`, one line each (local demo passwords only)."""
+    return (
+        "Sign-ins of the Supabase Auth stand-in (password, or a one-time code: "
+        "`tenantflow-dev mailbox --email E`):\n"
+        f"  operator: {DEMO_OPERATOR}  password: {config.secrets.demo_password(DEMO_OPERATOR)}\n"
+        f"  member:   {member_email}  password: {config.secrets.demo_password(member_email)}"
+    )
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -27,6 +27,7 @@ from tenantflow_dev.auth_stand_in import (
     latest_one_time_code,
     mailbox_folder,
 )
+from tenantflow_dev.cli import sign_ins
 from tenantflow_dev.demo import DEMO_MEMBER, DEMO_OPERATOR
 from tests.auth.support import claims_of
 
@@ -162,8 +163,14 @@ async def test_a_user_without_a_password_cannot_sign_in_with_one(
 def test_the_demo_users_sign_in_with_the_printed_passwords(
     stack: Stack, gotrue: SyncGoTrueClient
 ) -> None:
-    for email in (DEMO_OPERATOR, DEMO_MEMBER):
-        password = stack.config.secrets.demo_password(email)
+    # What `make up` prints: a heading, then one line per user, the email, then the password.
+    _, *lines = sign_ins(stack.config, DEMO_MEMBER).splitlines()
+    printed = [line.split() for line in lines]
+    assert [(who, email, said) for who, email, said, _ in printed] == [
+        ("operator:", DEMO_OPERATOR, "password:"),
+        ("member:", DEMO_MEMBER, "password:"),
+    ]
+    for _, email, _, password in printed:
         response = gotrue.sign_in_with_password({"email": email, "password": password})
         assert response.user is not None and response.user.email == email
     operator_token = gotrue.sign_in_with_password(

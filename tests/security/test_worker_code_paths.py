@@ -5,12 +5,13 @@ Whoever reaches the Prefect API can patch a deployment the project declares
 their own, each writing a marker file when it runs. Prefect's process worker would run
 both, in the worker, to load the flow for a cancelled or crashed run's hooks. Through the
 stack's real worker, with `noop` and `client-report` patched that way: a run that
-completes, a Pending and a Running run cancelled, a run whose process dies, and one that
-crashes on an unknown parameter leave no marker, and the hooks the project declares ran,
-loaded from the declared flow (Prefect logs each hook it runs). A tenant flow run's
-process holds nothing it does not need, `MIGRATION_DATABASE_URL` least of all (read from
-`/proc` as root); a `migrate` run's does. A tenant deployment re-pointed at the migrate
-pool is refused there before any process starts.
+completes, a Pending and a Running run cancelled, a run whose process dies, one that
+crashes on an unknown parameter, and a completed run retried or suspended and resumed
+through the API (taken up again by the worker) leave no marker, and the hooks the
+project declares ran, loaded from the declared flow (Prefect logs each hook it runs). A
+tenant flow run's process holds nothing it does not need, `MIGRATION_DATABASE_URL` least
+of all (read from `/proc` as root); a `migrate` run's does. A tenant deployment
+re-pointed at the migrate pool is refused there before any process starts.
 
 The runs are held still where a test needs them (Pending, or Running) by stopping their
 process with SIGSTOP as soon as it exists, as root; a stopped process is continued once
@@ -41,8 +42,9 @@ import pytest
 from prefect.client.orchestration import PrefectClient, get_client
 from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.responses import SetStateStatus
 from prefect.client.schemas.sorting import LogSort
-from prefect.states import Cancelling, Running
+from prefect.states import AwaitingRetry, Cancelling, Running, Suspended
 
 from tenantflow.deployments import MIGRATE_POOL, WORK_POOLS
 from tenantflow.flow_environment import BASIC_ENVIRONMENT
@@ -359,6 +361,43 @@ async def test_a_crashed_run_runs_the_declared_crash_hooks(
     attack.assert_nothing_ran()
 
 
+@pytest.mark.parametrize("again", ["retried", "resumed"])
+async def test_a_retried_or_resumed_run_runs_the_declared_flow_again(
+    stack: Stack, attack: Attack, again: str
+) -> None:
+    """A run put back to Scheduled through the API after it ran (retried as the UI's Retry
+    does, or suspended and resumed: Prefect's resume of a suspended run schedules it
+    again) is a new attempt that the worker takes up again: on the declared flow too."""
+    changes = {"entrypoint": attack.entrypoint, "pull_steps": attack.pull_steps}
+    async with patched(stack, "noop", **changes) as deployment, get_client() as client:
+        run = await client.create_flow_run_from_deployment(deployment["id"])
+        first = await wait_for(client, run.id, TERMINAL)
+        assert first.state_type == StateType.COMPLETED, first.state
+        if again == "retried":
+            await client.set_flow_run_state(run.id, AwaitingRetry(), force=True)
+        else:
+            await client.set_flow_run_state(run.id, Suspended(timeout_seconds=600), force=True)
+            resumed = await client.resume_flow_run(run.id)
+            assert resumed.status == SetStateStatus.ACCEPT, resumed
+        # NOTE: a resumed run keeps its run_count; its second Completed state tells it ran.
+        async with asyncio.timeout(180):
+            while True:
+                states = await client.read_flow_run_states(run.id)
+                if [state.type for state in states].count(StateType.COMPLETED) >= 2:
+                    break
+                await asyncio.sleep(0.3)
+        done = await client.read_flow_run(run.id)
+        await still_patched(stack, deployment["id"], changes)
+        lines = await log_lines(client, run.id)
+    assert done.state_type == StateType.COMPLETED, done.state
+    assert [state.type for state in states].count(StateType.COMPLETED) == 2
+    assert [state.type for state in states].count(StateType.RUNNING) == 2
+    taken_up_as = {"retried": "AwaitingRetry", "resumed": "Resuming"}[again]
+    assert taken_up_as in [state.name for state in states]
+    no_code_from_the_api(lines)
+    attack.assert_nothing_ran()
+
+
 async def test_the_patch_is_code_prefects_own_loader_runs(stack: Stack, attack: Attack) -> None:
     """The control: what the tests above patch in is what Prefect's worker would run.
 
@@ -413,13 +452,14 @@ async def test_the_patch_is_code_prefects_own_loader_runs(stack: Stack, attack: 
 
 
 def _secrets(stack: Stack) -> dict[str, str]:
-    """Values no tenant flow run may hold, whatever the variable is called."""
+    """Values no tenant worker or tenant flow run may hold, whatever the variable is called."""
     secrets = stack.config.secrets
     return {
         "the schema owner's password": secrets.postgres_password,
         "the cluster superuser's password": secrets.admin_password,
         "the legacy JWT secret": secrets.jwt_secret,
         "the Prefect database's password": secrets.prefect_db_password,
+        "Supabase's service-role key": secrets.service_role_key,
     }
 
 
@@ -442,7 +482,10 @@ async def test_a_tenant_flow_run_holds_only_what_it_needs(stack: Stack) -> None:
     worker = LocalWorker(stack.config)
     worker_pid = worker.pid()
     assert worker_pid is not None
-    assert "MIGRATION_DATABASE_URL" not in environment_of(worker_pid)
+    worker_env = environment_of(worker_pid)
+    assert "MIGRATION_DATABASE_URL" not in worker_env
+    for what, value in _secrets(stack).items():
+        assert value not in "\0".join(worker_env.values()), f"the worker holds {what}"
     env, done = await _environment_of_a_run(stack, worker, "noop", {})
     assert done.state_type == StateType.COMPLETED, done.state
     assert "MIGRATION_DATABASE_URL" not in env

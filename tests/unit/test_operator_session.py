@@ -2,7 +2,7 @@
 0600 in a 0700 folder and written atomically; one others may read, another user owns, or a
 link is refused as ssh refuses a private key; no public key, a private key where the public
 one belongs, a non-operator asking for an operator flow, Auth unreachable: one line, exit 2,
-and never the password."""
+and never the password; on a terminal, the password is asked without echo."""
 
 from __future__ import annotations
 
@@ -299,6 +299,67 @@ def test_cli_refusals_are_one_line_and_never_show_the_password(
     assert logout.returncode == 0, logout.stderr
     assert "without using it" in logout.stdout
     assert not path.exists()
+
+
+def _on_a_terminal(tmp_path: Path, env: dict[str, str], *args: str, answer: str) -> str:
+    """Everything a terminal shows while `tenantflow ARGS` runs on it, `answer` typed once
+    the command asks for it (a pseudo-terminal: its echo is on unless the command turns
+    it off)."""
+    import pty
+    import select
+
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tenantflow.cli", *args],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=terminal,
+        env=env,
+        cwd=tmp_path,
+        start_new_session=True,
+    )
+    os.close(terminal)
+    shown = b""
+    typed = False
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([controller], [], [], 0.5)
+            if not ready:
+                if process.poll() is not None:
+                    break
+                continue
+            try:
+                chunk = os.read(controller, 4096)
+            except OSError:  # the command ended: the terminal is gone
+                break
+            if not chunk:
+                break
+            shown += chunk
+            if not typed and b"(not echoed): " in shown:
+                os.write(controller, answer.encode() + b"\n")
+                typed = True
+        assert process.wait(timeout=60) == 2, shown
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+    assert typed, shown
+    return shown.decode(errors="replace")
+
+
+def test_login_on_a_terminal_asks_for_the_password_without_echoing_it(
+    tmp_path: Path, cli_env: dict[str, str]
+) -> None:
+    url = cli_env["SUPABASE_URL"]
+    shown = _on_a_terminal(
+        tmp_path, cli_env, "login", "--email", "op@example.test", answer=PASSWORD
+    )
+    assert "password (not echoed): " in shown
+    assert PASSWORD not in shown
+    # It read the password and took it on to Auth (which does not answer here).
+    assert f"error: Supabase Auth at {url} does not answer" in shown
+    assert not (tmp_path / "xdg" / "tenantflow" / "session.json").exists()
 
 
 def test_logout_with_auth_unreachable_still_deletes_the_file(
