@@ -26,7 +26,7 @@ from bench.containers import container_rows
 from bench.guard import guard_rows
 from bench.image import image_rows
 from bench.imports import import_rows
-from bench.latency import latency_rows
+from bench.run_start import start_rows
 from bench.shards import shard_rows
 from bench.stackapi import on_stack
 from bench.sweep import SIZES, SweepResult, remove_clients, sweep, sweep_rows
@@ -167,7 +167,7 @@ async def run(stack: Stack) -> None:
     rows += await container_rows(stack)
     rows += await image_rows(stack)
     rows += await guard_rows(stack.config, get_settings())
-    rows += await latency_rows(stack.config)
+    rows += await start_rows(stack)
     rows += await api_latency_rows(stack)
     rows += import_rows()
     rows += await pooler_throughput(stack)

@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,13 @@ class LocalWorker:
         root: Path | None = None,
         drain_seconds: float | None = None,
         limit: int | None = None,
+        settings: Mapping[str, str] | None = None,
     ) -> None:
         self.config = config
         self.pool = pool
         self.limit = limit
+        #: Settings of this worker's own, over the stack's (a test's, a benchmark's).
+        self.settings = dict(settings or {})
         #: Whether it serves `migrate` and so holds the schema owner's login.
         self.migrate = pool == MIGRATE_POOL
         self.name = "migrate-worker" if self.migrate else "prefect-worker"
@@ -156,12 +160,12 @@ class LocalWorker:
         env.update(self.config.environment())
         if not self.migrate:
             env.pop(MIGRATION_ENV, None)
+        # NOTE: Prefect's own poll (every 10 s), as in production: the worker starts a run
+        # as soon as Prefect's events announce it (tenantflow.wake), the poll is the net.
         env.update(
             {
                 "PREFECT_API_URL": self.api_url,
                 "PREFECT_HOME": str(self.home),
-                "PREFECT_WORKER_QUERY_SECONDS": "2",
-                "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                 "PREFECT_LOGGING_LEVEL": "INFO",
                 # NOTE: the worker passes it on to every flow run as
                 # PREFECT_FLOWS_HEARTBEAT_FREQUENCY (the zombie automation's input).
@@ -169,9 +173,24 @@ class LocalWorker:
                 # NOTE: where the worker reads prefect.yaml and its flows.
                 PROJECT_DIR_ENV: str(self.config.project_dir),
                 "PYTHONUNBUFFERED": "1",
+                **self.settings,
             }
         )
         return env
+
+    def command(self) -> list[str]:
+        """The worker's command line: `tenantflow worker` on the pool."""
+        return [
+            sys.executable,
+            "-m",
+            "tenantflow.cli",
+            "worker",
+            "--pool",
+            self.pool,
+            "--name",
+            self.worker_name,
+            *(["--limit", str(self.limit)] if self.limit else []),
+        ]
 
     def start(self) -> bool:
         if self.pid() is not None:
@@ -186,17 +205,7 @@ class LocalWorker:
         if crashed := self._crash_orphaned_runs():
             log.warning("marked %d flow run(s) of a previous worker Crashed", crashed)
         started_at = datetime.now(UTC)
-        argv = [
-            sys.executable,
-            "-m",
-            "tenantflow.cli",
-            "worker",
-            "--pool",
-            self.pool,
-            "--name",
-            self.worker_name,
-            *(["--limit", str(self.limit)] if self.limit else []),
-        ]
+        argv = self.command()
         env = self.environment()
         if ids is not None:
             env.update({"HOME": str(self.home), "USER": self.os_user, "LOGNAME": self.os_user})

@@ -53,16 +53,14 @@ _ABORTED = re.compile(r"Aborted submission of flow run '(?P<run>[0-9a-f-]{36})'"
 def tenant_worker_settings(config: StackConfig) -> dict[str, str]:
     """A tenant worker's settings for the stack (what a Secret or `.env` would hold).
 
-    The stack's settings without the schema owner's login, with the polling the stack's
-    own worker uses (every 2 s, not Prefect's 10 s, which would dominate a local run).
+    The stack's settings without the schema owner's login, with Prefect's own polling
+    (every 10 s): the worker starts a run when Prefect's events announce it.
     """
     settings = config.environment()
     settings.pop(MIGRATION_ENV, None)
     settings.pop("SEAL_PUBLIC_KEY", None)  # the operators' CLI's, not a worker's
     settings.update(
         {
-            "PREFECT_WORKER_QUERY_SECONDS": "2",
-            "PREFECT_WORKER_PREFETCH_SECONDS": "5",
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
     )

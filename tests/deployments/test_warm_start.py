@@ -1,6 +1,7 @@
 """Warm starts through a real worker: each run its own process, nothing of one run in the next.
 
-A worker on a pool of its own serves a probe flow that a temporary project declares. The
+A worker on a pool of its own serves a probe flow that a temporary project declares; it
+polls once an hour, so every run here starts because Prefect's events woke it. The
 probe reports what its process holds (pid, argv, a leaked environment variable, a leaked
 module global, the sockets it inherited), then leaves its own traces for the next run to
 find. Also: a changed flow file is what the next run runs; a killed waiting process is
@@ -121,7 +122,15 @@ async def served(stack: Stack, tmp_path: Path) -> AsyncIterator[Served]:
             },
         )
     config = dataclasses.replace(stack.config, project_dir=tmp_path / "project")
-    worker = LocalWorker(config, pool=pool, worker_name=f"{pool}-worker", root=tmp_path / "worker")
+    # NOTE: a poll once an hour: runs created after the worker's start begin only because
+    # Prefect's events wake the worker (tenantflow.wake).
+    worker = LocalWorker(
+        config,
+        pool=pool,
+        worker_name=f"{pool}-worker",
+        root=tmp_path / "worker",
+        settings={"PREFECT_WORKER_QUERY_SECONDS": "3600"},
+    )
     try:
         assert await asyncio.to_thread(worker.start)
         yield Served(pool, deployment_id, flow_file, worker)
