@@ -45,6 +45,8 @@ from tenantflow.flow_run import PER_RUN_PREFIX, WARM_FLAG, WarmRequest, reserved
 
 __all__ = ["WarmProcess", "WarmStarts", "base_environment"]
 
+#: How long a handed-off run has the CPU to itself before the next process starts.
+REPLACE_AFTER_S = 1.5
 #: A warm process that exits within this many seconds of its start died quickly.
 _QUICK_DEATH_S = 10.0
 #: After this many quick deaths in a row the worker stops starting warm processes.
@@ -211,13 +213,21 @@ class WarmStarts:
                 warm.handed_off = True
                 if warm.watcher is not None:
                     warm.watcher.cancel()
-        # NOTE: after this run's hand-off (the caller's next await), not before it.
-        self._background(self.prime(base))
+        # NOTE: the next process imports for a second or more of CPU: it starts once this
+        # run's process has had its start (it exits, or `REPLACE_AFTER_S` pass), so the two
+        # do not compete for the CPU while this run is beginning.
+        self._background(self._prime_after(base, warm.process if usable and warm else None))
         if usable:
             self.warm_runs += 1
             return warm
         self.cold_runs += 1
         return None
+
+    async def _prime_after(self, env: dict[str, str], started: anyio.abc.Process | None) -> None:
+        if started is not None:
+            with anyio.move_on_after(REPLACE_AFTER_S), contextlib.suppress(Exception):
+                await started.wait()
+        await self.prime(env)
 
     def _background(self, work: Any) -> None:
         task = asyncio.create_task(work, name="warm-prime")

@@ -272,8 +272,12 @@ def declared_entrypoints(pool: str) -> list[str]:
     if not folder:
         return []
     project = Path(folder).resolve()
+    try:
+        names = deployment_names(project)
+    except DeployError:
+        return []  # each run is refused, saying why (`declared_run`): nothing to start ahead
     entrypoints = []
-    for name in deployment_names(project):
+    for name in names:
         with contextlib.suppress(RuntimeError):
             declared = declared_run_named(name, pool)
             entrypoints.append(declared.entrypoint)
