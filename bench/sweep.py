@@ -16,11 +16,18 @@ from decimal import Decimal
 
 import asyncpg
 
-from bench.stackapi import TimedRun, prefect_database_bytes, run_deployment_timed, task_run_count
-from bench.table import Row, ratio, say
+from bench.stackapi import (
+    TimedRun,
+    on_stack,
+    prefect_database_bytes,
+    run_deployment_timed,
+    task_run_count,
+)
+from bench.table import Row, machine, ratio, render, say, update
 from tenantflow.rollup import ROLLUP_UPSERT, day_bounds
-from tenantflow.settings import Settings
+from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy import SERVICE_CLAIMS, SERVICE_ROLE
+from tenantflow_dev import Stack
 from tenantflow_dev.config import WORKER_DB_ROLE, StackConfig
 from tenantflow_dev.demo import DEMO_OPERATOR, ROLLUP_DEPLOYMENT, sealed_token
 
@@ -28,6 +35,9 @@ SIZES = [int(n) for n in os.environ.get("BENCH_SWEEP_SIZES", "1000,10000").split
 EVENTS_PER_CLIENT = 20
 NAME_PREFIX = "bench-sweep-"
 SAMPLE_EVERY_S = 0.02
+#: The day the sweeps roll up: long before the demo's events, so only the benchmark's
+#: clients have events on it.
+SWEEP_DAY_AGO = timedelta(days=60)
 
 # The rollup's own statements, as tenant_session() sends them for a service sweep.
 _SET_LOCAL = (
@@ -428,3 +438,31 @@ def sweep_rows(results: list[SweepResult], settings: Settings) -> list[Row]:
             )
         )
     return rows
+
+
+async def sweeps(stack: Stack) -> list[Row]:
+    """The sweep at every size of `BENCH_SWEEP_SIZES`, each against its own limit run."""
+    settings = get_settings()
+    day = datetime.now(UTC).date() - SWEEP_DAY_AGO
+    say(
+        f"\n## nightly-rollup through its deployment and the worker, against raw asyncpg "
+        f"(day {day}, DB_FLOW_SLOTS={settings.db_flow_slots}, "
+        f"TENANT_BATCH_SIZE={settings.tenant_batch_size})"
+    )
+    await remove_clients(stack.config)  # leftovers of an interrupted run
+    results: list[SweepResult] = []
+    for size in SIZES:
+        say(f"- {size:,} extra clients")
+        results.append(await sweep(stack.config, settings, size, day))
+    return sweep_rows(results, settings)
+
+
+def main() -> None:
+    """`python -m bench.sweep`: the sweep's rows alone, into `bench/results.md`."""
+    rows = on_stack(sweeps)
+    say("\n" + render(rows))
+    update(rows, f"the sweep's rows measured alone ({machine()})")
+
+
+if __name__ == "__main__":
+    main()
