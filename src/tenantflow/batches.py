@@ -54,10 +54,13 @@ R = TypeVar("R")
 #: `tenant_session(ctx)` (one transaction) and returns what the flow reports.
 ClientWork = Callable[[TenantContext], Awaitable[R]]
 
-#: Batches awaited at once: one, whose lanes use every slot the run holds (a lane keeps
-#: its client connection between its transactions, so more lanes than slots would only
-#: hold connections waiting); progress moves batch by batch.
-BATCHES_IN_FLIGHT = 1
+#: Batches awaited at once: two, so one batch's task-run bookkeeping with the Prefect API
+#: (its start, its end, the progress artifact: tens of ms each) overlaps the other's
+#: transactions instead of leaving the run's slots idle between batches. Both batches'
+#: lanes share the run's slots (`transaction_slot` in `tenant_session`), so no more
+#: transactions run at once than the run holds slots; a lane waiting for a slot holds
+#: only its client connection, which through the transaction pooler holds no server one.
+BATCHES_IN_FLIGHT = 2
 _BACKOFF_START_S = 0.5
 _BACKOFF_CAP_S = 8.0
 
