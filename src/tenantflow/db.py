@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
 import weakref
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -32,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
+from asyncpg.transaction import Transaction
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, make_url
@@ -281,6 +283,7 @@ def _set_config_arguments(values: Mapping[str, str]) -> list[str]:
     return arguments
 
 
+@functools.cache
 def _set_config_sql(count: int, marker: str = "$") -> str:
     """One `SELECT` of `count` transaction-local `set_config` calls, for name/value pairs
     bound in order: `$1, $2, ...` (asyncpg) or, with `marker=":p"`, `:p1, :p2, ...`."""
@@ -425,6 +428,10 @@ class LaneConnection:
         )
         return LaneResult(rows)
 
+    def transaction(self) -> Transaction:
+        """asyncpg's transaction on this connection (`BEGIN` at `start()`)."""
+        return self._raw.transaction()
+
     async def set_local(self, arguments: Sequence[str]) -> None:
         """`set_config(name, value, true)` for `name, value, ...` pairs, one round trip."""
         await self._raw.execute(_set_config_sql(len(arguments) // 2), *arguments)
@@ -447,14 +454,25 @@ class _Lane:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.connection: AsyncConnection | None = None
+        self.executor: LaneConnection | None = None
 
-    async def connect(self) -> AsyncConnection:
-        if self.connection is None:
+    async def connect(self) -> LaneConnection:
+        """The lane's connection (checked out, pre-pinged, on first use or after a discard),
+        as what its units execute on."""
+        if self.executor is None:
             self.connection = await self.engine.connect()
-        return self.connection
+            try:
+                raw = (await self.connection.get_raw_connection()).driver_connection
+                if raw is None:
+                    raise sa_exc.InvalidRequestError("a lane's connection has no driver connection")
+            except BaseException:
+                await self.discard()
+                raise
+            self.executor = LaneConnection(raw, self.engine.dialect)
+        return self.executor
 
     async def discard(self) -> None:
-        connection, self.connection = self.connection, None
+        connection, self.connection, self.executor = self.connection, None, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.invalidate()
@@ -489,13 +507,9 @@ async def _on_lane(lane: _Lane, values: Mapping[str, str]) -> AsyncIterator[Exec
     # thousands of units of work, and that machinery costs more CPU than the statements
     # it sends. The transaction is asyncpg's own on the pooled connection (BEGIN ...
     # COMMIT), its settings and role in one statement before the caller's first.
-    connection = await lane.connect()
+    executor = await lane.connect()
     try:
-        raw = (await connection.get_raw_connection()).driver_connection
-        if raw is None:
-            raise sa_exc.InvalidRequestError("the lane's connection has no driver connection")
-        executor = LaneConnection(raw, lane.engine.dialect)
-        transaction = raw.transaction()
+        transaction = executor.transaction()
         await transaction.start()
         await executor.set_local(_set_config_arguments(values))
         yield executor
