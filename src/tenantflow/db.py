@@ -149,9 +149,14 @@ def is_database_unreachable(error: BaseException) -> bool:
         return True
     if _POOLER_RETRY.search(str(error)):
         return True
-    # NOTE: a lane's statements reach asyncpg directly: its error for a connection the
-    # pooler closed (its server connection died) is what SQLAlchemy calls a disconnect.
+    # NOTE: a lane's statements reach asyncpg directly. Its error for a connection the
+    # pooler closed (its server connection died) is what SQLAlchemy calls a disconnect;
+    # and when the pooler's error for the dying server connection arrives between two
+    # statements, before it hangs up, the next statement finds the protocol still busy
+    # with it ("another operation is in progress"): the same loss, a moment earlier.
     if isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error):
+        return True
+    if isinstance(error, asyncpg.InternalClientError) and "is in progress" in str(error):
         return True
     return isinstance(error, ConnectionError | TimeoutError | OSError)
 
@@ -428,6 +433,15 @@ class LaneConnection:
         )
         return LaneResult(rows)
 
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is known to be closed (its peer hung up)."""
+        return bool(self._raw.is_closed())
+
+    def terminate(self) -> None:
+        """Close the connection now, whatever it is doing (asyncpg's `terminate`)."""
+        self._raw.terminate()
+
     def transaction(self) -> Transaction:
         """asyncpg's transaction on this connection (`BEGIN` at `start()`)."""
         return self._raw.transaction()
@@ -459,6 +473,8 @@ class _Lane:
     async def connect(self) -> LaneConnection:
         """The lane's connection (checked out, pre-pinged, on first use or after a discard),
         as what its units execute on."""
+        if self.executor is not None and self.executor.closed:
+            await self.discard()  # the pooler closed it between two units
         if self.executor is None:
             self.connection = await self.engine.connect()
             try:
@@ -472,7 +488,14 @@ class _Lane:
         return self.executor
 
     async def discard(self) -> None:
-        connection, self.connection, self.executor = self.connection, None, None
+        connection, self.connection = self.connection, None
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            # NOTE: first the asyncpg connection itself, at once: SQLAlchemy's invalidation
+            # closes it gracefully, which fails on a connection still busy with a broken
+            # operation (a server connection lost mid-statement) and would leave it alive,
+            # for the pool to hand to another lane.
+            executor.terminate()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.invalidate()
