@@ -193,7 +193,8 @@ async def _batch(
 
     async def lane() -> None:
         # NOTE: one connection per lane, clients one after another on it (each its own
-        # transaction): as many lanes as the run holds slots, so the gate rarely waits.
+        # transaction): as many lanes as the run holds slots; with the other batch in
+        # flight, its lanes take the slots this batch's lanes leave as it runs out.
         async with connection_lane():
             for index, ctx in queue:
                 outcomes[index] = await _one_client(
