@@ -14,7 +14,6 @@ import os
 import statistics
 import time
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime, timedelta
 from typing import cast
 
 from prefect import flow, task
@@ -29,7 +28,7 @@ from bench.imports import import_rows
 from bench.run_start import start_rows
 from bench.shards import shard_rows
 from bench.stackapi import on_stack
-from bench.sweep import SIZES, SweepResult, remove_clients, sweep, sweep_rows
+from bench.sweep import sweeps
 from bench.table import Row, ratio, say, write
 from bench.table import render as render_table
 from tenantflow.db import build_transaction_engine, dispose_engines, session_scope, unit_of_work
@@ -40,9 +39,6 @@ TRANSACTIONS = int(os.environ.get("BENCH_TRANSACTIONS", "2000"))
 CONCURRENCY = 10
 TASKS = int(os.environ.get("BENCH_TASKS", "200"))
 ROUNDS = 3
-#: The day the sweeps roll up: long before the demo's events, so only the benchmark's
-#: clients have events on it.
-SWEEP_DAY_AGO = timedelta(days=60)
 
 
 async def _transactions_per_second(engine: AsyncEngine) -> float:
@@ -140,22 +136,6 @@ async def task_styles() -> list[Row]:
             ratio(mapped, awaited),
         )
     ]
-
-
-async def sweeps(stack: Stack) -> list[Row]:
-    settings = get_settings()
-    day = datetime.now(UTC).date() - SWEEP_DAY_AGO
-    say(
-        f"\n## nightly-rollup through its deployment and the worker, against raw asyncpg "
-        f"(day {day}, DB_FLOW_SLOTS={settings.db_flow_slots}, "
-        f"TENANT_BATCH_SIZE={settings.tenant_batch_size})"
-    )
-    await remove_clients(stack.config)  # leftovers of an interrupted run
-    results: list[SweepResult] = []
-    for size in SIZES:
-        say(f"- {size:,} extra clients")
-        results.append(await sweep(stack.config, settings, size, day))
-    return sweep_rows(results, settings)
 
 
 async def run(stack: Stack) -> None:

@@ -4,6 +4,7 @@ worker, against raw asyncpg doing the same statements at the same concurrency.""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import time
@@ -16,11 +17,18 @@ from decimal import Decimal
 
 import asyncpg
 
-from bench.stackapi import TimedRun, prefect_database_bytes, run_deployment_timed, task_run_count
-from bench.table import Row, ratio, say
+from bench.stackapi import (
+    TimedRun,
+    on_stack,
+    prefect_database_bytes,
+    run_deployment_timed,
+    task_run_count,
+)
+from bench.table import Row, machine, ratio, render, say, update
 from tenantflow.rollup import ROLLUP_UPSERT, day_bounds
-from tenantflow.settings import Settings
+from tenantflow.settings import Settings, get_settings
 from tenantflow.tenancy import SERVICE_CLAIMS, SERVICE_ROLE
+from tenantflow_dev import Stack
 from tenantflow_dev.config import WORKER_DB_ROLE, StackConfig
 from tenantflow_dev.demo import DEMO_OPERATOR, ROLLUP_DEPLOYMENT, sealed_token
 
@@ -28,6 +36,14 @@ SIZES = [int(n) for n in os.environ.get("BENCH_SWEEP_SIZES", "1000,10000").split
 EVENTS_PER_CLIENT = 20
 NAME_PREFIX = "bench-sweep-"
 SAMPLE_EVERY_S = 0.02
+#: The day the sweeps roll up: long before the demo's events, so only the benchmark's
+#: clients have events on it.
+SWEEP_DAY_AGO = timedelta(days=60)
+#: Targets against raw asyncpg: the flow run's start to end at every size, and what an
+#: operator waits (created to Completed) from 10,000 clients.
+RUN_TARGET = 0.8
+OPERATOR_TARGET = 0.6
+OPERATOR_TARGET_FROM = 10_000
 
 # The rollup's own statements, as tenant_session() sends them for a service sweep.
 _SET_LOCAL = (
@@ -195,33 +211,35 @@ async def limit_rate(
 
 
 async def unit_of_work_rate(
-    settings: Settings, clients: Sequence[uuid.UUID], day: date
+    settings: Settings, clients: Sequence[uuid.UUID], day: date, *, lanes: bool = False
 ) -> tuple[float, float]:
     """Clients per second, and CPU ms per client of this process, of tenantflow's own
     `unit_of_work` doing the same statements, `DB_FLOW_SLOTS` at a time, without Prefect:
-    how much of the gap to the limit is the database layer rather than the orchestration."""
-    from tenantflow.db import dispose_engines, unit_of_work
+    how much of the gap to the limit is the database layer rather than the orchestration.
+    With `lanes`, each of them on a lane (`connection_lane`), as a sweep's batches run."""
+    from tenantflow.db import connection_lane, dispose_engines, unit_of_work
 
     start, end = day_bounds(day)
     queue = iter(clients)
 
     async def drain() -> None:
-        for client in queue:
-            async with unit_of_work(
-                local_settings={"request.jwt.claims": SERVICE_CLAIMS},
-                role=SERVICE_ROLE,
-                settings=settings,
-            ) as session:
-                await session.execute(
-                    ROLLUP_UPSERT,
-                    {
-                        "client_id": client,
-                        "day": day,
-                        "start": start,
-                        "end": end,
-                        "lock_key": f"{client}:{day.isoformat()}",
-                    },
-                )
+        async with connection_lane(settings) if lanes else contextlib.nullcontext():
+            for client in queue:
+                async with unit_of_work(
+                    local_settings={"request.jwt.claims": SERVICE_CLAIMS},
+                    role=SERVICE_ROLE,
+                    settings=settings,
+                ) as session:
+                    await session.execute(
+                        ROLLUP_UPSERT,
+                        {
+                            "client_id": client,
+                            "day": day,
+                            "start": start,
+                            "end": end,
+                            "lock_key": f"{client}:{day.isoformat()}",
+                        },
+                    )
 
     try:
         cpu, started = time.process_time(), time.perf_counter()
@@ -267,6 +285,22 @@ async def _rolled_up(config: StackConfig, day: date) -> int:
         await conn.close()
 
 
+async def _limit(
+    config: StackConfig, settings: Settings, clients: Sequence[uuid.UUID], day: date
+) -> tuple[float, float, Peak]:
+    """One limit run on a day without metrics: clients/s, CPU ms per client, its peak."""
+    await _forget_day(config, day)
+    async with sample_connections(config) as peak:
+        cpu = time.process_time()
+        rate = await limit_rate(config, settings, clients, day)
+        cpu_ms = 1000 * (time.process_time() - cpu) / len(clients)
+    say(
+        f"  limit (raw asyncpg, {settings.db_flow_slots} at a time): {rate:,.0f} clients/s, "
+        f"{cpu_ms:.2f} CPU ms per client"
+    )
+    return rate, cpu_ms, peak
+
+
 async def sweep(config: StackConfig, settings: Settings, size: int, day: date) -> SweepResult:
     started = time.perf_counter()
     await create_clients(config, size, day)
@@ -276,15 +310,7 @@ async def sweep(config: StackConfig, settings: Settings, size: int, day: date) -
         f"{time.perf_counter() - started:.1f}s ({len(clients)} active in all)"
     )
     try:
-        await _forget_day(config, day)
-        async with sample_connections(config) as limit_peak:
-            cpu = time.process_time()
-            limit = await limit_rate(config, settings, clients, day)
-            limit_cpu_ms = 1000 * (time.process_time() - cpu) / len(clients)
-        say(
-            f"  limit (raw asyncpg, {settings.db_flow_slots} at a time): {limit:,.0f} clients/s, "
-            f"{limit_cpu_ms:.2f} CPU ms per client"
-        )
+        first, first_cpu_ms, limit_peak = await _limit(config, settings, clients, day)
         uow_rates = {}
         for ping in (True, False):
             await _forget_day(config, day)
@@ -292,6 +318,10 @@ async def sweep(config: StackConfig, settings: Settings, size: int, day: date) -
             uow_rates[f"pre-ping {'on' if ping else 'off'}"] = await unit_of_work_rate(
                 with_ping, clients, day
             )
+        await _forget_day(config, day)
+        uow_rates["on lanes (the sweep's path)"] = await unit_of_work_rate(
+            settings, clients, day, lanes=True
+        )
         say(
             "  tenantflow unit_of_work, no Prefect: "
             + "; ".join(
@@ -313,18 +343,24 @@ async def sweep(config: StackConfig, settings: Settings, size: int, day: date) -
         batches = -(-len(clients) // settings.tenant_batch_size)
         task_runs = await task_run_count(run.id, at_least=batches)  # then the size is read
         after = await prefect_database_bytes(config)
+        rolled_up = await _rolled_up(config, day)
+        # NOTE: the machine is shared: the limit is measured again right after the run,
+        # and the baseline is the mean of both, so a burst of load elsewhere during one
+        # of them shows as the two limits' spread instead of as the sweep's ratio.
+        second, second_cpu_ms, _ = await _limit(config, settings, clients, day)
+        say(f"  limit of the two runs: {first:,.0f} and {second:,.0f} clients/s")
         result = SweepResult(
             size=size,
             clients=len(clients),
-            limit_rate=limit,
-            limit_cpu_ms=limit_cpu_ms,
+            limit_rate=(first + second) / 2,
+            limit_cpu_ms=(first_cpu_ms + second_cpu_ms) / 2,
             uow_rates=uow_rates,
             limit_peak=limit_peak,
             run=run,
             peak=peak,
             task_runs=task_runs,
             prefect_growth=after - before,
-            rolled_up=await _rolled_up(config, day),
+            rolled_up=rolled_up,
         )
     finally:
         removed = await remove_clients(config)
@@ -348,20 +384,23 @@ def sweep_rows(results: list[SweepResult], settings: Settings) -> list[Row]:
             Row(
                 f"nightly-rollup {n}, flow run start->end (clients/s)",
                 f"{r.run_rate:,.0f}",
-                f"{r.limit_rate:,.0f} (raw asyncpg)",
+                f"{r.limit_rate:,.0f} (raw asyncpg, mean of 2 runs)",
                 ratio(r.run_rate, r.limit_rate),
-                ">= 0.5x",
-                r.run_rate >= 0.5 * r.limit_rate,
+                f">= {RUN_TARGET}x",
+                r.run_rate >= RUN_TARGET * r.limit_rate,
             )
         )
+        # NOTE: what an operator waits includes the flow run's start (a process, imports),
+        # seconds whatever the size: the target is set where the sweep dominates.
+        operator_target = r.size >= OPERATOR_TARGET_FROM
         rows.append(
             Row(
                 f"nightly-rollup {n}, created->Completed (clients/s)",
                 f"{r.operator_rate:,.0f} ({r.run.created_to_completed:.1f} s)",
-                f"{r.limit_rate:,.0f} (raw asyncpg)",
+                f"{r.limit_rate:,.0f} (raw asyncpg, mean of 2 runs)",
                 ratio(r.operator_rate, r.limit_rate),
-                ">= 0.5x",
-                r.operator_rate >= 0.5 * r.limit_rate,
+                f">= {OPERATOR_TARGET}x" if operator_target else "-",
+                r.operator_rate >= OPERATOR_TARGET * r.limit_rate if operator_target else None,
             )
         )
         for label, (rate, cpu) in r.uow_rates.items():
@@ -428,3 +467,31 @@ def sweep_rows(results: list[SweepResult], settings: Settings) -> list[Row]:
             )
         )
     return rows
+
+
+async def sweeps(stack: Stack) -> list[Row]:
+    """The sweep at every size of `BENCH_SWEEP_SIZES`, each against its own limit run."""
+    settings = get_settings()
+    day = datetime.now(UTC).date() - SWEEP_DAY_AGO
+    say(
+        f"\n## nightly-rollup through its deployment and the worker, against raw asyncpg "
+        f"(day {day}, DB_FLOW_SLOTS={settings.db_flow_slots}, "
+        f"TENANT_BATCH_SIZE={settings.tenant_batch_size})"
+    )
+    await remove_clients(stack.config)  # leftovers of an interrupted run
+    results: list[SweepResult] = []
+    for size in SIZES:
+        say(f"- {size:,} extra clients")
+        results.append(await sweep(stack.config, settings, size, day))
+    return sweep_rows(results, settings)
+
+
+def main() -> None:
+    """`python -m bench.sweep`: the sweep's rows alone, into `bench/results.md`."""
+    rows = on_stack(sweeps)
+    say("\n" + render(rows))
+    update(rows, f"the sweep's rows measured alone ({machine()})")
+
+
+if __name__ == "__main__":
+    main()

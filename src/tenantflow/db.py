@@ -23,23 +23,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import re
-from collections.abc import AsyncIterator, Mapping
+import weakref
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
+import asyncpg
+from asyncpg.transaction import Transaction
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, create_async_engine
 from sqlalchemy.pool import NullPool
+from sqlalchemy.sql.elements import TextClause
 
 from tenantflow.errors import TenantflowError
 from tenantflow.settings import Settings, get_settings
 
 __all__ = [
     "Executor",
+    "LaneConnection",
+    "LaneResult",
+    "LaneRow",
     "SessionStateError",
     "build_migration_engine",
     "build_transaction_engine",
@@ -139,6 +148,15 @@ def is_database_unreachable(error: BaseException) -> bool:
     if _sqlstate(error) in _OUTAGE_SQLSTATES | {"08006"}:
         return True
     if _POOLER_RETRY.search(str(error)):
+        return True
+    # NOTE: a lane's statements reach asyncpg directly. Its error for a connection the
+    # pooler closed (its server connection died) is what SQLAlchemy calls a disconnect;
+    # and when the pooler's error for the dying server connection arrives between two
+    # statements, before it hangs up, the next statement finds the protocol still busy
+    # with it ("another operation is in progress"): the same loss, a moment earlier.
+    if isinstance(error, asyncpg.InterfaceError) and "connection is closed" in str(error):
+        return True
+    if isinstance(error, asyncpg.InternalClientError) and "is in progress" in str(error):
         return True
     return isinstance(error, ConnectionError | TimeoutError | OSError)
 
@@ -260,24 +278,182 @@ async def session_scope(engine: AsyncEngine) -> AsyncIterator[AsyncSession]:
             raise
 
 
+def _set_config_arguments(values: Mapping[str, str]) -> list[str]:
+    """`name, value, name, value, ...` for `_set_config_sql(len(values))`, names checked."""
+    arguments: list[str] = []
+    for name, value in values.items():
+        if not _SETTING_NAME.match(name):
+            raise ValueError(f"not a valid setting name: {name!r}")
+        arguments += (name, value)
+    return arguments
+
+
+@functools.cache
+def _set_config_sql(count: int, marker: str = "$") -> str:
+    """One `SELECT` of `count` transaction-local `set_config` calls, for name/value pairs
+    bound in order: `$1, $2, ...` (asyncpg) or, with `marker=":p"`, `:p1, :p2, ...`."""
+    calls = (f"set_config({marker}{2 * n + 1}, {marker}{2 * n + 2}, true)" for n in range(count))
+    return "SELECT " + ", ".join(calls)
+
+
 async def set_local(session: Executor, values: Mapping[str, str]) -> None:
     """Set transaction-local settings (`set_config(name, value, true)`) in one round trip."""
     if not values:
         return
-    calls = []
-    params: dict[str, str] = {}
-    for index, (name, value) in enumerate(values.items()):
-        if not _SETTING_NAME.match(name):
-            raise ValueError(f"not a valid setting name: {name!r}")
-        calls.append(f"set_config(:n{index}, :v{index}, true)")
-        params[f"n{index}"] = name
-        params[f"v{index}"] = value
-    await session.execute(text("SELECT " + ", ".join(calls)), params)
+    arguments = _set_config_arguments(values)
+    if isinstance(session, LaneConnection):
+        await session.set_local(arguments)
+        return
+    sql = _set_config_sql(len(values), ":p")
+    await session.execute(text(sql), {f"p{n + 1}": v for n, v in enumerate(arguments)})
 
 
-#: What a unit of work hands its caller: a session, or on a lane its connection; both
-#: `execute()` Core statements (`text()`) and return the same results.
-Executor = AsyncSession | AsyncConnection
+class LaneRow(asyncpg.Record):  # type: ignore[misc]
+    """A row on a lane: by position, by column name (`row["day"]`), or as an attribute
+    (`row.day`), as SQLAlchemy's rows are read."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class LaneResult:
+    """The rows of one statement on a lane, read as SQLAlchemy's `Result` is read."""
+
+    __slots__ = ("_rows",)
+
+    def __init__(self, rows: Sequence[LaneRow]) -> None:
+        self._rows = rows
+
+    def __iter__(self) -> Iterator[LaneRow]:
+        return iter(self._rows)
+
+    def all(self) -> list[LaneRow]:
+        return list(self._rows)
+
+    def first(self) -> LaneRow | None:
+        return self._rows[0] if self._rows else None
+
+    def one_or_none(self) -> LaneRow | None:
+        if len(self._rows) > 1:
+            raise sa_exc.MultipleResultsFound(
+                "Multiple rows were found when one or none was required"
+            )
+        return self.first()
+
+    def one(self) -> LaneRow:
+        row = self.one_or_none()
+        if row is None:
+            raise sa_exc.NoResultFound("No row was found when one was required")
+        return row
+
+    def scalar(self) -> Any:
+        row = self.first()
+        return None if row is None else row[0]
+
+    def scalar_one_or_none(self) -> Any:
+        row = self.one_or_none()
+        return None if row is None else row[0]
+
+    def scalar_one(self) -> Any:
+        return self.one()[0]
+
+
+@dataclass(frozen=True)
+class _LaneStatement:
+    """A `text()` statement as the lane sends it: SQLAlchemy's own rendering for asyncpg
+    (`$n` placeholders), the parameters' names in their order, their bound defaults."""
+
+    sql: str
+    names: tuple[str, ...]
+    defaults: Mapping[str, Any]
+
+    @classmethod
+    def of(cls, statement: TextClause, dialect: Dialect) -> _LaneStatement:
+        compiled = statement.compile(dialect=dialect)
+        refusal = session_state_refusal(compiled.string)
+        if refusal:
+            raise SessionStateError(refusal)
+        binds = compiled.binds.values()
+        if any(bind.expanding or bind.literal_execute for bind in binds) or any(
+            compiled._bind_processors.values()
+        ):
+            raise TypeError("a lane sends text() with plain bound parameters only")
+        defaults = {bind.key: bind.value for bind in binds if not bind.required}
+        return cls(compiled.string, tuple(compiled.positiontup or ()), defaults)
+
+    def arguments(self, parameters: Mapping[str, Any]) -> list[Any]:
+        try:
+            return [
+                parameters[name] if name in parameters else self.defaults[name]
+                for name in self.names
+            ]
+        except KeyError as missing:
+            raise sa_exc.ArgumentError(
+                f"a value is required for bound parameter {missing.args[0]!r}"
+            ) from None
+
+
+#: Statements already rendered for lanes, kept as long as the statement lives (a
+#: work's module-level `text()` constants: rendered once per process).
+_LANE_STATEMENTS: weakref.WeakKeyDictionary[TextClause, _LaneStatement] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+class LaneConnection:
+    """What a unit of work on a lane executes on: the asyncpg connection under the lane's
+    pooled SQLAlchemy connection, inside the unit's own transaction.
+
+    NOTE: SQLAlchemy's execution path (a greenlet switch, an execution context and a
+    result per statement) costs more CPU than the statement's round trips; this sends
+    the statement SQLAlchemy itself rendered for asyncpg, through the same unnamed
+    statement (the engine's caches are off), after the same session-state check.
+    """
+
+    __slots__ = ("_dialect", "_raw")
+
+    def __init__(self, raw: asyncpg.Connection, dialect: Dialect) -> None:
+        self._raw = raw
+        self._dialect = dialect
+
+    async def execute(
+        self, statement: TextClause, parameters: Mapping[str, Any] | None = None
+    ) -> LaneResult:
+        """Run a `text()` statement with `:name` parameters; its rows (possibly none)."""
+        if not isinstance(statement, TextClause):
+            raise TypeError("a lane runs text() statements")
+        prepared = _LANE_STATEMENTS.get(statement)
+        if prepared is None:
+            prepared = _LANE_STATEMENTS[statement] = _LaneStatement.of(statement, self._dialect)
+        rows = await self._raw.fetch(
+            prepared.sql, *prepared.arguments(parameters or {}), record_class=LaneRow
+        )
+        return LaneResult(rows)
+
+    @property
+    def closed(self) -> bool:
+        """Whether the connection is known to be closed (its peer hung up)."""
+        return bool(self._raw.is_closed())
+
+    def terminate(self) -> None:
+        """Close the connection now, whatever it is doing (asyncpg's `terminate`)."""
+        self._raw.terminate()
+
+    def transaction(self) -> Transaction:
+        """asyncpg's transaction on this connection (`BEGIN` at `start()`)."""
+        return self._raw.transaction()
+
+    async def set_local(self, arguments: Sequence[str]) -> None:
+        """`set_config(name, value, true)` for `name, value, ...` pairs, one round trip."""
+        await self._raw.execute(_set_config_sql(len(arguments) // 2), *arguments)
+
+
+#: What a unit of work hands its caller: a session, or on a lane its connection; all
+#: three `execute()` Core `text()` statements and their results read alike.
+Executor = AsyncSession | AsyncConnection | LaneConnection
 
 
 class _Lane:
@@ -292,14 +468,34 @@ class _Lane:
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine
         self.connection: AsyncConnection | None = None
+        self.executor: LaneConnection | None = None
 
-    async def connect(self) -> AsyncConnection:
-        if self.connection is None:
+    async def connect(self) -> LaneConnection:
+        """The lane's connection (checked out, pre-pinged, on first use or after a discard),
+        as what its units execute on."""
+        if self.executor is not None and self.executor.closed:
+            await self.discard()  # the pooler closed it between two units
+        if self.executor is None:
             self.connection = await self.engine.connect()
-        return self.connection
+            try:
+                raw = (await self.connection.get_raw_connection()).driver_connection
+                if raw is None:
+                    raise sa_exc.InvalidRequestError("a lane's connection has no driver connection")
+            except BaseException:
+                await self.discard()
+                raise
+            self.executor = LaneConnection(raw, self.engine.dialect)
+        return self.executor
 
     async def discard(self) -> None:
         connection, self.connection = self.connection, None
+        executor, self.executor = self.executor, None
+        if executor is not None:
+            # NOTE: first the asyncpg connection itself, at once: SQLAlchemy's invalidation
+            # closes it gracefully, which fails on a connection still busy with a broken
+            # operation (a server connection lost mid-statement) and would leave it alive,
+            # for the pool to hand to another lane.
+            executor.terminate()
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.invalidate()
@@ -330,14 +526,20 @@ async def connection_lane(settings: Settings | None = None) -> AsyncIterator[Non
 
 @asynccontextmanager
 async def _on_lane(lane: _Lane, values: Mapping[str, str]) -> AsyncIterator[Executor]:
-    # NOTE: the connection itself, no ORM session: a lane runs thousands of units of work,
-    # and the session's machinery costs more CPU than the statements it sends.
-    connection = await lane.connect()
+    # NOTE: no ORM session and no SQLAlchemy execution per statement: a lane runs
+    # thousands of units of work, and that machinery costs more CPU than the statements
+    # it sends. The transaction is asyncpg's own on the pooled connection (BEGIN ...
+    # COMMIT), its settings and role in one statement before the caller's first.
+    executor = await lane.connect()
     try:
-        async with connection.begin():
-            await set_local(connection, values)
-            yield connection
+        transaction = executor.transaction()
+        await transaction.start()
+        await executor.set_local(_set_config_arguments(values))
+        yield executor
+        await transaction.commit()
     except BaseException:
+        # NOTE: the connection goes, and with it the transaction if still open: the next
+        # unit of the lane starts on a fresh connection, never on one in doubt.
         await lane.discard()
         raise
 

@@ -11,10 +11,14 @@ import asyncpg
 import pytest
 from prefect import flow, task
 from sqlalchemy import text
+from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 from tenantflow.db import (
+    LaneConnection,
     SessionStateError,
+    connection_lane,
     dispose_engines,
+    is_transient_database_error,
     session_scope,
     transaction_engine,
     unit_of_work,
@@ -262,3 +266,97 @@ def test_mapped_prefect_tasks_share_the_layer_across_loops(
     assert mapped() == [n * n for n in range(50)]
     # Every task's loop has closed, and each engine was disposed with it.
     assert asyncio.run(_client_connections(stack, counted_database)) == 0
+
+
+# --------------------------------------------------------------------------- lanes
+
+
+async def test_a_lane_reads_rows_as_sqlalchemy_does(probe_table: Settings) -> None:
+    async with connection_lane(probe_table), unit_of_work(settings=probe_table) as session:
+        assert isinstance(session, LaneConnection)
+        await session.execute(text("INSERT INTO probe VALUES (1), (2)"))
+        row = (await session.execute(text("SELECT CAST(:n AS int) AS n, 'x' AS s"), {"n": 7})).one()
+        assert (row.n, row["s"], row[0], tuple(row)) == (7, "x", 7, (7, "x"))
+        ids = await session.execute(text("SELECT id FROM probe ORDER BY id"))
+        assert [r.id for r in ids] == [1, 2]
+        none = text("SELECT id FROM probe WHERE id > :n")
+        assert (await session.execute(none, {"n": 5})).one_or_none() is None
+        assert (await session.execute(none, {"n": 5})).scalar() is None
+        with pytest.raises(NoResultFound):
+            (await session.execute(none, {"n": 5})).one()
+        with pytest.raises(MultipleResultsFound):
+            (await session.execute(none, {"n": 0})).one()
+        assert (await session.execute(none, {"n": 1})).scalar_one() == 2
+    assert await _probe_ids(probe_table) == [1, 2]
+
+
+@pytest.mark.parametrize(
+    "statement", ["SET search_path TO x", "SELECT set_config('a.b', 'c', false)"]
+)
+async def test_a_lane_refuses_session_level_state_too(
+    probe_table: Settings, statement: str
+) -> None:
+    with pytest.raises(SessionStateError):
+        async with connection_lane(probe_table), unit_of_work(settings=probe_table) as session:
+            await session.execute(text(statement))
+
+
+async def test_a_lane_failure_rolls_back_its_unit_only(probe_table: Settings) -> None:
+    class Boom(Exception):
+        pass
+
+    async with connection_lane(probe_table):
+        async with unit_of_work(settings=probe_table) as session:
+            await session.execute(text("INSERT INTO probe VALUES (1)"))
+        with pytest.raises(Boom):
+            async with unit_of_work(settings=probe_table) as session:
+                await session.execute(text("INSERT INTO probe VALUES (2)"))
+                raise Boom
+        async with unit_of_work(settings=probe_table) as session:
+            await session.execute(text("INSERT INTO probe VALUES (3)"))
+    assert await _probe_ids(probe_table) == [1, 3]
+
+
+async def test_a_server_connection_killed_mid_unit_writes_nothing_and_the_lane_goes_on(
+    stack: Stack, probe_table: Settings
+) -> None:
+    """The pooler's server connection of a unit terminated before its commit: that unit
+    fails with an error the per-client retries take as transient and writes nothing; the
+    lane's next unit runs on a fresh connection; the retried unit writes once."""
+    admin = await asyncpg.connect(**stack.config.connect_parts(stack.config.pg_port, admin=True))
+    try:
+        async with connection_lane(probe_table):
+            async with unit_of_work(settings=probe_table) as session:
+                await session.execute(text("INSERT INTO probe VALUES (1)"))
+            with pytest.raises(Exception) as caught:
+                async with unit_of_work(settings=probe_table) as session:
+                    await session.execute(text("INSERT INTO probe VALUES (2)"))
+                    pid = (await session.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+                    assert await admin.fetchval("SELECT pg_terminate_backend($1, 5000)", pid)
+                    await session.execute(text("INSERT INTO probe VALUES (3)"))
+            assert is_transient_database_error(caught.value), repr(caught.value)
+            for attempt in range(50):  # the pooler may need a moment to replace it
+                try:
+                    async with unit_of_work(settings=probe_table) as session:
+                        await session.execute(text("INSERT INTO probe VALUES (2), (3)"))
+                    break
+                except Exception as error:
+                    assert is_transient_database_error(error) and attempt < 49, repr(error)
+                    await asyncio.sleep(0.1)
+            async with unit_of_work(settings=probe_table) as session:
+                await session.execute(text("INSERT INTO probe VALUES (4)"))
+    finally:
+        await admin.close()
+    assert await _probe_ids(probe_table) == [1, 2, 3, 4]
+
+
+async def test_a_lane_leaves_no_named_prepared_statement(probe_table: Settings) -> None:
+    statement = text("SELECT count(*) FROM pg_prepared_statements WHERE CAST(:n AS int) > 0")
+    counts = []
+    async with connection_lane(probe_table):
+        for n in range(1, 201):
+            async with unit_of_work(settings=probe_table) as session:
+                await session.execute(text("INSERT INTO probe VALUES (:n)"), {"n": n})
+                counts.append((await session.execute(statement, {"n": n})).scalar_one())
+    assert set(counts) == {0}
+    assert len(await _probe_ids(probe_table)) == 200

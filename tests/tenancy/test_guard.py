@@ -13,7 +13,7 @@ import pytest
 from pydantic import SecretStr
 from sqlalchemy import text
 
-from tenantflow.db import dispose_engines
+from tenantflow.db import LaneConnection, connection_lane, dispose_engines, unit_of_work
 from tenantflow.tenancy import (
     AccessDenied,
     Actor,
@@ -313,3 +313,39 @@ async def test_a_failing_tenant_query_keeps_its_bound_values_out_of_the_error(
             )
     assert "division by zero" in str(caught.value)
     assert email not in str(caught.value) and email not in repr(caught.value)
+
+
+async def test_on_a_lane_each_unit_runs_with_its_own_claims_role_and_rls(world: World) -> None:
+    """The sweep's fast path: units one after another on one lane connection, users of two
+    clients in turn, each sees its own client only; nothing of one unit reaches the next."""
+    member_a = await _user_decision(world, "member_a", "a")
+    member_b = await _user_decision(world, "member_b", "b")
+    seen = []
+    async with connection_lane():
+        for ctx in [member_a, member_b] * 3:
+            async with tenant_session(ctx) as session:
+                assert isinstance(session, LaneConnection)
+                who = (
+                    await session.execute(
+                        text("SELECT current_user, auth.uid(), current_setting('role')")
+                    )
+                ).one()
+                events = await session.execute(text("SELECT client_id FROM public.client_events"))
+                seen.append((tuple(who), {row.client_id for row in events}))
+        async with unit_of_work() as session:
+            assert isinstance(session, LaneConnection)
+            leftover = (
+                await session.execute(
+                    text(
+                        "SELECT current_user, current_setting('request.jwt.claims', true), "
+                        "current_setting('request.jwt.claim.sub', true)"
+                    )
+                )
+            ).one()
+    a, b = world.clients["a"], world.clients["b"]
+    alice = ("authenticated", world.users["member_a"], "authenticated")
+    bob = ("authenticated", world.users["member_b"], "authenticated")
+    assert seen == [(alice, {a}), (bob, {b})] * 3
+    # The login's own role, and no claims: every setting of the units was transaction-local.
+    assert leftover[0] == "tenantflow_worker"
+    assert not leftover[1] and not leftover[2]
