@@ -28,11 +28,12 @@ import ctypes
 import importlib
 import json
 import os
+import ssl
 import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from tenantflow.tripwire import install_tripwire
 
@@ -47,6 +48,7 @@ __all__ = [
     "publish_environment",
     "read_warm_request",
     "reserved_environment",
+    "share_prefect_tls_context",
 ]
 
 #: The flag of the warm mode, before its entrypoints.
@@ -77,6 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[:1] == [WARM_FLAG]:
         return _warm(args[1:])
     install_tripwire()
+    share_prefect_tls_context()
     from prefect import flow_engine
 
     # NOTE: `prefect.flow_engine._main([entrypoint])` is what Prefect's own workspace
@@ -159,11 +162,45 @@ def changed_modules(since: float) -> list[str]:
     return changed
 
 
+class _SharedVerifiedContexts:
+    """`ssl` as Prefect's client module sees it, with one verified context per CA file.
+
+    Prefect builds a new `ssl.create_default_context(cafile=...)` for every API client
+    (a run makes three or more), which parses the whole CA bundle each time (about 40 ms
+    here). A verified context is never changed after it is made, so one per CA file
+    serves every client of the process; anything else (the unverified context Prefect
+    makes for `PREFECT_API_TLS_INSECURE_SKIP_VERIFY`, then changes) is made as before.
+    """
+
+    def __init__(self) -> None:
+        self._contexts: dict[str, ssl.SSLContext] = {}
+
+    def create_default_context(self, *args: Any, **kwargs: Any) -> ssl.SSLContext:
+        cafile = kwargs.get("cafile")
+        if args or set(kwargs) != {"cafile"} or not isinstance(cafile, str):
+            return ssl.create_default_context(*args, **kwargs)
+        if cafile not in self._contexts:
+            self._contexts[cafile] = ssl.create_default_context(cafile=cafile)
+        return self._contexts[cafile]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(ssl, name)
+
+
+def share_prefect_tls_context() -> None:
+    """Have Prefect's API clients in this process share their verified TLS context."""
+    from prefect.client import orchestration
+
+    if getattr(orchestration, "ssl", None) is ssl:
+        setattr(orchestration, "ssl", _SharedVerifiedContexts())  # noqa: B010 (not typed)
+
+
 def _warm(entrypoints: Sequence[str]) -> int:
     # NOTE: taken before the first import: a file written while the imports ran counts as
     # changed (mtimes have a coarse grain on some filesystems: one second of margin).
     started = time.time() - 1.0
     install_tripwire()
+    share_prefect_tls_context()
     for name in (*_ENGINE_MODULES, *flow_imports(entrypoints)):
         with contextlib.suppress(Exception):
             importlib.import_module(name)  # a module that fails fails again in the run

@@ -165,3 +165,37 @@ def test_the_runs_variables_show_in_its_process_environment(length: int) -> None
         assert shown.strip() == f"True {wanted}"
     else:  # too long for the reserved bytes: nothing written, the run goes cold
         assert shown.strip().startswith("False ['PREFECT__RESERVED_FOR_RUN=...")
+
+
+SHARED_TLS = """
+import ssl
+from prefect.client.orchestration import PrefectClient
+from prefect.settings import PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+from tenantflow.flow_run import share_prefect_tls_context
+
+def context(client):
+    return client._client._transport._pool._ssl_context
+
+before = [context(PrefectClient("https://prefect.invalid/api")) for _ in range(2)]
+share_prefect_tls_context()
+after = [context(PrefectClient("https://prefect.invalid/api")) for _ in range(2)]
+with temporary_settings({PREFECT_API_TLS_INSECURE_SKIP_VERIFY: True}):
+    insecure = context(PrefectClient("https://prefect.invalid/api"))
+print(before[0] is before[1], after[0] is after[1],
+      after[0].verify_mode == ssl.CERT_REQUIRED and after[0].check_hostname,
+      insecure is not after[0] and insecure.verify_mode == ssl.CERT_NONE,
+      after[0].verify_mode == ssl.CERT_REQUIRED)
+"""
+
+
+def test_prefects_clients_share_one_verified_tls_context_and_only_that() -> None:
+    shown = subprocess.run(
+        [sys.executable, "-c", SHARED_TLS],
+        env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # Made afresh per client before; one after; the unverified one still its own, and
+    # making it changed nothing of the shared one.
+    assert shown.split() == ["False", "True", "True", "True", "True"], shown
