@@ -236,8 +236,9 @@ async def test_each_run_gets_a_fresh_process_started_ahead(served: Served) -> No
         assert second["env"] is None and second["module"] is None, second
         assert first["left"] not in second["sockets"]
 
+        third_waiting = await waiting_process(served.worker, not_={first_waiting, second_waiting})
         _, third = await run_probe(client, served, "third")
-        assert third["pid"] not in {first["pid"], second["pid"]} and third["warm"]
+        assert third["pid"] == third_waiting and third["warm"], third
         assert third["env"] is None and third["module"] is None, third
         assert second["left"] not in third["sockets"]
 
@@ -276,9 +277,10 @@ async def test_killed_and_cancelled_runs_end_alone_and_stop_clears_up(served: Se
         assert ended.state_type == StateType.CANCELLED, ended.state
         await gone(pid)
 
-        # The next run is as good as ever.
+        # The next run is as good as ever, in the process started for it meanwhile.
+        waiting = await waiting_process(served.worker)
         _, seen = await run_probe(client, served, "after")
-        assert seen["warm"] and seen["env"] is None
+        assert seen["pid"] == waiting and seen["warm"] and seen["env"] is None
 
     # The worker's stop takes its waiting process with it.
     waiting = await waiting_process(served.worker)
