@@ -448,6 +448,8 @@ class LaneConnection:
 
     async def set_local(self, arguments: Sequence[str]) -> None:
         """`set_config(name, value, true)` for `name, value, ...` pairs, one round trip."""
+        if not arguments:
+            return  # as `set_local`: nothing to set is no statement (`SELECT ` alone is not SQL)
         await self._raw.execute(_set_config_sql(len(arguments) // 2), *arguments)
 
 

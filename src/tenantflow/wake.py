@@ -44,12 +44,7 @@ class PoolWorker(Protocol):
     def work_pool(self) -> Any: ...
 
 
-async def wake_on_events(
-    worker: PoolWorker,
-    say: Callable[[str], None],
-    *,
-    subscribe: Callable[[Any], Any] | None = None,
-) -> None:
+async def wake_on_events(worker: PoolWorker, say: Callable[[str], None]) -> None:
     """Poll `worker` whenever a flow run of its pool changes state; runs until cancelled."""
     from prefect.events.clients import get_events_subscriber
     from prefect.events.filters import EventFilter, EventNameFilter, EventRelatedFilter
@@ -61,15 +56,14 @@ async def wake_on_events(
     )
     woken = asyncio.Event()
     poller = asyncio.create_task(_poll_when_woken(worker, woken), name="wake-poll")
-    open_stream = subscribe or (
-        lambda flt: get_events_subscriber(filter=flt, reconnect_on_clean_close=True)
-    )
     pause = 1.0
     down = False
     try:
         while True:
             try:
-                async with open_stream(event_filter) as events:
+                async with get_events_subscriber(
+                    filter=event_filter, reconnect_on_clean_close=True
+                ) as events:
                     if down:
                         say("the event stream is back: flow runs start as they are created")
                     down, pause = False, 1.0

@@ -43,7 +43,7 @@ import anyio.abc
 
 from tenantflow.flow_run import PER_RUN_PREFIX, WARM_FLAG, WarmRequest, reserved_environment
 
-__all__ = ["WarmProcess", "WarmStarts", "base_environment"]
+__all__ = ["WarmProcess", "WarmStarts", "base_environment", "per_run_variables"]
 
 #: How long a handed-off run has the CPU to itself before the next process starts.
 REPLACE_AFTER_S = 1.5
@@ -58,6 +58,11 @@ def base_environment(env: Mapping[str, str]) -> dict[str, str]:
     return {key: value for key, value in env.items() if not key.startswith(PER_RUN_PREFIX)}
 
 
+def per_run_variables(env: Mapping[str, str]) -> dict[str, str]:
+    """A run's own variables (`PREFECT__*`): what a warm process is handed with its run."""
+    return {key: value for key, value in env.items() if key.startswith(PER_RUN_PREFIX)}
+
+
 @dataclass(eq=False)
 class WarmProcess:
     """A started flow-run process waiting for its run, and the folder it started in."""
@@ -70,10 +75,7 @@ class WarmProcess:
     watcher: asyncio.Task[None] | None = field(default=None, repr=False)
 
     async def hand_off(self, request: WarmRequest) -> None:
-        """Give the process its run; `OSError` if it is gone."""
-        self.handed_off = True
-        if self.watcher is not None:
-            self.watcher.cancel()
+        """Give the process its run (`WarmStarts.take` gave it out); `OSError` if it is gone."""
         stdin = self.process.stdin
         if stdin is None:
             raise OSError("the warm process has no request pipe")
@@ -108,24 +110,14 @@ class WarmProcess:
 class WarmStarts:
     """The worker's one process started ahead of its next run."""
 
-    def __init__(
-        self,
-        entrypoints: Sequence[str],
-        *,
-        say: Any = None,
-        python: str | None = None,
-    ) -> None:
+    def __init__(self, entrypoints: Sequence[str], *, say: Any = None) -> None:
         self.entrypoints = tuple(entrypoints)
-        self._python = python or sys.executable
         self._say = say or (lambda *_: None)
         self._next: WarmProcess | None = None
         self._lock = asyncio.Lock()
         self._quick_deaths = 0
         self._closed = False
         self._tasks: set[asyncio.Task[None]] = set()
-        #: How many runs got a warm process, and how many started cold (for the worker's log).
-        self.warm_runs = 0
-        self.cold_runs = 0
 
     @property
     def enabled(self) -> bool:
@@ -134,11 +126,6 @@ class WarmStarts:
             and not self._closed
             and (self._quick_deaths < _QUICK_DEATHS_ALLOWED)
         )
-
-    @property
-    def waiting(self) -> WarmProcess | None:
-        """The process started for the next run, if any (for tests and the worker's log)."""
-        return self._next
 
     async def prime(self, env: Mapping[str, str]) -> None:
         """Have a process started for the next run with `env` (a run's base environment)."""
@@ -156,7 +143,7 @@ class WarmStarts:
         folder = Path(tempfile.mkdtemp(prefix="tenantflow-run-"))
         try:
             process = await anyio.open_process(
-                [self._python, "-m", "tenantflow.flow_run", WARM_FLAG, *self.entrypoints],
+                [sys.executable, "-m", "tenantflow.flow_run", WARM_FLAG, *self.entrypoints],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -217,11 +204,7 @@ class WarmStarts:
         # run's process has had its start (it exits, or `REPLACE_AFTER_S` pass), so the two
         # do not compete for the CPU while this run is beginning.
         self._background(self._prime_after(base, warm.process if usable and warm else None))
-        if usable:
-            self.warm_runs += 1
-            return warm
-        self.cold_runs += 1
-        return None
+        return warm if usable else None
 
     async def _prime_after(self, env: dict[str, str], started: anyio.abc.Process | None) -> None:
         if started is not None:

@@ -88,7 +88,7 @@ from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment
 from tenantflow.settings import SettingsError, load_fault_settings, load_settings
 from tenantflow.tripwire import install_tripwire
 from tenantflow.wake import PoolWorker, wake_on_events
-from tenantflow.warm_start import WarmProcess, WarmStarts, base_environment
+from tenantflow.warm_start import WarmProcess, WarmStarts, base_environment, per_run_variables
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import Flow as APIFlow
@@ -348,7 +348,15 @@ class _EngineStarter:
             )
             if warm is not None:
                 try:
-                    await self._run_warm(warm, process_env, task_status, handle)
+                    await warm.hand_off(
+                        WarmRequest(self._entrypoint, per_run_variables(process_env))
+                    )
+                except OSError:
+                    warm.remove_folder()  # it died just now: the run starts cold
+                    warm = None
+            if warm is not None:
+                try:
+                    await self._run_warm(warm, task_status, handle)
                 finally:
                     warm.remove_folder()
                 return
@@ -368,19 +376,13 @@ class _EngineStarter:
     async def _run_warm(
         self,
         warm: WarmProcess,
-        env: Mapping[str, str],
         task_status: anyio.abc.TaskStatus[ProcessHandle],
         handle: Callable[[anyio.abc.Process], ProcessHandle],
     ) -> None:
-        """The run in a process started ahead: its request, then as `run_process` does."""
+        """The run in a process started ahead, once handed its run: as `run_process` does."""
         process = warm.process
-        request = WarmRequest(
-            self._entrypoint,
-            {key: value for key, value in env.items() if key not in base_environment(env)},
-        )
         try:
             async with process:
-                await warm.hand_off(request)
                 task_status.started(handle(process))
                 if self._stream_output:
                     await consume_process_output(
