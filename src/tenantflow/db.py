@@ -26,14 +26,13 @@ import contextlib
 import functools
 import re
 import weakref
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
-from asyncpg.transaction import Transaction
 from sqlalchemy import event, text
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import Dialect, make_url
@@ -63,6 +62,7 @@ __all__ = [
     "set_local",
     "transaction_engine",
     "unit_of_work",
+    "warm_up",
 ]
 
 #: (id of the event loop, DATABASE_URL)
@@ -171,6 +171,16 @@ async def ping(settings: Settings | None = None) -> None:
     engine = await transaction_engine(settings)
     async with engine.connect() as connection:
         await connection.execute(text("SELECT 1"))
+
+
+async def warm_up(settings: Settings | None = None) -> None:
+    """Open the transaction pooler's first pooled connection ahead of the first unit of
+    work (its login is the slowest part of it), while other work waits on something
+    else; a failure is left for that unit to meet and report."""
+    with contextlib.suppress(Exception):
+        engine = await transaction_engine(settings)
+        async with engine.connect():
+            pass
 
 
 def describe_error(error: BaseException) -> str:
@@ -286,6 +296,26 @@ def _set_config_arguments(values: Mapping[str, str]) -> list[str]:
             raise ValueError(f"not a valid setting name: {name!r}")
         arguments += (name, value)
     return arguments
+
+
+def _literal(value: str) -> str:
+    """`value` as a PostgreSQL escape string literal (`E'...'`), read the same whatever
+    `standard_conforming_strings` is."""
+    if "\x00" in value:
+        raise ValueError("a setting's value cannot hold a NUL character")
+    return "E'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+@functools.lru_cache(maxsize=64)
+def _begin_sql(values: tuple[tuple[str, str], ...]) -> str:
+    """`BEGIN` and transaction-local `set_config` calls with their values written in, as
+    one simple query (one round trip); names checked as `set_local` checks them."""
+    arguments = _set_config_arguments(dict(values))
+    calls = ", ".join(
+        f"set_config({_literal(name)}, {_literal(value)}, true)"
+        for name, value in zip(arguments[::2], arguments[1::2], strict=True)
+    )
+    return f"BEGIN; SELECT {calls}" if calls else "BEGIN"
 
 
 @functools.cache
@@ -442,9 +472,19 @@ class LaneConnection:
         """Close the connection now, whatever it is doing (asyncpg's `terminate`)."""
         self._raw.terminate()
 
-    def transaction(self) -> Transaction:
-        """asyncpg's transaction on this connection (`BEGIN` at `start()`)."""
-        return self._raw.transaction()
+    async def begin(self, inline: Mapping[str, str]) -> None:
+        """`BEGIN` and the settings in `inline` (the project's own values, written into
+        the statement), one round trip."""
+        await self._raw.execute(_begin_sql(tuple(inline.items())))
+
+    async def commit(self) -> None:
+        """`COMMIT`; raises if the server rolled the transaction back instead."""
+        status = await self._raw.execute("COMMIT")
+        if status != "COMMIT":
+            raise sa_exc.InvalidRequestError(
+                f"the transaction was rolled back at commit ({status}): a statement in it "
+                "failed and the error was caught"
+            )
 
     async def set_local(self, arguments: Sequence[str]) -> None:
         """`set_config(name, value, true)` for `name, value, ...` pairs, one round trip."""
@@ -527,18 +567,24 @@ async def connection_lane(settings: Settings | None = None) -> AsyncIterator[Non
 
 
 @asynccontextmanager
-async def _on_lane(lane: _Lane, values: Mapping[str, str]) -> AsyncIterator[Executor]:
+async def _on_lane(
+    lane: _Lane, values: Mapping[str, str], inline: Collection[str]
+) -> AsyncIterator[Executor]:
     # NOTE: no ORM session and no SQLAlchemy execution per statement: a lane runs
     # thousands of units of work, and that machinery costs more CPU than the statements
-    # it sends. The transaction is asyncpg's own on the pooled connection (BEGIN ...
-    # COMMIT), its settings and role in one statement before the caller's first.
+    # it sends. The transaction is BEGIN ... COMMIT on the pooled connection; BEGIN
+    # carries the settings that are the project's own values (timeout, role, service
+    # claims) in the same round trip, and anything else (a user's claims) follows as
+    # bound parameters, before the caller's first statement: three round trips for a
+    # service unit with one statement, where BEGIN, settings, statement, COMMIT take four.
     executor = await lane.connect()
     try:
-        transaction = executor.transaction()
-        await transaction.start()
-        await executor.set_local(_set_config_arguments(values))
+        await executor.begin({k: v for k, v in values.items() if k in inline})
+        await executor.set_local(
+            _set_config_arguments({k: v for k, v in values.items() if k not in inline})
+        )
         yield executor
-        await transaction.commit()
+        await executor.commit()
     except BaseException:
         # NOTE: the connection goes, and with it the transaction if still open: the next
         # unit of the lane starts on a fresh connection, never on one in doubt.
@@ -552,6 +598,7 @@ async def unit_of_work(
     local_settings: Mapping[str, str] | None = None,
     role: str | None = None,
     settings: Settings | None = None,
+    constant_settings: bool = False,
 ) -> AsyncIterator[Executor]:
     """A transaction on the transaction pooler with transaction-local settings applied.
 
@@ -561,6 +608,11 @@ async def unit_of_work(
         role: a role switched to with `SET LOCAL ROLE` (e.g. `authenticated`), so
             row-level security applies for the rest of the transaction.
         settings: override the process settings (tests).
+        constant_settings: `local_settings` are the project's own constants (the
+            service claims), not anybody's data: on a lane they are written into the
+            `BEGIN` statement, saving a round trip. Otherwise (a user's claims) they are
+            always bound parameters, so they never appear in a statement's text (the
+            server's log, `pg_stat_activity`).
     """
     settings = settings or get_settings()
     engine = await transaction_engine(settings)
@@ -573,7 +625,10 @@ async def unit_of_work(
         values["role"] = role
     lane = _LANE.get()
     if lane is not None and lane.engine is engine:
-        async with _on_lane(lane, values) as session:
+        inline = {"statement_timeout", "role"}
+        if constant_settings:
+            inline.update(local_settings or {})
+        async with _on_lane(lane, values, inline) as session:
             yield session
         return
     async with session_scope(engine) as session:

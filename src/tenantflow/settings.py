@@ -573,14 +573,15 @@ class Settings(SealSettings, FaultSettings):
     )
     db_slot_lease_s: float = Field(
         default=300.0,
-        ge=30,
+        ge=60,
         le=3600,
         description=(
             "Life of the lease on a flow run's DB_CONCURRENCY_LIMIT slots, renewed by the run "
             "every three quarters of it: a run that dies unreported (its worker or machine "
             "killed) holds its slots until its lease runs out. Shorter gives them back "
             "sooner and asks more of the Prefect API's availability: a run whose renewal "
-            "keeps failing for the rest of its lease stops."
+            "keeps failing for the rest of its lease stops. At least 60: the shortest lease "
+            "the Prefect API renews."
         ),
     )
     tenant_batch_size: int = Field(
@@ -610,7 +611,7 @@ class Settings(SealSettings, FaultSettings):
         description="Seconds one attempt at one client's work may take.",
     )
     tenant_shard_size: int = Field(
-        default=5000,
+        default=20_000,
         ge=10,
         le=1_000_000,
         description=(

@@ -45,8 +45,10 @@ from tenantflow.flow_run import PER_RUN_PREFIX, WARM_FLAG, WarmRequest, reserved
 
 __all__ = ["WarmProcess", "WarmStarts", "base_environment", "per_run_variables"]
 
-#: How long a handed-off run has the CPU to itself before the next process starts.
-REPLACE_AFTER_S = 1.5
+#: How long a handed-off run that has not ended yet has the CPU to itself before the
+#: next process starts (importing takes a second or more of CPU, which on a small
+#: machine a sweep would otherwise lose).
+REPLACE_AFTER_S = 30.0
 #: A warm process that exits within this many seconds of its start died quickly.
 _QUICK_DEATH_S = 10.0
 #: After this many quick deaths in a row the worker stops starting warm processes.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import cast
 
 import asyncpg
@@ -14,6 +15,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
 
 from tenantflow.db import (
+    Executor,
     LaneConnection,
     SessionStateError,
     connection_lane,
@@ -348,6 +350,79 @@ async def test_a_server_connection_killed_mid_unit_writes_nothing_and_the_lane_g
     finally:
         await admin.close()
     assert await _probe_ids(probe_table) == [1, 2, 3, 4]
+
+
+#: Values a setting may hold that a statement's text must not mangle.
+_AWKWARD = "it's \\'; SELECT 1; -- \\x27 \u00e9\u4e2d"
+
+
+@pytest.mark.parametrize("constant", [True, False])
+async def test_a_lane_sets_the_units_values_exactly_in_three_round_trips_when_constant(
+    probe_table: Settings, constant: bool
+) -> None:
+    """A unit on a lane: its settings arrive exactly (quotes, backslashes, SQL, unicode);
+    the project's constants ride in the `BEGIN` statement (BEGIN, statement, COMMIT:
+    three round trips), anything else is a bound parameter that no statement's text
+    holds."""
+    sent: list[tuple[str, tuple[object, ...]]] = []
+    local = {"request.jwt.claims": _AWKWARD, "tenantflow.probe": "x"}
+
+    def unit() -> AbstractAsyncContextManager[Executor]:
+        return unit_of_work(
+            local_settings=local,
+            role=WORKER_DB_ROLE,
+            settings=probe_table,
+            constant_settings=constant,
+        )
+
+    async with connection_lane(probe_table):
+        async with unit() as session:
+            assert isinstance(session, LaneConnection)
+            raw = session._raw  # what the lane sends is the point
+            raw.add_query_logger(lambda record: sent.append((record.query, record.args)))
+            row = (
+                await session.execute(
+                    text(
+                        "SELECT current_setting('request.jwt.claims') AS claims, "
+                        "current_setting('tenantflow.probe') AS probe, current_user AS role, "
+                        "(SELECT setting FROM pg_settings WHERE name = 'statement_timeout') "
+                        "AS timeout"
+                    )
+                )
+            ).one()
+        assert (row.claims, row.probe, row.role) == (_AWKWARD, "x", WORKER_DB_ROLE)
+        assert row.timeout == str(probe_table.db_statement_timeout_ms)
+        await asyncio.sleep(0.01)  # asyncpg calls query loggers soon after, not at once
+        sent.clear()
+        async with unit() as session:
+            await session.execute(text("INSERT INTO probe VALUES (1)"))
+        await asyncio.sleep(0.01)
+    statements = [query for query, _ in sent]
+    assert statements[0].startswith("BEGIN; SELECT set_config(")
+    assert statements[-2:] == ["INSERT INTO probe VALUES (1)", "COMMIT"]
+    if constant:
+        assert len(statements) == 3
+    else:
+        assert len(statements) == 4
+        assert all(_AWKWARD not in query for query in statements)
+        assert _AWKWARD in sent[1][1]
+    assert await _probe_ids(probe_table) == [1]
+
+
+async def test_a_lane_unit_that_swallowed_a_failed_statement_fails_at_commit(
+    probe_table: Settings,
+) -> None:
+    """PostgreSQL answers COMMIT of an aborted transaction with a rollback, not an error:
+    the unit fails instead of passing as committed, and wrote nothing."""
+    async with connection_lane(probe_table):
+        with pytest.raises(Exception, match="rolled back at commit"):
+            async with unit_of_work(settings=probe_table) as session:
+                await session.execute(text("INSERT INTO probe VALUES (1)"))
+                with pytest.raises(asyncpg.UniqueViolationError):
+                    await session.execute(text("INSERT INTO probe VALUES (1)"))
+        async with unit_of_work(settings=probe_table) as session:
+            await session.execute(text("INSERT INTO probe VALUES (2)"))
+    assert await _probe_ids(probe_table) == [2]
 
 
 async def test_a_lane_leaves_no_named_prepared_statement(probe_table: Settings) -> None:

@@ -116,3 +116,79 @@ async def test_two_rollups_of_a_thousand_clients_stay_within_the_budget(
     async with get_client() as client:
         limit = await client.read_global_concurrency_limit_by_name(budget_limit)
     assert limit.active_slots == 0
+
+
+async def _active_slots(name: str) -> int:
+    async with get_client() as client:
+        return (await client.read_global_concurrency_limit_by_name(name)).active_slots
+
+
+async def test_slots_held_by_a_cancelled_holder_are_given_back(budget_limit: str) -> None:
+    from tenantflow.budget import database_slots
+    from tenantflow.settings import get_settings
+
+    settings = get_settings().model_copy(update={"db_concurrency_limit": budget_limit})
+    held = asyncio.Event()
+
+    async def hold() -> None:
+        async with database_slots(3, settings=settings):
+            held.set()
+            await asyncio.sleep(3600)
+
+    holder = asyncio.create_task(hold())
+    await asyncio.wait_for(held.wait(), 30)
+    assert await _active_slots(budget_limit) == 3
+    holder.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await holder
+    assert await _active_slots(budget_limit) == 0
+
+
+async def test_a_lease_that_cannot_be_renewed_stops_its_holder(
+    budget_limit: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lease is taken away through the API (as an API holder can, or a server that
+    lost it): the renewal fails, and the work holding the slots stops with a clear error
+    instead of going on beyond the budget."""
+    import tenantflow.budget as budget
+    from tenantflow.settings import get_settings
+
+    monkeypatch.setattr(budget, "_RENEW_AT", 0.01)  # of a 60 s lease: every 0.6 s
+    monkeypatch.setattr(budget, "_RENEW_RETRY_S", 0.05)
+    leases: list[uuid.UUID] = []
+    acquire = budget.aacquire_concurrency_slots_with_lease  # type: ignore[attr-defined]
+
+    async def noted(**kwargs: object) -> object:
+        response = await acquire(**kwargs)  # type: ignore[arg-type]
+        leases.append(response.lease_id)
+        return response
+
+    monkeypatch.setattr(budget, "aacquire_concurrency_slots_with_lease", noted)
+    settings = get_settings().model_copy(
+        update={"db_concurrency_limit": budget_limit, "db_slot_lease_s": 60}
+    )
+    worked = 0
+    with pytest.raises(budget.DatabaseSlotsLost, match="could not be renewed"):
+        async with budget.database_slots(2, settings=settings):
+            assert await _active_slots(budget_limit) == 2
+            async with get_client() as client:
+                await client.release_concurrency_slots_with_lease(leases[0])
+            while True:
+                worked += 1
+                await asyncio.sleep(0.05)
+    assert worked > 0
+    assert await _active_slots(budget_limit) == 0
+
+
+async def test_a_missing_limit_is_refused_before_anything_runs() -> None:
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+    from tenantflow.budget import database_slots
+    from tenantflow.settings import get_settings
+
+    settings = get_settings().model_copy(
+        update={"db_concurrency_limit": f"tf-missing-{uuid.uuid4().hex[:8]}"}
+    )
+    with pytest.raises(ConcurrencySlotAcquisitionError, match="must be created"):
+        async with database_slots(1, settings=settings):
+            raise AssertionError("ran without slots")

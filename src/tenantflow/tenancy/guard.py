@@ -32,7 +32,7 @@ from typing import Any, Final, Literal
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.objects import FlowRun
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.context import FlowRunContext
 from pydantic import SecretStr
 from sqlalchemy import bindparam, text
@@ -44,7 +44,7 @@ from tenantflow.auth import (
     app_metadata_grants_operator,
     verify_access_token,
 )
-from tenantflow.db import Executor
+from tenantflow.db import Executor, warm_up
 from tenantflow.project import DeployError, declared_deployment, slot_of_key
 from tenantflow.schema import MEMBER_ROLES
 from tenantflow.sealing import canonical_parameters
@@ -72,6 +72,14 @@ Mode = Literal["user", "service", "operator"]
 # --------------------------------------------------------------------------- audit
 
 
+_AUDIT = text(
+    "INSERT INTO public.audit_log "
+    "(flow_run_id, actor_kind, actor_id, client_id, action, outcome, reason) "
+    "SELECT :flow_run_id, :actor_kind, :actor_id, c, :action, :outcome, :reason "
+    "FROM unnest(CAST(:client_ids AS uuid[])) AS c"
+)
+
+
 async def audit(
     settings: Settings,
     *,
@@ -81,27 +89,25 @@ async def audit(
     action: str,
     outcome: Literal["allowed", "denied"],
     reason: str | None,
+    session: Executor | None = None,
 ) -> None:
-    """Append one row per client to `audit_log`, in a transaction of its own."""
-    statement = text(
-        "INSERT INTO public.audit_log "
-        "(flow_run_id, actor_kind, actor_id, client_id, action, outcome, reason) "
-        "SELECT :flow_run_id, :actor_kind, :actor_id, c, :action, :outcome, :reason "
-        "FROM unnest(CAST(:client_ids AS uuid[])) AS c"
-    )
-    async with guard_unit(settings) as session:
-        await session.execute(
-            statement,
-            {
-                "flow_run_id": flow_run_id,
-                "actor_kind": (actor.kind if actor else ActorKind.USER).value,
-                "actor_id": actor.user_id if actor else None,
-                "client_ids": list(client_ids) or [None],
-                "action": action,
-                "outcome": outcome,
-                "reason": reason,
-            },
-        )
+    """Append one row per client to `audit_log`: in `session`'s transaction (the
+    admission's own, so the decision and its record commit together), or in one of its
+    own."""
+    values = {
+        "flow_run_id": flow_run_id,
+        "actor_kind": (actor.kind if actor else ActorKind.USER).value,
+        "actor_id": actor.user_id if actor else None,
+        "client_ids": list(client_ids) or [None],
+        "action": action,
+        "outcome": outcome,
+        "reason": reason,
+    }
+    if session is not None:
+        await session.execute(_AUDIT, values)
+        return
+    async with guard_unit(settings) as own:
+        await own.execute(_AUDIT, values)
 
 
 async def _read_flow_run(flow_run_id: UUID) -> FlowRun:
@@ -157,7 +163,29 @@ _TOKEN_ONLY: Final = frozenset({"access_token"})
 _FINAL_STATES: Final = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 
 
-async def _first_execution(flow_run: FlowRun, *, sealed: bool) -> None:
+async def _read_run(flow_run_id: UUID | None, settings: Settings) -> _Run:
+    """The flow run and the states it went through, read at once while the database's
+    first connection opens (the guard's first transaction comes next)."""
+    if flow_run_id is None:
+        return _Run(None, [])
+
+    async def states() -> list[State]:
+        async with get_client() as client:
+            return await client.read_flow_run_states(flow_run_id)
+
+    flow_run, history, _ = await asyncio.gather(
+        _read_flow_run(flow_run_id), states(), warm_up(settings)
+    )
+    return _Run(flow_run, history)
+
+
+@dataclass(frozen=True)
+class _Run:
+    flow_run: FlowRun | None
+    states: list[State]
+
+
+def _first_execution(states: Sequence[State], *, sealed: bool) -> None:
     """Refuse a run that already reached a final state once and was put back through the
     Prefect API (re-stated to Scheduled, retried from the UI): a run is admitted for one
     execution. Prefect keeps every state a run went through, and no API call removes one.
@@ -165,8 +193,6 @@ async def _first_execution(flow_run: FlowRun, *, sealed: bool) -> None:
     Raises:
         AccessDenied: the run ended before.
     """
-    async with get_client() as client:
-        states = await client.read_flow_run_states(flow_run.id)
     ended = [state for state in states if state.type.value in _FINAL_STATES]
     if ended:
         first = ended[0]
@@ -472,21 +498,22 @@ async def authorize_run(
     """
     settings = settings or get_settings()
     flow_run_id = flow_run_id or current_flow_run_id_or_none()
-    flow_run = await _read_flow_run(flow_run_id) if flow_run_id else None
+    run = await _read_run(flow_run_id, settings)
+    flow_run = run.flow_run
     arguments = arguments or received_arguments(flow_run_id)
 
     async def open_token(access_token: SecretStr) -> SecretStr:
         # NOTE: outside any flow run there is nothing to compare; the seal is refused
         # for that reason (`open_run_token`), before its parameters are looked at.
-        run = RunArguments({}) if flow_run is None else _needed(arguments)
+        received = RunArguments({}) if flow_run is None else _needed(arguments)
         return await open_run_token(
             settings,
             access_token,
             flow_run,
             action,
             client_ids,
-            parameters=run.received,
-            defaults=run.defaults,
+            parameters=received.received,
+            defaults=received.defaults,
         )
 
     return await _decide(
@@ -498,7 +525,7 @@ async def authorize_run(
         client_ids,
         min_role,
         allow_anonymous,
-        flow_run,
+        run,
         arguments,
     )
 
@@ -532,7 +559,7 @@ async def authorize_token(
     """
     settings = settings or get_settings()
     flow_run_id = flow_run_id or current_flow_run_id_or_none()
-    flow_run = await _read_flow_run(flow_run_id) if flow_run_id else None
+    run = await _read_run(flow_run_id, settings)
 
     async def as_given(access_token: SecretStr) -> SecretStr:
         return access_token
@@ -546,7 +573,7 @@ async def authorize_token(
         client_ids,
         min_role,
         allow_anonymous,
-        flow_run,
+        run,
         arguments or received_arguments(flow_run_id),
     )
 
@@ -560,21 +587,36 @@ async def _decide(
     client_ids: Sequence[UUID] | None,
     min_role: str | None,
     allow_anonymous: bool,
-    flow_run: FlowRun | None,
+    run: _Run,
     arguments: RunArguments | None,
 ) -> list[TenantContext]:
+    flow_run = run.flow_run
     flow_run_id = flow_run.id if flow_run is not None else None
     actor: Actor | None = None
     asked: list[UUID | None] = list(client_ids) if client_ids is not None else [None]
     try:
         if flow_run is not None:
-            await _first_execution(flow_run, sealed=access_token is not None)
+            _first_execution(run.states, sealed=access_token is not None)
         if access_token is not None:
             access_token = await open_token(access_token)
             actor = await _verify_actor(settings, access_token, allow_anonymous)
         else:
             actor = await _scheduler(settings, flow_run, arguments)
-        contexts = await _admit(settings, actor, mode, client_ids, min_role, flow_run_id)
+        admitted = actor
+
+        async def allowed(session: Executor | None, ids: Sequence[UUID]) -> None:
+            await audit(
+                settings,
+                flow_run_id=flow_run_id,
+                actor=admitted,
+                client_ids=list(ids) or [None],
+                action=action,
+                outcome="allowed",
+                reason=f"{admitted.kind.value} in {mode} mode",
+                session=session,
+            )
+
+        return await _admit(settings, actor, mode, client_ids, min_role, flow_run_id, allowed)
     except AccessDenied as denied:
         await audit(
             settings,
@@ -586,16 +628,6 @@ async def _decide(
             reason=str(denied),
         )
         raise
-    await audit(
-        settings,
-        flow_run_id=flow_run_id,
-        actor=actor,
-        client_ids=[c.client_id for c in contexts] or [None],
-        action=action,
-        outcome="allowed",
-        reason=f"{actor.kind.value} in {mode} mode",
-    )
-    return contexts
 
 
 async def _admit(
@@ -605,13 +637,17 @@ async def _admit(
     client_ids: Sequence[UUID] | None,
     min_role: str | None,
     flow_run_id: UUID | None,
+    allowed: Callable[[Executor | None, Sequence[UUID]], Awaitable[None]],
 ) -> list[TenantContext]:
+    """The contexts for `actor` in `mode`; the decision is recorded (`allowed`) in the
+    transaction that read what it rests on, so both commit together."""
     if mode == "operator":
         if actor.kind is not ActorKind.OPERATOR:
             raise AccessDenied(
                 f"{actor.describe()} may not start this flow: only a tenantflow operator "
                 "(app_metadata role tenantflow_operator) may"
             )
+        await allowed(None, [])
         return []
     if mode == "service":
         if actor.kind is ActorKind.USER:
@@ -621,6 +657,7 @@ async def _admit(
             )
         async with guard_unit(settings) as session:
             clients = await _active_clients(session, client_ids)
+            await allowed(session, list(clients))
         return [
             TenantContext(actor, client_id, name, flow_run_id, seal=_SEAL)
             for client_id, name in clients.items()
@@ -633,6 +670,7 @@ async def _admit(
         membership = await require_membership(
             session, user_id=actor.user_id, client_id=client_ids[0], min_role=min_role
         )
+        await allowed(session, [client_ids[0]])
     return [
         TenantContext(
             actor,

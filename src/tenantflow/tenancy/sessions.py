@@ -39,6 +39,7 @@ async def guard_unit(settings: Settings) -> AsyncIterator[Executor]:
             local_settings={"request.jwt.claims": SERVICE_CLAIMS},
             role=SERVICE_ROLE,
             settings=settings,
+            constant_settings=True,
         ) as session,
     ):
         yield session
@@ -58,18 +59,20 @@ async def tenant_session(
     if not isinstance(ctx, TenantContext) or ctx.seal is not _SEAL:
         raise AccessDenied("tenant_session needs a TenantContext from the tenant guard")
     claims = ctx.actor.claims
-    if ctx.actor.kind is not ActorKind.USER or claims is None:
-        local, role = {"request.jwt.claims": SERVICE_CLAIMS}, SERVICE_ROLE
-    else:
+    if ctx.actor.kind is ActorKind.USER and claims is not None:
         # NOTE: Supabase's auth.uid() reads request.jwt.claim.sub before the claims
         # document (PostgREST sets both); both are set, so it sees this user either way.
         local = {
             "request.jwt.claims": claims.claims_json(),
             "request.jwt.claim.sub": str(claims.sub),
         }
-        role = "authenticated"
+        role, constant = "authenticated", False
+    else:
+        local, role, constant = {"request.jwt.claims": SERVICE_CLAIMS}, SERVICE_ROLE, True
     async with (
         transaction_slot(),
-        unit_of_work(local_settings=local, role=role, settings=settings) as session,
+        unit_of_work(
+            local_settings=local, role=role, settings=settings, constant_settings=constant
+        ) as session,
     ):
         yield session
