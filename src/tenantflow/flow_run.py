@@ -173,26 +173,51 @@ class _SharedVerifiedContexts:
     """
 
     def __init__(self) -> None:
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts: dict[str, tuple[tuple[int, int] | None, ssl.SSLContext]] = {}
 
     def create_default_context(self, *args: Any, **kwargs: Any) -> ssl.SSLContext:
         cafile = kwargs.get("cafile")
         if args or set(kwargs) != {"cafile"} or not isinstance(cafile, str):
             return ssl.create_default_context(*args, **kwargs)
-        if cafile not in self._contexts:
-            self._contexts[cafile] = ssl.create_default_context(cafile=cafile)
-        return self._contexts[cafile]
+        # NOTE: made again if the file changed since (a warm process may wait for hours
+        # before its run, and CA bundles get replaced).
+        version = _file_version(cafile)
+        known = self._contexts.get(cafile)
+        if known is None or known[0] != version or version is None:
+            known = self._contexts[cafile] = (version, ssl.create_default_context(cafile=cafile))
+        return known[1]
+
+    def prime(self) -> None:
+        """Make the context Prefect's clients will ask for now (a warm process, before
+        its run): the CA file `PREFECT_API_SSL_CERT_FILE` names, or certifi's."""
+        import certifi
+        from prefect.settings import PREFECT_API_SSL_CERT_FILE
+
+        with contextlib.suppress(Exception):  # the run's own client meets any error
+            self.create_default_context(cafile=PREFECT_API_SSL_CERT_FILE.value() or certifi.where())
 
     def __getattr__(self, name: str) -> Any:
         return getattr(ssl, name)
 
 
-def share_prefect_tls_context() -> None:
+def _file_version(path: str) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def share_prefect_tls_context() -> _SharedVerifiedContexts | None:
     """Have Prefect's API clients in this process share their verified TLS context."""
     from prefect.client import orchestration
 
     if getattr(orchestration, "ssl", None) is ssl:
-        setattr(orchestration, "ssl", _SharedVerifiedContexts())  # noqa: B010 (not typed)
+        shared = _SharedVerifiedContexts()
+        setattr(orchestration, "ssl", shared)  # noqa: B010 (not typed)
+        return shared
+    current = getattr(orchestration, "ssl", None)
+    return current if isinstance(current, _SharedVerifiedContexts) else None
 
 
 def _warm(entrypoints: Sequence[str]) -> int:
@@ -200,10 +225,12 @@ def _warm(entrypoints: Sequence[str]) -> int:
     # changed (mtimes have a coarse grain on some filesystems: one second of margin).
     started = time.time() - 1.0
     install_tripwire()
-    share_prefect_tls_context()
+    contexts = share_prefect_tls_context()
     for name in (*_ENGINE_MODULES, *flow_imports(entrypoints)):
         with contextlib.suppress(Exception):
             importlib.import_module(name)  # a module that fails fails again in the run
+    if contexts is not None:
+        contexts.prime()
     line = sys.stdin.buffer.readline()
     if not line:
         return 0  # the worker stopped or let this process go: no run

@@ -199,3 +199,40 @@ def test_prefects_clients_share_one_verified_tls_context_and_only_that() -> None
     # Made afresh per client before; one after; the unverified one still its own, and
     # making it changed nothing of the shared one.
     assert shown.split() == ["False", "True", "True", "True", "True"], shown
+
+
+PRIMED_TLS = """
+import shutil, sys, certifi
+from prefect.client.orchestration import PrefectClient
+from prefect.settings import PREFECT_API_SSL_CERT_FILE, temporary_settings
+from tenantflow.flow_run import share_prefect_tls_context
+
+def context(client):
+    return client._client._transport._pool._ssl_context
+
+bundle = sys.argv[1]
+shutil.copy(certifi.where(), bundle)
+with temporary_settings({PREFECT_API_SSL_CERT_FILE: bundle}):
+    shared = share_prefect_tls_context()
+    shared.prime()
+    primed = shared._contexts[bundle][1]
+    first = context(PrefectClient("https://prefect.invalid/api"))
+    with open(bundle, "a") as file:
+        file.write("\\n")
+    renewed = context(PrefectClient("https://prefect.invalid/api"))
+    again = context(PrefectClient("https://prefect.invalid/api"))
+print(first is primed, renewed is not primed, again is renewed)
+"""
+
+
+def test_a_warm_process_makes_the_tls_context_ahead_and_again_when_the_ca_file_changes(
+    tmp_path: Path,
+) -> None:
+    shown = subprocess.run(
+        [sys.executable, "-c", PRIMED_TLS, str(tmp_path / "ca.pem")],
+        env={k: v for k, v in os.environ.items() if not k.startswith("PREFECT")},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert shown.split() == ["True", "True", "True"], shown
