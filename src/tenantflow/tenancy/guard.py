@@ -24,10 +24,12 @@ reason.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final, Literal
 from uuid import UUID
 
@@ -251,22 +253,34 @@ async def _verified(
 
 
 async def _verify_actor(
-    settings: Settings, access_token: SecretStr, allow_anonymous: bool
+    settings: Settings, access_token: SecretStr, *, allow_anonymous: bool
 ) -> Actor:
     try:
         claims = await _verified(settings, access_token, allow_anonymous)
     except AuthError as error:
         raise AccessDenied(f"access token refused: {error}") from None
-    kind = ActorKind.USER
-    if claims.token_grants_operator and await _operator_confirmed(settings, claims.sub):
-        # NOTE: an operator may act on every client: ask Supabase Auth too, so a
-        # signed-out session or a deleted user cannot use a still-unexpired token.
-        try:
-            claims = await _verified(settings, access_token, allow_anonymous, strict=True)
-        except AuthError as error:
-            raise AccessDenied(f"operator token refused: {error}") from None
-        kind = ActorKind.OPERATOR
-    return Actor(kind, claims.sub, claims.email, claims)
+    if not claims.token_grants_operator:
+        return Actor(ActorKind.USER, claims.sub, claims.email, claims)
+    # NOTE: an operator may act on every client: ask Supabase Auth too, so a signed-out
+    # session or a deleted user cannot use a still-unexpired token. Asked while
+    # `auth.users` is read; its answer counts only if the grant is still there (without
+    # it the actor is an ordinary user, and Auth is not waited for).
+    strict = asyncio.ensure_future(_verified(settings, access_token, allow_anonymous, strict=True))
+    try:
+        confirmed = await _operator_confirmed(settings, claims.sub)
+    except BaseException:
+        strict.cancel()
+        raise
+    if not confirmed:
+        strict.cancel()
+        with contextlib.suppress(BaseException):
+            await strict
+        return Actor(ActorKind.USER, claims.sub, claims.email, claims)
+    try:
+        claims = await strict
+    except AuthError as error:
+        raise AccessDenied(f"operator token refused: {error}") from None
+    return Actor(ActorKind.OPERATOR, claims.sub, claims.email, claims)
 
 
 _NO_TOKEN_REASON = "no access_token: " + (
@@ -502,7 +516,9 @@ async def authorize_run(
     flow_run = run.flow_run
     arguments = arguments or received_arguments(flow_run_id)
 
-    async def open_token(access_token: SecretStr) -> SecretStr:
+    async def open_token(
+        access_token: SecretStr, verify: Callable[[SecretStr], Awaitable[Actor]]
+    ) -> Actor:
         # NOTE: outside any flow run there is nothing to compare; the seal is refused
         # for that reason (`open_run_token`), before its parameters are looked at.
         received = RunArguments({}) if flow_run is None else _needed(arguments)
@@ -514,6 +530,7 @@ async def authorize_run(
             client_ids,
             parameters=received.received,
             defaults=received.defaults,
+            verify=verify,
         )
 
     return await _decide(
@@ -561,8 +578,10 @@ async def authorize_token(
     flow_run_id = flow_run_id or current_flow_run_id_or_none()
     run = await _read_run(flow_run_id, settings)
 
-    async def as_given(access_token: SecretStr) -> SecretStr:
-        return access_token
+    async def as_given(
+        access_token: SecretStr, verify: Callable[[SecretStr], Awaitable[Actor]]
+    ) -> Actor:
+        return await verify(access_token)
 
     return await _decide(
         settings,
@@ -583,7 +602,7 @@ async def _decide(
     action: str,
     mode: Mode,
     access_token: SecretStr | None,
-    open_token: Callable[[SecretStr], Awaitable[SecretStr]],
+    open_token: Callable[[SecretStr, Callable[[SecretStr], Awaitable[Actor]]], Awaitable[Actor]],
     client_ids: Sequence[UUID] | None,
     min_role: str | None,
     allow_anonymous: bool,
@@ -598,8 +617,9 @@ async def _decide(
         if flow_run is not None:
             _first_execution(run.states, sealed=access_token is not None)
         if access_token is not None:
-            access_token = await open_token(access_token)
-            actor = await _verify_actor(settings, access_token, allow_anonymous)
+            actor = await open_token(
+                access_token, partial(_verify_actor, settings, allow_anonymous=allow_anonymous)
+            )
         else:
             actor = await _scheduler(settings, flow_run, arguments)
         admitted = actor

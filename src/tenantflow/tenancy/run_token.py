@@ -12,8 +12,10 @@ before its guard runs.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Final
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Annotated, Any, Final, TypeVar
 from uuid import UUID
 
 from prefect.client.orchestration import get_client
@@ -25,6 +27,8 @@ from tenantflow.sealing import OpenedSeal, SealError, looks_like_plain_jwt, open
 from tenantflow.settings import Settings
 from tenantflow.tenancy.actors import AccessDenied
 from tenantflow.tenancy.sessions import guard_unit
+
+T = TypeVar("T")
 
 __all__ = [
     "REDACTED",
@@ -152,14 +156,19 @@ async def open_run_token(
     *,
     parameters: Mapping[str, Any],
     defaults: Mapping[str, Any],
-) -> SecretStr:
-    """Open the run's sealed token and claim it for this run (single use).
+    verify: Callable[[SecretStr], Awaitable[T]],
+) -> T:
+    """Open the run's sealed token, claim it for this run (single use), and `verify` the
+    access token inside it (still a `SecretStr`); what `verify` returns.
 
     `parameters` are the arguments the flow function received (not the stored
     parameters, which the Prefect API can change at any time), `defaults` its
     signature's: the seal must have been made for exactly those.
 
-    Returns the access token inside the seal, still a `SecretStr`.
+    NOTE: the claim (a transaction) and the verification (Supabase Auth, the operator
+    grant) run at once, and are judged in that order: a seal another run holds is
+    refused as such whatever the verification says, and the seal is claimed however the
+    verification ends, as when they ran one after the other.
     """
     # NOTE: the only place tenancy reads a token's value: the sealed value is looked at
     # (is it a plain JWT, or the placeholder?) and handed to `tenantflow.sealing`. The
@@ -202,10 +211,17 @@ async def open_run_token(
         )
     except SealError as error:
         raise AccessDenied(f"sealed access token refused: {error}") from None
-    holder = await _use_seal(settings, opened, flow_run.id)
-    if holder != flow_run.id:
-        raise AccessDenied(
-            f"sealed access token refused: it was already used by flow run {holder}; "
-            "a sealed token is good for one run, seal a fresh one for this run"
-        )
-    return opened.token
+    verified = asyncio.ensure_future(verify(opened.token))
+    try:
+        holder = await _use_seal(settings, opened, flow_run.id)
+        if holder != flow_run.id:
+            raise AccessDenied(
+                f"sealed access token refused: it was already used by flow run {holder}; "
+                "a sealed token is good for one run, seal a fresh one for this run"
+            )
+    except BaseException:
+        verified.cancel()
+        with contextlib.suppress(BaseException):
+            await verified
+        raise
+    return await verified
