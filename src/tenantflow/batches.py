@@ -42,6 +42,7 @@ from tenantflow.db import (
     describe_error,
     is_database_unreachable,
     is_transient_database_error,
+    lane_connections,
     ping,
 )
 from tenantflow.settings import get_settings
@@ -270,5 +271,6 @@ async def run_for_clients(
             await on_batch_done(outcomes)
         return outcomes
 
-    done = await gather_bounded(one, list(enumerate(batches)), BATCHES_IN_FLIGHT)
+    async with lane_connections():
+        done = await gather_bounded(one, list(enumerate(batches)), BATCHES_IN_FLIGHT)
     return [outcome for batch in done for outcome in batch]

@@ -19,11 +19,16 @@ from typing import TypeVar
 from uuid import UUID
 
 import anyio
-from prefect.client.orchestration import get_client
-from prefect.concurrency._asyncio import aacquire_concurrency_slots_with_lease
+import httpx
+from prefect.client.orchestration import PrefectClient, get_client
+from prefect.client.schemas.responses import ConcurrencyLimitWithLeaseResponse
 from prefect.concurrency._events import (
     emit_concurrency_acquisition_events,
     emit_concurrency_release_events,
+)
+from prefect.concurrency.asyncio import (
+    AcquireConcurrencySlotTimeoutError,
+    ConcurrencySlotAcquisitionError,
 )
 from prefect.logging.loggers import get_logger
 
@@ -64,26 +69,22 @@ class DatabaseSlotsLost(TenantflowError, RuntimeError):
 async def _leased(settings: Settings, occupy: int) -> AsyncIterator[None]:
     """`occupy` slots of the global limit under a lease, for as long as the block runs.
 
-    NOTE: Prefect's `concurrency()` does the same with a thread and a client of its own
-    per acquisition, and renews the lease at once; that costs three API calls and tens
-    of ms for each of the guard's short transactions. Here the acquisition is Prefect's
-    own (waiting, retries, a missing limit refused), and the run's own API client renews
-    the lease on the run's loop when three quarters of it have passed, and releases it,
-    even when the block was cancelled.
+    NOTE: Prefect's `concurrency()` does the same through an acquisition thread with an
+    API client of its own (about 100 ms for a process's first acquisition, and every
+    acquisition waits for the one before), plus a renewal thread with another client per
+    acquisition that renews at once: three API calls and tens of ms for each of the
+    guard's one-statement transactions. Here the run's own API client asks, waits as
+    Prefect's does while the limit is full (the server's `Retry-After`), refuses a
+    missing limit, renews the lease on the run's loop when three quarters of it have
+    passed, and releases it, even when the block was cancelled.
     """
-    names = [settings.db_concurrency_limit]
-    response = await aacquire_concurrency_slots_with_lease(
-        names=names,
-        slots=occupy,
-        timeout_seconds=settings.db_slot_timeout_s,
-        lease_duration=settings.db_slot_lease_s,
-        strict=True,
-    )
-    emitted = emit_concurrency_acquisition_events(response.limits, occupy)
+    async with get_client() as client:
+        granted = await _acquire(client, settings, occupy)
+    emitted = emit_concurrency_acquisition_events(granted.limits, occupy)
     owner = asyncio.current_task()
     lost: list[BaseException] = []
     renewal = asyncio.create_task(
-        _renew(response.lease_id, settings.db_slot_lease_s, owner, lost),
+        _renew(granted.lease_id, settings.db_slot_lease_s, owner, lost),
         name="tenantflow-db-lease",
     )
     try:
@@ -99,8 +100,50 @@ async def _leased(settings: Settings, occupy: int) -> AsyncIterator[None]:
         renewal.cancel()
         with anyio.CancelScope(shield=True):
             async with get_client() as client:
-                await client.release_concurrency_slots_with_lease(response.lease_id)
-        emit_concurrency_release_events(response.limits, occupy, emitted)
+                await client.release_concurrency_slots_with_lease(granted.lease_id)
+        emit_concurrency_release_events(granted.limits, occupy, emitted)
+
+
+async def _acquire(
+    client: PrefectClient, settings: Settings, occupy: int
+) -> ConcurrencyLimitWithLeaseResponse:
+    names = [settings.db_concurrency_limit]
+    try:
+        with anyio.fail_after(settings.db_slot_timeout_s):
+            while True:
+                try:
+                    granted = await _request_slots(client, names, occupy, settings.db_slot_lease_s)
+                except httpx.HTTPStatusError as error:
+                    if error.response.status_code != httpx.codes.LOCKED:
+                        raise ConcurrencySlotAcquisitionError(
+                            f"Unable to acquire concurrency slots on {names!r}: "
+                            f"{error.response.status_code} {error.response.reason_phrase}"
+                        ) from None
+                    await asyncio.sleep(float(error.response.headers.get("Retry-After", 1)))
+                    continue
+                break
+    except TimeoutError:
+        raise AcquireConcurrencySlotTimeoutError(
+            f"Attempt to acquire concurrency slots timed out after "
+            f"{settings.db_slot_timeout_s:g} second(s)"
+        ) from None
+    if not granted.limits:
+        raise ConcurrencySlotAcquisitionError(
+            f"Concurrency limits {names!r} must be created before acquiring slots"
+        )
+    return granted
+
+
+async def _request_slots(
+    client: PrefectClient, names: list[str], occupy: int, lease_s: float
+) -> ConcurrencyLimitWithLeaseResponse:
+    """One request for slots; shielded, so a lease the server grants is never lost to a
+    cancellation on the way back (the caller releases it)."""
+    with anyio.CancelScope(shield=True):
+        response = await client.increment_concurrency_slots_with_lease(
+            names=names, slots=occupy, mode="concurrency", lease_duration=lease_s
+        )
+    return ConcurrencyLimitWithLeaseResponse.model_validate(response.json())
 
 
 async def _renew(

@@ -56,6 +56,7 @@ __all__ = [
     "dispose_engines",
     "is_database_unreachable",
     "is_transient_database_error",
+    "lane_connections",
     "ping",
     "session_scope",
     "session_state_refusal",
@@ -173,14 +174,16 @@ async def ping(settings: Settings | None = None) -> None:
         await connection.execute(text("SELECT 1"))
 
 
-async def warm_up(settings: Settings | None = None) -> None:
-    """Open the transaction pooler's first pooled connection ahead of the first unit of
-    work (its login is the slowest part of it), while other work waits on something
-    else; a failure is left for that unit to meet and report."""
+async def warm_up(settings: Settings | None = None, *, connections: int = 2) -> None:
+    """Open the transaction pooler's first pooled connections (`connections` at once)
+    ahead of the first units of work (a login is the slowest part of a unit), while
+    other work waits on something else; a failure is left for those units to meet."""
     with contextlib.suppress(Exception):
         engine = await transaction_engine(settings)
-        async with engine.connect():
-            pass
+        async with contextlib.AsyncExitStack() as opened:
+            await asyncio.gather(
+                *(opened.enter_async_context(engine.connect()) for _ in range(connections))
+            )
 
 
 def describe_error(error: BaseException) -> str:
@@ -546,6 +549,33 @@ class _Lane:
 
 
 _LANE: ContextVar[_Lane | None] = ContextVar("tenantflow_db_lane", default=None)
+#: Connections lanes left for the next lanes, within `lane_connections()`.
+_SPARES: ContextVar[list[_Lane] | None] = ContextVar("tenantflow_db_lane_spares", default=None)
+
+
+@asynccontextmanager
+async def lane_connections() -> AsyncIterator[None]:
+    """Lanes that end within this block leave their connection to the next lane instead
+    of giving it back; those left over are closed when the block ends.
+
+    NOTE: a sweep's batches run more lanes at once (two batches in flight) than the
+    engine's pool keeps (`DB_POOL_SIZE`): the pool closes every connection beyond it when
+    it comes back, so each batch logged in again through the pooler, several logins per
+    batch. Through the transaction pooler a client connection between transactions holds
+    no server connection, and a lane checks its connection before each unit as it does
+    between its own units.
+    """
+    spares: list[_Lane] = []
+    token = _SPARES.set(spares)
+    try:
+        yield
+    finally:
+        _SPARES.reset(token)
+        while spares:
+            spare = spares.pop()
+            if spare.connection is not None:
+                with contextlib.suppress(Exception):
+                    await spare.connection.close()
 
 
 @asynccontextmanager
@@ -553,15 +583,24 @@ async def connection_lane(settings: Settings | None = None) -> AsyncIterator[Non
     """Units of work in this task reuse one pooled connection, each its own transaction.
 
     For a lane of tenant transactions run one after another (`tenantflow.batches`); the
-    claims and role of each stay `SET LOCAL`, inside its own transaction.
+    claims and role of each stay `SET LOCAL`, inside its own transaction. Within
+    `lane_connections()` it starts on a connection an earlier lane left, if any.
     """
-    lane = _Lane(await transaction_engine(settings))
+    engine = await transaction_engine(settings)
+    spares = _SPARES.get()
+    lane = _Lane(engine)
+    for index, spare in enumerate(spares or ()):
+        if spare.engine is engine and spares is not None:
+            lane = spares.pop(index)
+            break
     token = _LANE.set(lane)
     try:
         yield
     finally:
         _LANE.reset(token)
-        if lane.connection is not None:
+        if spares is not None and lane.executor is not None and not lane.executor.closed:
+            spares.append(lane)
+        elif lane.connection is not None:
             with contextlib.suppress(Exception):
                 await lane.connection.close()
 

@@ -70,6 +70,9 @@ _ENGINE_MODULES = (
     "anyio.streams.tls",
     "encodings.idna",
     "rich._emoji_codes",
+    "httpx",
+    "supabase_auth",
+    "supabase_auth.errors",
 )
 
 
@@ -231,6 +234,10 @@ def _warm(entrypoints: Sequence[str]) -> int:
             importlib.import_module(name)  # a module that fails fails again in the run
     if contexts is not None:
         contexts.prime()
+    with contextlib.suppress(Exception):  # Supabase Auth's client meets any error itself
+        from tenantflow.auth.supabase import tls_context
+
+        tls_context()
     line = sys.stdin.buffer.readline()
     if not line:
         return 0  # the worker stopped or let this process go: no run

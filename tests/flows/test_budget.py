@@ -8,6 +8,7 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
@@ -156,14 +157,14 @@ async def test_a_lease_that_cannot_be_renewed_stops_its_holder(
     monkeypatch.setattr(budget, "_RENEW_AT", 0.01)  # of a 60 s lease: every 0.6 s
     monkeypatch.setattr(budget, "_RENEW_RETRY_S", 0.05)
     leases: list[uuid.UUID] = []
-    acquire = budget.aacquire_concurrency_slots_with_lease  # type: ignore[attr-defined]
+    request = budget._request_slots
 
-    async def noted(**kwargs: object) -> object:
-        response = await acquire(**kwargs)  # type: ignore[arg-type]
-        leases.append(response.lease_id)
-        return response
+    async def noted(*args: Any) -> Any:
+        granted = await request(*args)
+        leases.append(granted.lease_id)
+        return granted
 
-    monkeypatch.setattr(budget, "aacquire_concurrency_slots_with_lease", noted)
+    monkeypatch.setattr(budget, "_request_slots", noted)
     settings = get_settings().model_copy(
         update={"db_concurrency_limit": budget_limit, "db_slot_lease_s": 60}
     )

@@ -4,7 +4,9 @@
 a local check in strict mode (`AUTH_STRICT`), so that a signed-out session or a deleted user
 is refused. The call goes through supabase-py's Auth client (`auth.get_user`), with the
 project's anon key as `apikey`, one `httpx.AsyncClient` per call (no event-loop-bound state is
-kept) and no redirects followed.
+kept) and no redirects followed. The clients share one verified TLS context per process (httpx's
+own choice of CA file), made again when that file changes: each client made its own, parsing
+the whole CA bundle, about 50 ms a call.
 
 Auth's answers are mapped to `AuthError` subclasses without their cause, which holds the
 request (and so the token): `UserNotFound`, `SessionNotFound`, `AuthServiceRejected` for any
@@ -15,6 +17,9 @@ caller's choice.
 
 from __future__ import annotations
 
+import os
+import ssl
+import threading
 from typing import TYPE_CHECKING
 
 from pydantic import SecretStr
@@ -31,7 +36,32 @@ from tenantflow.auth.errors import (
 if TYPE_CHECKING:
     from tenantflow.settings import Settings
 
-__all__ = ["ask_supabase_auth"]
+__all__ = ["ask_supabase_auth", "tls_context"]
+
+_TLS_LOCK = threading.Lock()
+_TLS: tuple[tuple[str, int, int], ssl.SSLContext] | None = None
+
+
+def tls_context() -> ssl.SSLContext:
+    """The verified TLS context httpx would make (`SSL_CERT_FILE`, `SSL_CERT_DIR`, else
+    certifi's bundle), made once and again whenever that file or folder changes."""
+    global _TLS  # one context per process
+    import certifi
+
+    cafile, capath = os.environ.get("SSL_CERT_FILE"), None
+    if not cafile:
+        capath = os.environ.get("SSL_CERT_DIR") or None
+        cafile = None if capath else certifi.where()
+    source = cafile or capath or ""
+    try:
+        stat = os.stat(source)
+        key = (source, stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        key = (source, -1, -1)
+    with _TLS_LOCK:
+        if _TLS is None or _TLS[0] != key or key[1] == -1:
+            _TLS = (key, ssl.create_default_context(cafile=cafile, capath=capath))
+        return _TLS[1]
 
 
 async def ask_supabase_auth(token: SecretStr, sub: str, settings: Settings) -> None:
@@ -47,7 +77,7 @@ async def ask_supabase_auth(token: SecretStr, sub: str, settings: Settings) -> N
     failure: AuthError | None = None
     try:
         async with httpx.AsyncClient(
-            timeout=settings.auth_http_timeout_s, follow_redirects=False
+            timeout=settings.auth_http_timeout_s, follow_redirects=False, verify=tls_context()
         ) as http:
             anon_key = settings.supabase_anon_key.get_secret_value()
             client = AsyncGoTrueClient(
