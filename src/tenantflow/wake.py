@@ -4,8 +4,9 @@ Prefect's worker asks the API for due flow runs every `PREFECT_WORKER_QUERY_SECO
 by default): a run created just after a poll waits that long before anything starts it.
 The server already announces every flow-run state change on its event stream, with the
 run's work pool among the related resources. `wake_on_events` subscribes to those events
-for the worker's pool (Prefect's own `PrefectEventSubscriber`, the websocket the UI uses)
-and, when one comes, has the worker poll at once (`get_and_submit_flow_runs`).
+for the worker's pool (Prefect's own `PrefectEventSubscriber`, the websocket the UI uses),
+but for the steps of a run's start (`NO_NEW_WORK`), and, when one comes, has the worker
+poll at once (`get_and_submit_flow_runs`).
 
 An event is only a nudge: the worker then asks the API for due runs exactly as its poll
 does, and runs only what that answer and its locks allow. Whoever can post events to the
@@ -23,7 +24,17 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
-__all__ = ["MIN_WAKE_GAP_S", "PoolWorker", "wake_on_events"]
+__all__ = ["MIN_WAKE_GAP_S", "NO_NEW_WORK", "PoolWorker", "wake_on_events"]
+
+#: A run's steps through a worker: none of them makes a run due, so none wakes the worker.
+#: A poll there would only compete with the run's own start for the API; a run that
+#: becomes due (Scheduled, Late, AwaitingRetry, ...) or ends (a worker's or a pool's
+#: concurrency freed) still does.
+NO_NEW_WORK = (
+    "prefect.flow-run.Pending",
+    "prefect.flow-run.Submitting",
+    "prefect.flow-run.Running",
+)
 
 log = logging.getLogger("tenantflow.wake")
 
@@ -51,7 +62,7 @@ async def wake_on_events(worker: PoolWorker, say: Callable[[str], None]) -> None
 
     pool = await _pool_of(worker)
     event_filter = EventFilter(
-        event=EventNameFilter(prefix=["prefect.flow-run."]),
+        event=EventNameFilter(prefix=["prefect.flow-run."], exclude_name=list(NO_NEW_WORK)),
         related=EventRelatedFilter(id=[f"prefect.work-pool.{pool.id}"]),
     )
     woken = asyncio.Event()
