@@ -30,10 +30,12 @@ import json
 import os
 import ssl
 import sys
+import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+from uuid import UUID
 
 from tenantflow.tripwire import install_tripwire
 
@@ -73,6 +75,7 @@ _ENGINE_MODULES = (
     "httpx",
     "supabase_auth",
     "supabase_auth.errors",
+    "cryptography.hazmat.bindings.openssl.binding",
 )
 
 
@@ -83,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _warm(args[1:])
     install_tripwire()
     share_prefect_tls_context()
+    observe_suspension_early()
     from prefect import flow_engine
 
     # NOTE: `prefect.flow_engine._main([entrypoint])` is what Prefect's own workspace
@@ -211,6 +215,74 @@ def _file_version(path: str) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
+class _EarlySuspensionObserver:
+    """Prefect's suspension observer for this process's flow run, started before the
+    engine asks for it.
+
+    NOTE: Prefect's engine starts `observe_flow_run_suspension` (a websocket to the
+    events API, in a thread) just before it proposes Running, and waits until it is
+    connected: 0.1 s or more of every run's start here. This starts that same observer
+    as soon as the run's id is known, while the engine reads the run and loads its flow;
+    the engine's call then adopts it. A suspension that arrives before the engine has
+    its request is kept and handed over, so none is missed.
+    """
+
+    def __init__(self, flow_run_id: UUID) -> None:
+        from prefect._flow_run_suspension import observe_flow_run_suspension
+
+        self.flow_run_id = flow_run_id
+        self._requested: list[Any] = []
+        self._request: Any = None
+        self._adopted = False
+        self._observing = observe_flow_run_suspension(flow_run_id, self)  # type: ignore[arg-type]
+        self._entered = threading.Thread(target=self._observing.__enter__, daemon=True)
+        self._entered.start()
+
+    def mark_requested(self, state: Any) -> None:
+        """What the observer calls on a suspension before the engine registered its own."""
+        if self._request is not None:
+            self._request.mark_requested(state)
+        else:
+            self._requested.append(state)
+
+    @contextlib.contextmanager
+    def adopted(self, suspension_request: Any) -> Iterator[None]:
+        self._adopted = True
+        self._request = suspension_request
+        for state in self._requested:
+            suspension_request.mark_requested(state)
+        self._entered.join()
+        try:
+            yield
+        finally:
+            self._observing.__exit__(None, None, None)
+
+    def install(self) -> None:
+        """Have the engine adopt this observer for its run (any other run: its own)."""
+        from prefect import flow_engine
+
+        own = flow_engine.__dict__["observe_flow_run_suspension"]
+
+        @contextlib.contextmanager
+        def observe(
+            flow_run_id: UUID, suspension_request: Any, polling_interval: float = 10
+        ) -> Iterator[None]:
+            if flow_run_id != self.flow_run_id or self._adopted:
+                with own(flow_run_id, suspension_request, polling_interval):
+                    yield
+                return
+            with self.adopted(suspension_request):
+                yield
+
+        setattr(flow_engine, "observe_flow_run_suspension", observe)  # noqa: B010
+
+
+def observe_suspension_early() -> None:
+    """Start the suspension observer of the flow run in `PREFECT__FLOW_RUN_ID` now."""
+    with contextlib.suppress(Exception):  # the engine starts its own, as it always did
+        _EarlySuspensionObserver(UUID(os.environ["PREFECT__FLOW_RUN_ID"])).install()
+
+
 def share_prefect_tls_context() -> _SharedVerifiedContexts | None:
     """Have Prefect's API clients in this process share their verified TLS context."""
     from prefect.client import orchestration
@@ -256,6 +328,7 @@ def _warm(entrypoints: Sequence[str]) -> int:
             f"started ({', '.join(sorted(changed)[:3])}...): starting the run cold\n"
         )
         _exec_cold(request.entrypoint)
+    observe_suspension_early()
     from prefect import flow_engine
 
     return int(flow_engine._main([request.entrypoint]))

@@ -106,11 +106,13 @@ async def fetch_jwks(settings: Settings) -> Mapping[str, Any]:
     # keys in the disk cache and never fetch, and every process pays for its imports.
     import httpx
 
+    from tenantflow.auth.supabase import tls_context
+
     url = jwks_url(settings)
     failure: str | None = None
     try:
         async with httpx.AsyncClient(
-            timeout=settings.auth_http_timeout_s, follow_redirects=False
+            timeout=settings.auth_http_timeout_s, follow_redirects=False, verify=tls_context()
         ) as client:
             response = await client.get(
                 url, headers={"apikey": settings.supabase_anon_key.get_secret_value()}
