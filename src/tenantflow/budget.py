@@ -12,6 +12,7 @@ The budget and how to size it: docs/connections.md.
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
@@ -51,6 +52,9 @@ R = TypeVar("R")
 # Tenant work is awaited on the flow's own loop, where this semaphore lives.
 _GATE: ContextVar[asyncio.Semaphore | None] = ContextVar("tenantflow_db_gate", default=None)
 _SLOTS: ContextVar[int | None] = ContextVar("tenantflow_db_slots", default=None)
+_OUTSIDE_SLOTS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Lock] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 #: A lease is renewed when this share of it has passed, and a failed renewal retried
@@ -212,7 +216,14 @@ async def one_transaction_slot(*, settings: Settings | None = None) -> AsyncIter
         async with transaction_slot():
             yield
         return
-    async with _leased(settings or get_settings(), 1):
+    # NOTE: one at a time per event loop (a flow-run process runs one run): the guard's
+    # transactions may be started at once (the seal's claim while the operator grant is
+    # read), and a run outside its slots never holds more than one.
+    loop = asyncio.get_running_loop()
+    one_at_a_time = _OUTSIDE_SLOTS.get(loop)
+    if one_at_a_time is None:
+        one_at_a_time = _OUTSIDE_SLOTS[loop] = asyncio.Lock()
+    async with one_at_a_time, _leased(settings or get_settings(), 1):
         yield
 
 

@@ -193,3 +193,33 @@ async def test_a_missing_limit_is_refused_before_anything_runs() -> None:
     with pytest.raises(ConcurrencySlotAcquisitionError, match="must be created"):
         async with database_slots(1, settings=settings):
             raise AssertionError("ran without slots")
+
+
+async def test_transactions_outside_a_runs_slots_take_one_slot_at_a_time(
+    budget_limit: str,
+) -> None:
+    """The guard's transactions, even when started at once (a seal's claim while the
+    operator grant is read), hold one slot of the limit between them."""
+    from tenantflow.budget import one_transaction_slot
+    from tenantflow.settings import get_settings
+
+    settings = get_settings().model_copy(update={"db_concurrency_limit": budget_limit})
+    release, first_in = asyncio.Event(), asyncio.Event()
+    entered: list[str] = []
+
+    async def unit(name: str) -> None:
+        async with one_transaction_slot(settings=settings):
+            entered.append(name)
+            first_in.set()
+            await release.wait()
+
+    first = asyncio.create_task(unit("first"))
+    await asyncio.wait_for(first_in.wait(), 30)
+    second = asyncio.create_task(unit("second"))
+    await asyncio.sleep(0.5)
+    assert entered == ["first"]
+    assert await _active_slots(budget_limit) == 1
+    release.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 30)
+    assert entered == ["first", "second"]
+    assert await _active_slots(budget_limit) == 0
