@@ -82,7 +82,7 @@ from pydantic import PrivateAttr, model_validator
 from tenantflow.deployments import MIGRATE_POOL
 from tenantflow.errors import TenantflowError
 from tenantflow.flow_environment import BASIC_ENVIRONMENT, MIGRATION_ENV, flow_run_environment
-from tenantflow.flow_run import WarmRequest
+from tenantflow.flow_run import WarmRequest, share_prefect_tls_context
 from tenantflow.housekeeping import run_housekeeping
 from tenantflow.project import PROJECT_DIR_ENV, DeployError, declared_deployment, deployment_names
 from tenantflow.settings import SettingsError, load_fault_settings, load_settings
@@ -778,5 +778,9 @@ def run_worker(
 ) -> int:
     """Serve `pool` until SIGTERM or SIGINT with `worker_class` (default the process
     worker; `tenantflow.docker_worker` for the docker pool); the exit code."""
+    # NOTE: Prefect's worker makes an API client for every run it starts (its executor
+    # context), each parsing the whole CA bundle for its TLS context (about 65 ms here,
+    # before the run's process is started): one verified context per CA file serves all.
+    share_prefect_tls_context()
     asyncio.run(_serve(pool, name, limit, worker_class))
     return 0
