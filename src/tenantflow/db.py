@@ -556,7 +556,7 @@ _SPARES: ContextVar[list[_Lane] | None] = ContextVar("tenantflow_db_lane_spares"
 @asynccontextmanager
 async def lane_connections() -> AsyncIterator[None]:
     """Lanes that end within this block leave their connection to the next lane instead
-    of giving it back; those left over are closed when the block ends.
+    of giving it back to the pool; those left over go back when the block ends.
 
     NOTE: a sweep's batches run more lanes at once (two batches in flight) than the
     engine's pool keeps (`DB_POOL_SIZE`): the pool closes every connection beyond it when

@@ -6,13 +6,14 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import AbstractAsyncContextManager
-from typing import cast
+from typing import Any, cast
 
 import asyncpg
 import pytest
 from prefect import flow, task
 from sqlalchemy import text
 from sqlalchemy.exc import MultipleResultsFound, NoResultFound
+from sqlalchemy.pool import QueuePool
 
 from tenantflow.db import (
     Executor,
@@ -21,6 +22,7 @@ from tenantflow.db import (
     connection_lane,
     dispose_engines,
     is_transient_database_error,
+    lane_connections,
     session_scope,
     transaction_engine,
     unit_of_work,
@@ -423,6 +425,47 @@ async def test_a_lane_unit_that_swallowed_a_failed_statement_fails_at_commit(
         async with unit_of_work(settings=probe_table) as session:
             await session.execute(text("INSERT INTO probe VALUES (2)"))
     assert await _probe_ids(probe_table) == [2]
+
+
+def _checked_out(engine: Any) -> int:
+    """Connections of the engine's queue pool out of it now."""
+    pool = engine.sync_engine.pool
+    assert isinstance(pool, QueuePool)
+    return pool.checkedout()
+
+
+async def test_lanes_within_a_sweep_hand_their_connection_on_and_never_a_closed_one(
+    probe_table: Settings,
+) -> None:
+    """Within `lane_connections()` a lane that ends leaves its connection to the next, the
+    pool's overflow ones too (the pool would close those); one that closed meanwhile is
+    dropped, not handed on; what is left goes back to the pool."""
+    await dispose_engines()
+    small = probe_table.model_copy(update={"db_pool_size": 1, "db_max_overflow": 5})
+    raws: list[Any] = []
+
+    async def lane(n: int, together: asyncio.Barrier) -> None:
+        async with connection_lane(small), unit_of_work(settings=small) as session:
+            assert isinstance(session, LaneConnection)
+            raws.append(session._raw)  # which connection the lane runs on is the point
+            await session.execute(text("INSERT INTO probe VALUES (:n)"), {"n": n})
+            await together.wait()  # both lanes hold a connection at once
+
+    async def two_lanes(first: int) -> list[Any]:
+        together = asyncio.Barrier(2)
+        await asyncio.gather(lane(first, together), lane(first + 1, together))
+        return raws[-2:]
+
+    async with lane_connections():
+        opened = await two_lanes(1)  # one pooled connection, one of the pool's overflow
+        assert opened[0] is not opened[1]
+        assert {id(raw) for raw in await two_lanes(3)} == {id(raw) for raw in opened}
+        opened[0].terminate()
+        again = await two_lanes(5)
+        assert opened[0] not in again and opened[1] in again
+        assert _checked_out(await transaction_engine(small)) == 2
+    assert _checked_out(await transaction_engine(small)) == 0
+    assert await _probe_ids(probe_table) == [1, 2, 3, 4, 5, 6]
 
 
 async def test_a_lane_leaves_no_named_prepared_statement(probe_table: Settings) -> None:
