@@ -84,28 +84,32 @@ async def _leased(settings: Settings, occupy: int) -> AsyncIterator[None]:
     """
     async with get_client() as client:
         granted = await _acquire(client, settings, occupy)
-    emitted = emit_concurrency_acquisition_events(granted.limits, occupy)
-    owner = asyncio.current_task()
-    lost: list[BaseException] = []
-    renewal = asyncio.create_task(
-        _renew(granted.lease_id, settings.db_slot_lease_s, owner, lost),
-        name="tenantflow-db-lease",
-    )
-    try:
-        yield
-    except asyncio.CancelledError:
-        if lost:
-            raise DatabaseSlotsLost(
-                f"the lease on this run's {occupy} database slot(s) could not be renewed "
-                f"({type(lost[0]).__name__}); the run stopped rather than exceed the budget"
-            ) from None
-        raise
-    finally:
-        renewal.cancel()
-        with anyio.CancelScope(shield=True):
-            async with get_client() as client:
+        # NOTE: from here to the release no await runs outside the try, so a cancellation
+        # cannot lose the lease between its grant and its release.
+        emitted = emit_concurrency_acquisition_events(granted.limits, occupy)
+        try:
+            owner = asyncio.current_task()
+            lost: list[BaseException] = []
+            renewal = asyncio.create_task(
+                _renew(granted.lease_id, settings.db_slot_lease_s, owner, lost),
+                name="tenantflow-db-lease",
+            )
+            try:
+                yield
+            except asyncio.CancelledError:
+                if lost:
+                    raise DatabaseSlotsLost(
+                        f"the lease on this run's {occupy} database slot(s) could not be "
+                        f"renewed ({type(lost[0]).__name__}); the run stopped rather than "
+                        "exceed the budget"
+                    ) from None
+                raise
+            finally:
+                renewal.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
                 await client.release_concurrency_slots_with_lease(granted.lease_id)
-        emit_concurrency_release_events(granted.limits, occupy, emitted)
+            emit_concurrency_release_events(granted.limits, occupy, emitted)
 
 
 async def _acquire(

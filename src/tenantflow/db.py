@@ -313,10 +313,9 @@ def _literal(value: str) -> str:
 def _begin_sql(values: tuple[tuple[str, str], ...]) -> str:
     """`BEGIN` and transaction-local `set_config` calls with their values written in, as
     one simple query (one round trip); names checked as `set_local` checks them."""
-    arguments = _set_config_arguments(dict(values))
+    _set_config_arguments(dict(values))  # refuses a name that is not a setting's
     calls = ", ".join(
-        f"set_config({_literal(name)}, {_literal(value)}, true)"
-        for name, value in zip(arguments[::2], arguments[1::2], strict=True)
+        f"set_config({_literal(name)}, {_literal(value)}, true)" for name, value in values
     )
     return f"BEGIN; SELECT {calls}" if calls else "BEGIN"
 
@@ -588,11 +587,10 @@ async def connection_lane(settings: Settings | None = None) -> AsyncIterator[Non
     """
     engine = await transaction_engine(settings)
     spares = _SPARES.get()
-    lane = _Lane(engine)
-    for index, spare in enumerate(spares or ()):
-        if spare.engine is engine and spares is not None:
-            lane = spares.pop(index)
-            break
+    mine = [spare for spare in spares or () if spare.engine is engine]
+    lane = mine[0] if mine else _Lane(engine)
+    if mine and spares is not None:
+        spares.remove(lane)
     token = _LANE.set(lane)
     try:
         yield
